@@ -1,0 +1,44 @@
+// SPDX-License-Identifier: MIT
+//! guest-proxy-agent: the in-guest half of the Metadata Security Protocol (MSP).
+//!
+//! How the pieces connect (one thread, one `mio` loop, no async runtime):
+//!
+//! ```text
+//!  caller connect() ──[ebpf/redirect.bpf.c: connect4/connect6 rewrite, sockops re-key]──┐
+//!                                                                                        v
+//!  event_loop ── accept ──> identity (audit map → pid, exe, uid, user, groups)
+//!      │                      │
+//!      │                   connection (http head parse → checks → policy → msp::signing)
+//!      │                      │
+//!      │                   upstream connect (SO_MARK: exempt from redirect) → relay response
+//!      │
+//!      ├── msp::key_keeper (status poll, key latch, attestation) → redirect policy map
+//!      └── signals (signalfd), status timer
+//! ```
+//!
+//! Modules, one role each: [`limits`] (every capacity and timeout), [`config`], [`clock`],
+//! [`logger`], [`sys`] (all `unsafe`), [`redirect`] (eBPF load/attach/maps), [`identity`]
+//! (who is calling), [`http`] (parsing and framing), [`proxy`] (event loop and connections),
+//! [`msp`] (protocol: status document, key, signing), [`policy`] (allowlist).
+
+#![deny(unsafe_code)]
+
+#[cfg(all(feature = "fuzzing", not(debug_assertions)))]
+compile_error!("the `fuzzing` feature must never be enabled in a release build");
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod http;
+pub mod identity;
+pub mod limits;
+pub mod logger;
+pub mod msp;
+pub mod policy;
+pub mod proxy;
+pub mod redirect;
+#[expect(unsafe_code, reason = "the one module allowed raw libc; every block has a SAFETY comment")]
+pub mod sys;
+
+/// The agent's version, as printed by `--version` and reported in the status document.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

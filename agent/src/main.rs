@@ -1,0 +1,3 @@
+// SPDX-License-Identifier: MIT
+//! Thin binary: everything lives in the library.
+fn main() {}

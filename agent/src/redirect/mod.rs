@@ -1,0 +1,190 @@
+// SPDX-License-Identifier: MIT
+//! The user-space half of the eBPF redirector: loads the embedded kernel programs, attaches
+//! them to a cgroup, keeps the policy map (which endpoints are intercepted) and hands the
+//! proxy the caller recorded for each redirected connection.
+//!
+//! Design and kernel facts: `../shared/spec/ebpf-redirector.md` and `docs/DESIGN.md`.
+
+#[expect(unsafe_code, reason = "the aya::Pod impls of the kernel-shared structs; each names its padding argument")]
+pub mod maps;
+
+use std::fmt;
+use std::fs::File;
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, MapData, MapError};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps};
+use aya::{Ebpf, EbpfError};
+
+pub use self::maps::{AuditKey, CallerRecord, Endpoint};
+use self::maps::{ConfigValue, PolicyKey, PolicyValue};
+
+/// The compiled kernel programs, built from `ebpf/redirect.bpf.c` by `build.rs`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect.bpf.o"));
+
+/// Program names in the object, in attach order (sockops first, so that no connect is
+/// rewritten before its identity can be re-keyed).
+const PROGRAMS: [&str; 3] = ["gpa_sockops", "gpa_connect4", "gpa_connect6"];
+
+/// Why the redirector could not start or change.
+#[derive(Debug)]
+pub enum RedirectError {
+    /// The kernel refused the object (BPF syscall missing, verifier, permissions).
+    LoadObject(EbpfError),
+    /// A program is missing from the object (build mismatch).
+    MissingProgram(&'static str),
+    /// Loading or attaching one program failed.
+    Program(&'static str, ProgramError),
+    /// A map is missing or has the wrong key/value size.
+    Map(&'static str, MapError),
+    /// The cgroup directory could not be opened.
+    OpenCgroup(PathBuf, std::io::Error),
+}
+
+impl fmt::Display for RedirectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::LoadObject(e) => write!(f, "loading the eBPF object failed: {e}"),
+            Self::MissingProgram(name) => write!(f, "eBPF program {name} missing from the object"),
+            Self::Program(name, e) => {
+                write!(f, "eBPF program {name}: {e}")?;
+                let mut source = std::error::Error::source(e);
+                while let Some(s) = source {
+                    write!(f, ": {s}")?;
+                    source = s.source();
+                }
+                Ok(())
+            }
+            Self::Map(name, e) => write!(f, "eBPF map {name}: {e}"),
+            Self::OpenCgroup(path, e) => write!(f, "cannot open cgroup {}: {e}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for RedirectError {}
+
+/// Loaded and attached kernel programs plus the maps the agent uses.
+#[derive(Debug)]
+pub struct Redirector {
+    // Owns the programs and their links: dropping the redirector detaches them.
+    _ebpf: Ebpf,
+    policy: HashMap<MapData, PolicyKey, PolicyValue>,
+    audit: HashMap<MapData, AuditKey, CallerRecord>,
+    cgroup: PathBuf,
+}
+
+impl Redirector {
+    /// Loads the embedded object, exempts the agent (by `SO_MARK` and by tgid), and attaches
+    /// the programs to `cgroup`. The policy map starts empty: nothing is redirected until
+    /// [`Redirector::set_route`].
+    pub fn attach(cgroup: &Path, agent_mark: u32, agent_tgid: u32) -> Result<Self, RedirectError> {
+        let mut ebpf = Ebpf::load(OBJECT).map_err(RedirectError::LoadObject)?;
+
+        let mut config: Array<_, ConfigValue> = take_map(&mut ebpf, "gpa_config")?;
+        config
+            .set(0, ConfigValue { agent_mark, pad: 0 }, 0)
+            .map_err(|e| RedirectError::Map("gpa_config", e))?;
+        let mut skip: HashMap<_, u32, u32> = take_map(&mut ebpf, "gpa_skip")?;
+        skip.insert(agent_tgid, 1, 0).map_err(|e| RedirectError::Map("gpa_skip", e))?;
+        let policy = take_map(&mut ebpf, "gpa_policy")?;
+        let audit = take_map(&mut ebpf, "gpa_audit")?;
+
+        let cgroup_dir = File::open(cgroup).map_err(|e| RedirectError::OpenCgroup(cgroup.to_owned(), e))?;
+        for name in PROGRAMS {
+            let program = ebpf.program_mut(name).ok_or(RedirectError::MissingProgram(name))?;
+            let attached = if name == "gpa_sockops" {
+                let p: &mut SockOps = program.try_into().map_err(|e| RedirectError::Program(name, e))?;
+                p.load().and_then(|()| p.attach(&cgroup_dir, CgroupAttachMode::AllowMultiple).map(drop))
+            } else {
+                let p: &mut CgroupSockAddr = program.try_into().map_err(|e| RedirectError::Program(name, e))?;
+                p.load().and_then(|()| p.attach(&cgroup_dir, CgroupAttachMode::AllowMultiple).map(drop))
+            };
+            attached.map_err(|e| RedirectError::Program(name, e))?;
+        }
+        Ok(Self { _ebpf: ebpf, policy, audit, cgroup: cgroup.to_owned() })
+    }
+
+    /// The cgroup the programs are attached to.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Starts intercepting TCP connects to `destination`, sending them to `proxy`.
+    pub fn set_route(&mut self, destination: SocketAddrV4, proxy: SocketAddrV4, endpoint: Endpoint) -> Result<(), RedirectError> {
+        let value = PolicyValue {
+            proxy_ip: u32::from(*proxy.ip()).to_be(),
+            proxy_port: proxy.port().to_be(),
+            endpoint: endpoint.to_raw(),
+        };
+        self.policy.insert(policy_key(destination), value, 0).map_err(|e| RedirectError::Map("gpa_policy", e))
+    }
+
+    /// Stops intercepting `destination` (absent already is fine).
+    pub fn remove_route(&mut self, destination: SocketAddrV4) -> Result<(), RedirectError> {
+        match self.policy.remove(&policy_key(destination)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(RedirectError::Map("gpa_policy", e)),
+        }
+    }
+
+    /// Reads and deletes the caller recorded for a redirected connection. `None` means the
+    /// connection was not redirected (a direct connect to the listener) or its record was
+    /// evicted: either way it has no identity.
+    pub fn take_caller(&mut self, key: &AuditKey) -> Option<CallerRecord> {
+        let record = self.audit.get(key, 0).ok()?;
+        // A failed delete only leaves a stale LRU entry that a later connection from the
+        // same port would overwrite in the kernel first (BPF_ANY), so it cannot be misused.
+        drop(self.audit.remove(key));
+        Some(record)
+    }
+}
+
+fn policy_key(destination: SocketAddrV4) -> PolicyKey {
+    PolicyKey { ip: u32::from(*destination.ip()).to_be(), port: destination.port().to_be(), pad: 0 }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, RedirectError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(RedirectError::Map(name, MapError::InvalidName { name: name.to_owned() }))?;
+    T::try_from(map).map_err(|e| RedirectError::Map(name, e))
+}
+
+/// The cgroup v2 mount point from `/proc/self/mountinfo` (on a hybrid host,
+/// `/sys/fs/cgroup/unified`).
+pub fn find_cgroup2_root() -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    parse_cgroup2_mount(&mountinfo)
+}
+
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // Fields: id parent major:minor root mount-point options [optional...] - fstype source ...
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split(' ').next()?;
+        (fstype == "cgroup2").then(|| left.split(' ').nth(4).map(PathBuf::from)).flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_on_a_hybrid_host() {
+        let info = "25 30 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
+                    26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid shared:4 - cgroup2 cgroup2 rw\n\
+                    27 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
+        assert_eq!(parse_cgroup2_mount(info), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(parse_cgroup2_mount("27 25 0:24 / /x rw - cgroup cgroup rw\n"), None);
+    }
+
+    #[test]
+    fn embedded_object_is_an_elf_bpf_file() {
+        assert_eq!(&OBJECT[..4], b"\x7fELF");
+        // e_machine EM_BPF (247), little-endian.
+        assert_eq!(u16::from_le_bytes([OBJECT[18], OBJECT[19]]), 247);
+    }
+}

@@ -1,0 +1,212 @@
+// SPDX-License-Identifier: MIT
+//! All `unsafe` and raw libc of the agent, each call behind a small safe function.
+//!
+//! Every raw syscall goes through [`cvt`], which turns `-1` into `io::Error::last_os_error()`,
+//! and every new fd is wrapped in an `OwnedFd` at once so it can neither leak nor be closed
+//! twice.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{SocketAddrV4, TcpStream};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// Turns a libc `-1` return into the thread's last OS error.
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+fn setsockopt_u32(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: u32) -> io::Result<()> {
+    // SAFETY: `fd` is a live socket for the borrow; the option value points at a u32 that
+    // outlives the call and its exact size is passed.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<u32>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// Sets `SO_MARK`, which the kernel programs test to exempt the agent's own sockets.
+pub fn set_mark(fd: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
+    setsockopt_u32(fd, libc::SOL_SOCKET, libc::SO_MARK, mark)
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14): the cookie of the network namespace a socket lives in. The
+/// kernel programs key identities by it, so callers in different namespaces never collide.
+pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut value: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `fd` is a live socket; `value` and `len` are valid for writes of the sizes given.
+    cvt(unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut value).cast(), &raw mut len)
+    })?;
+    Ok(value)
+}
+
+/// Starts a non-blocking TCP connect with `SO_MARK` set before the SYN, so the connect itself is
+/// exempt from redirection. The connect completes later (writable readiness).
+pub fn connect_marked(addr: SocketAddrV4, mark: u32) -> io::Result<TcpStream> {
+    // SAFETY: plain socket(2); the result is checked and owned immediately.
+    let raw = cvt(unsafe {
+        libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+    })?;
+    // SAFETY: `raw` is a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    if mark != 0 {
+        set_mark(std::os::fd::AsFd::as_fd(&fd), mark)?;
+    }
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*addr.ip()).to_be() },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `sin` is a valid sockaddr_in for the duration of the call and its size is passed.
+    let ret = unsafe {
+        libc::connect(fd.as_raw_fd(), (&raw const sin).cast(), size_of::<libc::sockaddr_in>() as libc::socklen_t)
+    };
+    if ret == -1 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(err);
+        }
+    }
+    Ok(TcpStream::from(fd))
+}
+
+/// `CLOCK_BOOTTIME` in nanoseconds: the clock of `bpf_ktime_get_boot_ns()` and of the process
+/// start times in `/proc/<pid>/stat`.
+pub fn boottime_ns() -> u64 {
+    // SAFETY: an all-zero timespec is a valid value.
+    let mut ts: libc::timespec = unsafe { zeroed() };
+    // SAFETY: `ts` is valid for writes; CLOCK_BOOTTIME exists on every supported kernel.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &raw mut ts) };
+    if ret != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec).unwrap_or(0).saturating_mul(1_000_000_000).saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` times.
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(ticks).ok().filter(|t| *t > 0).unwrap_or(100)
+}
+
+/// A signalfd delivering SIGTERM, SIGINT and SIGHUP, which are blocked for normal delivery
+/// so that they arrive through the event loop instead of interrupting it.
+#[derive(Debug)]
+pub struct SignalFd {
+    fd: OwnedFd,
+}
+
+/// What a signal asks the agent to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM or SIGINT.
+    Terminate,
+    /// SIGHUP.
+    Reload,
+    /// Anything else read from the fd (not expected).
+    Other(u32),
+}
+
+impl SignalFd {
+    /// Blocks the signals and opens the fd.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: an all-zero sigset_t is a valid argument for sigemptyset.
+        let mut set: libc::sigset_t = unsafe { zeroed() };
+        // SAFETY: `set` is a valid sigset_t for all of these calls.
+        unsafe {
+            libc::sigemptyset(&raw mut set);
+            libc::sigaddset(&raw mut set, libc::SIGTERM);
+            libc::sigaddset(&raw mut set, libc::SIGINT);
+            libc::sigaddset(&raw mut set, libc::SIGHUP);
+        }
+        // SAFETY: `set` is initialised; the old mask is not wanted (null is allowed).
+        let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) };
+        if ret != 0 {
+            return Err(io::Error::from_raw_os_error(ret));
+        }
+        // SAFETY: `set` is initialised; -1 asks for a new fd.
+        let raw = cvt(unsafe { libc::signalfd(-1, &raw const set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) })?;
+        // SAFETY: `raw` is a fresh fd that nothing else owns.
+        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(raw) } })
+    }
+
+    /// The raw fd, for registration with mio's `SourceFd`.
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Reads one pending signal, `None` when none is pending.
+    pub fn read(&self) -> io::Result<Option<Signal>> {
+        // SAFETY: an all-zero signalfd_siginfo is a valid value.
+        let mut info: libc::signalfd_siginfo = unsafe { zeroed() };
+        let size = size_of::<libc::signalfd_siginfo>();
+        // SAFETY: `info` is valid for writes of `size` bytes.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&raw mut info).cast(), size) };
+        if n == -1 {
+            let err = io::Error::last_os_error();
+            return if err.kind() == io::ErrorKind::WouldBlock { Ok(None) } else { Err(err) };
+        }
+        if usize::try_from(n).ok() != Some(size) {
+            return Ok(None);
+        }
+        let signal = match i32::try_from(info.ssi_signo).unwrap_or(0) {
+            libc::SIGTERM | libc::SIGINT => Signal::Terminate,
+            libc::SIGHUP => Signal::Reload,
+            other => Signal::Other(u32::try_from(other).unwrap_or(0)),
+        };
+        Ok(Some(signal))
+    }
+}
+
+/// The agent's process id.
+pub fn getpid() -> u32 {
+    std::process::id()
+}
+
+/// Effective uid of this process.
+pub fn geteuid() -> u32 {
+    // SAFETY: geteuid cannot fail and has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// `PR_SET_DUMPABLE 0`: no core dumps (the key lives in memory) and no ptrace by same-uid
+/// processes.
+pub fn set_not_dumpable() -> io::Result<()> {
+    // SAFETY: prctl with PR_SET_DUMPABLE takes plain integers.
+    cvt(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) })?;
+    Ok(())
+}
+
+/// Brings the loopback interface up (early boot has `lo` down; the listener needs it).
+pub fn loopback_up() -> io::Result<()> {
+    // SAFETY: plain socket(2); owned immediately.
+    let raw = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: fresh fd owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: an all-zero ifreq is valid; the name is copied in below.
+    let mut req: libc::ifreq = unsafe { zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `req` is a valid ifreq with a NUL-terminated name; SIOCGIFFLAGS fills ifru_flags.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &raw mut req) })?;
+    // SAFETY: SIOCGIFFLAGS initialised the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    if flags & libc::IFF_UP as libc::c_short != 0 {
+        return Ok(());
+    }
+    req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    // SAFETY: `req` is valid and carries the new flags.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCSIFFLAGS, &raw mut req) })?;
+    Ok(())
+}

@@ -1,0 +1,2 @@
+// SPDX-License-Identifier: MIT
+//! Privileged system tests and the fake MSP host.
