@@ -1,2 +1,260 @@
 // SPDX-License-Identifier: MIT
-//! (being written)
+//! The configuration file (`/etc/guest-proxy-agent/config.json`), parsed once at start with
+//! serde-json-core into fixed-size fields and validated into [`ValidatedConfig`]. An unknown
+//! key or a bad value is refused with a message naming it; nothing downstream sees raw strings.
+//! Every setting has a default, so `{}` is a valid file.
+
+use std::fmt;
+use std::net::SocketAddrV4;
+use std::path::PathBuf;
+
+use heapless::String;
+use serde::Deserialize;
+
+use crate::limits::{DEFAULT_MAX_CONNECTIONS, MAX_CONNECTIONS_LIMIT};
+
+/// Where the daemon looks when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/guest-proxy-agent/config.json";
+/// Largest config file read.
+const CONFIG_MAX_BYTES: usize = 16 * 1024;
+
+/// The file as written (camelCase keys, all optional).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+struct RawConfig {
+    listen_address: String<32>,
+    imds_address: String<32>,
+    wire_server_address: String<32>,
+    host_ga_plugin_address: String<32>,
+    cgroup_path: String<256>,
+    state_directory: String<256>,
+    log_directory: String<256>,
+    max_connections: u32,
+    poll_interval_seconds: u32,
+    status_interval_seconds: u32,
+    host_timeout_ms: u32,
+    agent_mark: u32,
+    log_level: String<8>,
+    redirect: String<16>,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        fn s<const N: usize>(v: &str) -> String<N> {
+            String::try_from(v).unwrap_or_default()
+        }
+        Self {
+            listen_address: s("127.0.0.1:3080"),
+            imds_address: s("169.254.169.254:80"),
+            wire_server_address: s("168.63.129.16:80"),
+            host_ga_plugin_address: s("168.63.129.16:32526"),
+            cgroup_path: String::new(),
+            state_directory: s("/var/lib/guest-proxy-agent"),
+            log_directory: s("/var/log/guest-proxy-agent"),
+            max_connections: DEFAULT_MAX_CONNECTIONS as u32,
+            poll_interval_seconds: 15,
+            status_interval_seconds: 60,
+            host_timeout_ms: 5_000,
+            agent_mark: DEFAULT_AGENT_MARK,
+            log_level: s("info"),
+            redirect: s("hostModes"),
+        }
+    }
+}
+
+/// `SO_MARK` on the agent's own sockets ("GPA" + 1); any non-zero value works, it only has to
+/// be one no other software on the image uses.
+pub const DEFAULT_AGENT_MARK: u32 = 0x4750_4101;
+
+/// Which endpoints the kernel intercepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedirectPolicy {
+    /// Follow the per-endpoint modes of the host's status document (MSP §1.5; the default).
+    HostModes,
+    /// Intercept every endpoint from the start, whatever the host says (deployments that want
+    /// attribution and the allowlist even before MSP is enabled).
+    All,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct ValidatedConfig {
+    /// Proxy listener (loopback).
+    pub listen: SocketAddrV4,
+    /// IMDS endpoint.
+    pub imds: SocketAddrV4,
+    /// WireServer endpoint (also the status/key host).
+    pub wire_server: SocketAddrV4,
+    /// HostGAPlugin endpoint.
+    pub host_ga_plugin: SocketAddrV4,
+    /// cgroup to attach to; `None`: the cgroup v2 root.
+    pub cgroup: Option<PathBuf>,
+    /// Keys and other state.
+    pub state_dir: PathBuf,
+    /// Status file and audit log.
+    pub log_dir: PathBuf,
+    /// Connection table size.
+    pub max_connections: usize,
+    /// Status poll interval once latched.
+    pub poll_interval_secs: u64,
+    /// Status file write interval.
+    pub status_interval_secs: u64,
+    /// Timeout of each host call.
+    pub host_timeout_ms: u64,
+    /// `SO_MARK` of the agent's own sockets.
+    pub agent_mark: u32,
+    /// Log level.
+    pub log_level: log::LevelFilter,
+    /// Which endpoints to intercept.
+    pub redirect: RedirectPolicy,
+}
+
+/// Why the configuration was refused.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// The file could not be read.
+    Read(PathBuf, std::io::Error),
+    /// The file is larger than we read.
+    TooLarge(PathBuf),
+    /// Not valid JSON for the schema (unknown key, wrong type, value too long).
+    Parse(PathBuf, serde_json_core::de::Error),
+    /// A value is out of range or malformed.
+    Invalid(&'static str, &'static str),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Read(p, e) => write!(f, "cannot read config {}: {e}", p.display()),
+            Self::TooLarge(p) => write!(f, "config {} is larger than {CONFIG_MAX_BYTES} bytes", p.display()),
+            Self::Parse(p, e) => write!(f, "config {} is invalid (unknown key, wrong type or value too long): {e}", p.display()),
+            Self::Invalid(key, why) => write!(f, "config key {key}: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ValidatedConfig {
+    /// Reads and validates a file. When `path` is the default and the file does not exist,
+    /// the built-in defaults are used (a fresh image still runs protected).
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        match std::fs::read(path) {
+            Ok(bytes) if bytes.len() > CONFIG_MAX_BYTES => Err(ConfigError::TooLarge(path.to_owned())),
+            Ok(bytes) => Self::parse(&bytes).map_err(|e| match e {
+                ConfigError::Parse(_, err) => ConfigError::Parse(path.to_owned(), err),
+                other => other,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == std::path::Path::new(DEFAULT_CONFIG_PATH) => {
+                Self::parse(b"{}")
+            }
+            Err(e) => Err(ConfigError::Read(path.to_owned(), e)),
+        }
+    }
+
+    /// Parses and validates JSON text.
+    pub fn parse(json: &[u8]) -> Result<Self, ConfigError> {
+        let json = json.strip_prefix(b"\xef\xbb\xbf").unwrap_or(json);
+        let mut unescape = [0u8; 512];
+        let (raw, _): (RawConfig, usize) = serde_json_core::from_slice_escaped(json, &mut unescape)
+            .map_err(|e| ConfigError::Parse(PathBuf::new(), e))?;
+        let addr = |key: &'static str, v: &str| {
+            v.parse::<SocketAddrV4>().map_err(|_| ConfigError::Invalid(key, "expected IPv4 address:port"))
+        };
+        let listen = addr("listenAddress", &raw.listen_address)?;
+        if !listen.ip().is_loopback() {
+            return Err(ConfigError::Invalid("listenAddress", "must be a loopback address (the proxy must not be reachable from outside)"));
+        }
+        let max_connections = usize::try_from(raw.max_connections).unwrap_or(usize::MAX);
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&max_connections) {
+            return Err(ConfigError::Invalid("maxConnections", "must be between 1 and 65536"));
+        }
+        if raw.poll_interval_seconds == 0 || raw.poll_interval_seconds > 3600 {
+            return Err(ConfigError::Invalid("pollIntervalSeconds", "must be between 1 and 3600"));
+        }
+        if raw.status_interval_seconds == 0 || raw.status_interval_seconds > 3600 {
+            return Err(ConfigError::Invalid("statusIntervalSeconds", "must be between 1 and 3600"));
+        }
+        if !(100..=60_000).contains(&raw.host_timeout_ms) {
+            return Err(ConfigError::Invalid("hostTimeoutMs", "must be between 100 and 60000"));
+        }
+        if raw.agent_mark == 0 {
+            return Err(ConfigError::Invalid("agentMark", "must not be 0 (0 is every unmarked socket)"));
+        }
+        let log_level = match raw.log_level.to_ascii_lowercase().as_str() {
+            "off" => log::LevelFilter::Off,
+            "error" => log::LevelFilter::Error,
+            "warn" => log::LevelFilter::Warn,
+            "info" => log::LevelFilter::Info,
+            "debug" => log::LevelFilter::Debug,
+            "trace" => log::LevelFilter::Trace,
+            _ => return Err(ConfigError::Invalid("logLevel", "expected off, error, warn, info, debug or trace")),
+        };
+        let redirect = match raw.redirect.as_str() {
+            "hostModes" => RedirectPolicy::HostModes,
+            "all" => RedirectPolicy::All,
+            _ => return Err(ConfigError::Invalid("redirect", "expected hostModes or all")),
+        };
+        let dir = |key: &'static str, v: &str| {
+            if v.starts_with('/') { Ok(PathBuf::from(v)) } else { Err(ConfigError::Invalid(key, "must be an absolute path")) }
+        };
+        Ok(Self {
+            listen,
+            imds: addr("imdsAddress", &raw.imds_address)?,
+            wire_server: addr("wireServerAddress", &raw.wire_server_address)?,
+            host_ga_plugin: addr("hostGaPluginAddress", &raw.host_ga_plugin_address)?,
+            cgroup: if raw.cgroup_path.is_empty() { None } else { Some(dir("cgroupPath", &raw.cgroup_path)?) },
+            state_dir: dir("stateDirectory", &raw.state_directory)?,
+            log_dir: dir("logDirectory", &raw.log_directory)?,
+            max_connections,
+            poll_interval_secs: u64::from(raw.poll_interval_seconds),
+            status_interval_secs: u64::from(raw.status_interval_seconds),
+            host_timeout_ms: u64::from(raw.host_timeout_ms),
+            agent_mark: raw.agent_mark,
+            log_level,
+            redirect,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_object_gives_the_documented_defaults() {
+        let c = ValidatedConfig::parse(b"{}").unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:3080");
+        assert_eq!(c.imds.to_string(), "169.254.169.254:80");
+        assert_eq!(c.wire_server.to_string(), "168.63.129.16:80");
+        assert_eq!(c.host_ga_plugin.to_string(), "168.63.129.16:32526");
+        assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.redirect, RedirectPolicy::HostModes);
+        assert!(c.cgroup.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_with_the_key_named() {
+        assert!(matches!(ValidatedConfig::parse(br#"{"listenAdress":"127.0.0.1:1"}"#), Err(ConfigError::Parse(..))));
+        let e = ValidatedConfig::parse(br#"{"listenAddress":"0.0.0.0:3080"}"#).unwrap_err();
+        assert!(e.to_string().contains("listenAddress"), "{e}");
+        let e = ValidatedConfig::parse(br#"{"maxConnections":0}"#).unwrap_err();
+        assert!(e.to_string().contains("maxConnections"));
+        let e = ValidatedConfig::parse(br#"{"logLevel":"loud"}"#).unwrap_err();
+        assert!(e.to_string().contains("logLevel"));
+        let e = ValidatedConfig::parse(br#"{"stateDirectory":"relative"}"#).unwrap_err();
+        assert!(e.to_string().contains("stateDirectory"));
+    }
+
+    #[test]
+    fn values_are_taken_from_the_file() {
+        let c = ValidatedConfig::parse(
+            br#"{"listenAddress":"127.0.0.1:4000","cgroupPath":"/sys/fs/cgroup/unified/x","maxConnections":8,"redirect":"all"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 4000);
+        assert_eq!(c.cgroup.as_deref(), Some(std::path::Path::new("/sys/fs/cgroup/unified/x")));
+        assert_eq!(c.max_connections, 8);
+        assert_eq!(c.redirect, RedirectPolicy::All);
+    }
+}

@@ -1,2 +1,314 @@
 // SPDX-License-Identifier: MIT
-//! (being written)
+//! Who is calling: the kernel's record of the connect (pid, tid, real uid, gid, comm, time)
+//! turned into the caller the allowlist matches on (executable path, process name, user and
+//! group names).
+//!
+//! Binding the attributes to the caller (MSP §11 item 3): the executable is read from
+//! `/proc/<pid>/exe` at accept time, and only if the process is provably the one that
+//! connected: its start time is not later than the connect (a reused pid started later), and
+//! the connecting thread's comm is unchanged (an `execve` after the connect renames it). The
+//! start time is read before and after the `readlink`, so a process that exits in between is
+//! caught too. When any check fails the caller has no executable identity — it never
+//! inherits one, and uid 0 is never assumed.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use heapless::{String, Vec};
+
+use crate::limits::{CMDLINE_MAX_BYTES, EXE_PATH_MAX_BYTES, GROUPS_PER_USER, IDENTITY_CACHE_ENTRIES, NAME_MAX_BYTES};
+use crate::redirect::CallerRecord;
+
+/// A user or group name.
+pub type Name = String<NAME_MAX_BYTES>;
+
+/// The resolved caller of one redirected connection.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// What the kernel recorded at connect time.
+    pub record: CallerRecord,
+    /// Executable path, when the process could be bound to the connect (see module docs).
+    pub exe: Option<Vec<u8, EXE_PATH_MAX_BYTES>>,
+    /// First items of the command line, for audit only (never for decisions).
+    pub cmdline: Vec<u8, CMDLINE_MAX_BYTES>,
+    /// User name of the real uid, if known.
+    pub user: Option<Name>,
+    /// Names of all groups of that user (primary first).
+    pub groups: Vec<Name, GROUPS_PER_USER>,
+}
+
+impl Caller {
+    /// Real uid at connect time.
+    pub fn uid(&self) -> u32 {
+        self.record.uid
+    }
+
+    /// `isRoot` means uid 0 (MSP §11 item 1).
+    pub fn is_root(&self) -> bool {
+        self.record.uid == 0
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.record.tgid
+    }
+
+    /// File name of the executable.
+    pub fn process_name(&self) -> Option<&[u8]> {
+        self.exe.as_ref().map(|e| e.rsplit(|b| *b == b'/').next().unwrap_or(e))
+    }
+}
+
+/// Resolves callers; caches user and group names per uid.
+#[derive(Debug)]
+pub struct Resolver {
+    proc_root: &'static str,
+    ticks_per_second: u64,
+    users: Vec<UserEntry, IDENTITY_CACHE_ENTRIES>,
+    next_evict: usize,
+    db_stamp: Option<(std::time::SystemTime, std::time::SystemTime)>,
+}
+
+#[derive(Clone, Debug)]
+struct UserEntry {
+    uid: u32,
+    user: Option<Name>,
+    groups: Vec<Name, GROUPS_PER_USER>,
+}
+
+impl Resolver {
+    /// A resolver reading the real `/proc`, `/etc/passwd` and `/etc/group`.
+    pub fn new() -> Self {
+        Self {
+            proc_root: "/proc",
+            ticks_per_second: crate::sys::clock_ticks_per_second(),
+            users: Vec::new(),
+            next_evict: 0,
+            db_stamp: None,
+        }
+    }
+
+    /// Builds the caller for a kernel record.
+    pub fn resolve(&mut self, record: CallerRecord) -> Caller {
+        let exe = self.bound_executable(&record);
+        let cmdline = if exe.is_some() { self.cmdline(record.tgid) } else { Vec::new() };
+        let entry = self.user_entry(record.uid, record.gid);
+        Caller { record, exe, cmdline, user: entry.user, groups: entry.groups }
+    }
+
+    fn start_time_ns(&self, pid: u32) -> Option<u64> {
+        let mut buf = [0u8; 1024];
+        let stat = read_small(&format_path(self.proc_root, pid, "stat"), &mut buf)?;
+        // Field 2 (comm) may contain spaces and ')': parse after the last ')'. starttime is
+        // field 22, i.e. the 20th field after the comm.
+        let after = &stat[stat.iter().rposition(|b| *b == b')')? + 1..];
+        let field = after.split(|b| *b == b' ').filter(|f| !f.is_empty()).nth(19)?;
+        let ticks: u64 = std::str::from_utf8(field).ok()?.parse().ok()?;
+        Some(ticks.saturating_mul(1_000_000_000) / self.ticks_per_second)
+    }
+
+    fn bound_executable(&self, record: &CallerRecord) -> Option<Vec<u8, EXE_PATH_MAX_BYTES>> {
+        let before = self.start_time_ns(record.tgid)?;
+        // A process that started after the connect cannot have made it: the pid was reused.
+        if before > record.connect_boot_ns {
+            return None;
+        }
+        let mut comm_buf = [0u8; 64];
+        let comm_path = format!("{}/{}/task/{}/comm", self.proc_root, record.tgid, record.tid);
+        let comm = read_small(&comm_path, &mut comm_buf)?;
+        let comm = comm.strip_suffix(b"\n").unwrap_or(comm);
+        if comm != record.comm() {
+            return None;
+        }
+        let link = fs::read_link(format_path(self.proc_root, record.tgid, "exe")).ok()?;
+        if self.start_time_ns(record.tgid)? != before {
+            return None;
+        }
+        Vec::from_slice(link.as_os_str().as_bytes()).ok()
+    }
+
+    fn cmdline(&self, pid: u32) -> Vec<u8, CMDLINE_MAX_BYTES> {
+        let mut buf = [0u8; CMDLINE_MAX_BYTES];
+        let mut out = Vec::new();
+        let Some(raw) = read_small(&format_path(self.proc_root, pid, "cmdline"), &mut buf) else {
+            return out;
+        };
+        for item in raw.split(|b| *b == 0).filter(|i| !i.is_empty()).take(4) {
+            if !out.is_empty() && out.push(b' ').is_err() {
+                break;
+            }
+            for b in item {
+                // Control bytes become '?': a command line must never forge a log or audit line.
+                let b = if b.is_ascii_control() { b'?' } else { *b };
+                if out.push(b).is_err() {
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    fn user_entry(&mut self, uid: u32, gid: u32) -> UserEntry {
+        let stamp = db_stamp();
+        if stamp != self.db_stamp {
+            // /etc/passwd or /etc/group changed: names may have moved.
+            self.users.clear();
+            self.db_stamp = stamp;
+        }
+        if let Some(e) = self.users.iter().find(|e| e.uid == uid) {
+            return e.clone();
+        }
+        let entry = lookup_user(uid, gid);
+        if self.users.is_full() {
+            let slot = self.next_evict % self.users.len();
+            self.users[slot] = entry.clone();
+            self.next_evict = self.next_evict.wrapping_add(1);
+        } else if self.users.push(entry.clone()).is_err() {
+            // Unreachable (checked is_full); the entry is still returned, just not cached.
+        }
+        entry
+    }
+}
+
+impl Default for Resolver {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn format_path(root: &str, pid: u32, leaf: &str) -> std::string::String {
+    format!("{root}/{pid}/{leaf}")
+}
+
+fn read_small<'b>(path: &str, buf: &'b mut [u8]) -> Option<&'b [u8]> {
+    let mut file = fs::File::open(path).ok()?;
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    Some(&buf[..n])
+}
+
+fn db_stamp() -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+    let p = fs::metadata("/etc/passwd").and_then(|m| m.modified()).ok()?;
+    let g = fs::metadata("/etc/group").and_then(|m| m.modified()).ok()?;
+    Some((p, g))
+}
+
+fn lookup_user(uid: u32, gid: u32) -> UserEntry {
+    let passwd = fs::read("/etc/passwd").unwrap_or_default();
+    let group = fs::read("/etc/group").unwrap_or_default();
+    user_from_databases(uid, gid, &passwd, &group)
+}
+
+fn user_from_databases(uid: u32, gid: u32, passwd: &[u8], group: &[u8]) -> UserEntry {
+    let mut entry = UserEntry { uid, user: None, groups: Vec::new() };
+    let mut primary_gid = gid;
+    for line in passwd.split(|b| *b == b'\n') {
+        let mut f = line.split(|b| *b == b':');
+        let (Some(name), _, Some(u), Some(g)) = (f.next(), f.next(), f.next(), f.next()) else { continue };
+        if parse_u32(u) == Some(uid) {
+            entry.user = to_name(name);
+            primary_gid = parse_u32(g).unwrap_or(gid);
+            break;
+        }
+    }
+    // Primary group first, then every group that lists the user as a member.
+    for line in group.split(|b| *b == b'\n') {
+        let mut f = line.split(|b| *b == b':');
+        let (Some(name), _, Some(g), members) = (f.next(), f.next(), f.next(), f.next().unwrap_or(b"")) else { continue };
+        let is_primary = parse_u32(g) == Some(primary_gid);
+        let is_member = entry.user.as_ref().is_some_and(|u| members.split(|b| *b == b',').any(|m| m == u.as_bytes()));
+        if let (true, Some(n)) = (is_primary || is_member, to_name(name)) {
+            if entry.groups.iter().any(|e| e == &n) {
+                continue;
+            }
+            let pushed = if is_primary { entry.groups.insert(0, n) } else { entry.groups.push(n) };
+            if pushed.is_err() {
+                break;
+            }
+        }
+    }
+    entry
+}
+
+fn parse_u32(b: &[u8]) -> Option<u32> {
+    std::str::from_utf8(b).ok()?.parse().ok()
+}
+
+fn to_name(b: &[u8]) -> Option<Name> {
+    let s = std::str::from_utf8(b).ok()?;
+    (!s.is_empty()).then(|| Name::try_from(s).ok()).flatten()
+}
+
+/// Whether an executable path exists as a file (used by `doctor` and explain).
+pub fn is_file(path: &Path) -> bool {
+    path.is_file()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PASSWD: &[u8] = b"root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\nbob:x:1001:100::/home/bob:/bin/sh\n";
+    const GROUP: &[u8] = b"root:x:0:\nusers:x:100:alice\nalice:x:1000:\nadm:x:4:alice,bob\n";
+
+    #[test]
+    fn user_and_all_groups_come_from_the_databases() {
+        let e = user_from_databases(1000, 1000, PASSWD, GROUP);
+        assert_eq!(e.user.as_deref(), Some("alice"));
+        let groups: std::vec::Vec<&str> = e.groups.iter().map(|g| g.as_str()).collect();
+        assert_eq!(groups, ["alice", "users", "adm"]);
+        let e = user_from_databases(1001, 100, PASSWD, GROUP);
+        assert_eq!(e.groups.first().map(|g| g.as_str()), Some("users"));
+    }
+
+    #[test]
+    fn unknown_uid_has_no_name_but_keeps_its_primary_group() {
+        let e = user_from_databases(4242, 4, PASSWD, GROUP);
+        assert!(e.user.is_none());
+        assert_eq!(e.groups.len(), 1);
+        assert_eq!(e.groups[0].as_str(), "adm");
+    }
+
+    #[test]
+    fn own_process_resolves_and_a_later_connect_time_is_required() {
+        let mut r = Resolver::new();
+        let me = std::process::id();
+        let comm = fs::read(format!("/proc/{me}/task/{me}/comm")).unwrap();
+        let mut record = CallerRecord {
+            cgroup_id: 0,
+            netns_cookie: 0,
+            connect_boot_ns: crate::sys::boottime_ns(),
+            tgid: me,
+            tid: me,
+            uid: 0,
+            gid: 0,
+            orig_ip: 0,
+            orig_port: 0,
+            endpoint: 1,
+            is_v6: 0,
+            pad: 0,
+            comm: [0; 16],
+        };
+        let n = comm.len().saturating_sub(1).min(15);
+        record.comm[..n].copy_from_slice(&comm[..n]);
+        let caller = r.resolve(record);
+        let exe = fs::read_link("/proc/self/exe").unwrap();
+        assert_eq!(caller.exe.as_deref(), Some(exe.as_os_str().as_bytes()));
+        // A connect "before the process started" means the pid was reused: no identity.
+        record.connect_boot_ns = 1;
+        assert!(r.resolve(record).exe.is_none());
+        // A different comm means the process exec'd or renamed since the connect.
+        record.connect_boot_ns = crate::sys::boottime_ns();
+        record.comm = *b"not-the-caller\0\0";
+        assert!(r.resolve(record).exe.is_none());
+    }
+}

@@ -1,2 +1,84 @@
 // SPDX-License-Identifier: MIT
-//! (being written)
+//! A small `log` backend: one line per event on stderr (journald under systemd) as
+//! `<level> <target>: <message>`, and start/stop milestones also on `/dev/console`.
+//!
+//! Rate limiting: anything an unprivileged in-guest process can trigger (connection and
+//! request events, logged under the `gpa::proxy` target) passes a token bucket, so a local
+//! process cannot flood the journal. Dropped lines are counted and reported by the next line
+//! that passes. Lines never carry the key or a signature (see `msp::signing`'s Debug impls).
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use log::{LevelFilter, Log, Metadata, Record};
+
+/// Lines per second allowed from guest-triggerable targets (burst of the same size).
+const GUEST_TRIGGERED_LINES_PER_SECOND: u64 = 20;
+
+struct Logger {
+    /// Bucket state: the second the bucket was last refilled and the tokens used in it.
+    window: AtomicU64,
+    used: AtomicU64,
+    dropped: AtomicU64,
+}
+
+static LOGGER: Logger = Logger { window: AtomicU64::new(0), used: AtomicU64::new(0), dropped: AtomicU64::new(0) };
+
+impl Logger {
+    fn admit(&self, target: &str) -> Option<u64> {
+        if !target.starts_with("gpa::proxy") {
+            return Some(0);
+        }
+        let second = crate::clock::wall_now().as_secs();
+        if self.window.swap(second, Ordering::Relaxed) != second {
+            self.used.store(0, Ordering::Relaxed);
+        }
+        if self.used.fetch_add(1, Ordering::Relaxed) < GUEST_TRIGGERED_LINES_PER_SECOND {
+            Some(self.dropped.swap(0, Ordering::Relaxed))
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+impl Log for Logger {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let Some(dropped) = self.admit(record.target()) else { return };
+        let mut err = std::io::stderr().lock();
+        // A failing stderr cannot be reported anywhere; the agent keeps working.
+        let written = if dropped > 0 {
+            writeln!(err, "{} {}: {} (rate limit dropped {dropped} lines)", record.level(), record.target(), record.args())
+        } else {
+            writeln!(err, "{} {}: {}", record.level(), record.target(), record.args())
+        };
+        drop(written);
+    }
+
+    fn flush(&self) {
+        drop(std::io::stderr().flush());
+    }
+}
+
+/// Installs the logger at `level`. Safe to call twice (the second call only sets the level).
+pub fn init(level: LevelFilter) {
+    if log::set_logger(&LOGGER).is_ok() || log::max_level() != level {
+        log::set_max_level(level);
+    }
+}
+
+/// A start/stop milestone: logged and also written to `/dev/console` when it can be opened
+/// (early boot and serial consoles show it).
+pub fn milestone(message: &str) {
+    log::info!(target: "gpa::milestone", "{message}");
+    if let Ok(mut console) = std::fs::OpenOptions::new().write(true).open("/dev/console") {
+        drop(writeln!(console, "guest-proxy-agent: {message}"));
+    }
+}

@@ -1,2 +1,71 @@
 // SPDX-License-Identifier: MIT
-//! (being written)
+//! HTTP/1.x as the proxy needs it: the request head parsed in place (offsets into the
+//! connection's fixed buffer, no copies), framing validated so that what we sign is exactly
+//! what we send (MSP §11 item 4), chunked bodies decoded or scanned, and the upstream
+//! response head parsed for its framing.
+//!
+//! The front door is the main attack surface: everything here is bounded by `limits` and
+//! returns small `Copy` errors instead of panicking.
+
+pub mod chunked;
+pub mod request;
+pub mod response;
+
+pub use self::chunked::{ChunkError, ChunkedDecoder};
+pub use self::request::{BodyFraming, HeadError, RequestHead};
+pub use self::response::{ResponseFraming, ResponseHead};
+
+/// Case-insensitive ASCII comparison of a header name or token.
+pub fn eq_ignore_case(a: &[u8], b: &[u8]) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+/// Trims leading and trailing spaces and tabs (optional whitespace around header values).
+pub fn trim_ows(mut v: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = v {
+        v = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = v {
+        v = rest;
+    }
+    v
+}
+
+/// Whether a comma-separated header value lists `token` (case-insensitive), e.g.
+/// `Connection: keep-alive, close`.
+pub fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value.split(|b| *b == b',').any(|t| eq_ignore_case(trim_ows(t), token))
+}
+
+/// Parses a decimal `Content-Length` strictly: digits only, no sign, no overflow.
+pub fn parse_content_length(v: &[u8]) -> Option<u64> {
+    let v = trim_ows(v);
+    if v.is_empty() || v.len() > 19 {
+        return None;
+    }
+    v.iter().try_fold(0u64, |acc, b| {
+        let digit = b.checked_sub(b'0').filter(|d| *d <= 9)?;
+        acc.checked_mul(10)?.checked_add(u64::from(digit))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_length_is_strict() {
+        assert_eq!(parse_content_length(b"0"), Some(0));
+        assert_eq!(parse_content_length(b" 42 "), Some(42));
+        assert_eq!(parse_content_length(b"+1"), None);
+        assert_eq!(parse_content_length(b"1,1"), None);
+        assert_eq!(parse_content_length(b""), None);
+        assert_eq!(parse_content_length(b"99999999999999999999"), None);
+    }
+
+    #[test]
+    fn connection_tokens_are_found_in_lists() {
+        assert!(has_token(b"keep-alive, Close", b"close"));
+        assert!(!has_token(b"closed", b"close"));
+    }
+}

@@ -90,15 +90,17 @@ impl Redirector {
         let policy = take_map(&mut ebpf, "gpa_policy")?;
         let audit = take_map(&mut ebpf, "gpa_audit")?;
 
+        // Through bpf_link (kernel ≥ 5.7) cgroup attachments always coexist with others; the
+        // kernel refuses BPF_F_ALLOW_MULTI there, so `Single` is the right (flag-less) mode.
         let cgroup_dir = File::open(cgroup).map_err(|e| RedirectError::OpenCgroup(cgroup.to_owned(), e))?;
         for name in PROGRAMS {
             let program = ebpf.program_mut(name).ok_or(RedirectError::MissingProgram(name))?;
             let attached = if name == "gpa_sockops" {
                 let p: &mut SockOps = program.try_into().map_err(|e| RedirectError::Program(name, e))?;
-                p.load().and_then(|()| p.attach(&cgroup_dir, CgroupAttachMode::AllowMultiple).map(drop))
+                p.load().and_then(|()| p.attach(&cgroup_dir, CgroupAttachMode::Single).map(drop))
             } else {
                 let p: &mut CgroupSockAddr = program.try_into().map_err(|e| RedirectError::Program(name, e))?;
-                p.load().and_then(|()| p.attach(&cgroup_dir, CgroupAttachMode::AllowMultiple).map(drop))
+                p.load().and_then(|()| p.attach(&cgroup_dir, CgroupAttachMode::Single).map(drop))
             };
             attached.map_err(|e| RedirectError::Program(name, e))?;
         }

@@ -1,0 +1,793 @@
+// SPDX-License-Identifier: MIT
+//! One client connection: an explicit state machine driven by readiness events.
+//!
+//! ```text
+//! ReadingHead ──> ReadingBody ──> Connecting ──> SendingRequest ──> AwaitingResponse ──> Relaying
+//!      ^   │            (body only)   (no kept-alive upstream)                              │
+//!      │   └──> WritingLocal (errors, /provision, ...) ──> Closed or ReadingHead            │
+//!      └────────────────────────── keep-alive ───────────────────────────────────────────────┘
+//! ```
+//!
+//! Both sockets are registered once for read and write readiness (edge-triggered). Every
+//! event runs [`Connection::drive`], which performs whatever I/O the current state wants until
+//! it would block, so no readiness edge is ever lost and interest never drifts from state.
+//! Each request's checks run in the order of MSP §5.4; every wait has a deadline.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{SocketAddr, SocketAddrV4};
+use std::time::Instant;
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use super::upstream::{self, Endorsement};
+use super::{CloseReason, Shared};
+use crate::clock;
+use crate::http::{BodyFraming, ChunkedDecoder, RequestHead, ResponseFraming, ResponseHead};
+use crate::identity::Caller;
+use crate::limits::{
+    CLIENT_BODY_TIMEOUT_MS, CLIENT_HEAD_TIMEOUT_MS, CLIENT_WRITE_TIMEOUT_MS, IDLE_TIMEOUT_MS, REQUEST_BODY_MAX_BYTES,
+    REQUEST_HEAD_MAX_BYTES, RESPONSE_BUFFER_BYTES, UPSTREAM_CONNECT_TIMEOUT_MS, UPSTREAM_HEAD_MAX_BYTES,
+    UPSTREAM_RESPONSE_TIMEOUT_MS,
+};
+use crate::policy::Verdict;
+
+/// Added to every proxied response (MSP §5.7): tells the caller the call went through us.
+const MARKER: &[u8] = b"x-ms-azure-host-authorization: value\r\n";
+
+/// The fixed buffers of one connection slot, allocated when the slot is first used and then
+/// reused by every later connection in that slot.
+#[derive(Debug)]
+pub(crate) struct Buffers {
+    /// Client bytes: the request head, then body bytes or a pipelined next request.
+    req: Box<[u8]>,
+    /// The serialised upstream request head.
+    up: Box<[u8]>,
+    /// Response bytes on their way to the client.
+    resp: Box<[u8]>,
+}
+
+impl Buffers {
+    pub(crate) fn new() -> Self {
+        Self {
+            req: vec![0; REQUEST_HEAD_MAX_BYTES].into_boxed_slice(),
+            up: vec![0; UPSTREAM_HEAD_MAX_BYTES].into_boxed_slice(),
+            resp: vec![0; RESPONSE_BUFFER_BYTES].into_boxed_slice(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Waiting for a complete request head (first request or keep-alive).
+    ReadingHead,
+    /// Reading a body into a pool buffer (it must be complete before it can be signed).
+    ReadingBody,
+    /// Non-blocking connect to the original destination in flight.
+    Connecting,
+    /// Writing the serialised head and body upstream.
+    SendingRequest,
+    /// Waiting for the upstream response head.
+    AwaitingResponse,
+    /// Streaming the response to the client.
+    Relaying,
+    /// Writing a response the proxy generated itself.
+    WritingLocal { close: bool },
+}
+
+/// Where the response being relayed ends.
+#[derive(Clone, Copy, Debug)]
+enum Remaining {
+    Bytes(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+    Done,
+}
+
+/// Outcome of one step of the state machine.
+enum Step {
+    /// Something changed: run again.
+    Progress,
+    /// Waiting for readiness.
+    Blocked,
+    /// Done with this connection.
+    Close(CloseReason),
+}
+
+/// What the event loop should do next with a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Keep it; wake it at the deadline.
+    Continue(Instant),
+    /// Remove it.
+    Close(CloseReason),
+}
+
+/// Per-request facts kept after the head bytes are gone.
+#[derive(Clone, Copy, Debug)]
+struct Exchange {
+    started: Instant,
+    is_head: bool,
+    close: bool,
+    status: u16,
+}
+
+/// One proxied client connection.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    client: TcpStream,
+    peer: SocketAddrV4,
+    caller: Option<Caller>,
+    upstream: Option<TcpStream>,
+    /// The upstream connection was reused from an earlier request (may have gone stale).
+    upstream_reused: bool,
+    state: State,
+    deadline: Instant,
+    bufs: Buffers,
+    req_len: usize,
+    parsed_len: usize,
+    head: Option<RequestHead>,
+    body: Option<Box<[u8]>>,
+    body_len: usize,
+    body_want: BodyFraming,
+    body_decoder: ChunkedDecoder,
+    up_len: usize,
+    up_sent: usize,
+    body_sent: usize,
+    resp_start: usize,
+    resp_len: usize,
+    remaining: Remaining,
+    upstream_keep_alive: bool,
+    exchange: Option<Exchange>,
+}
+
+/// What the event loop lends a connection for one drive.
+pub(crate) struct Ctx<'a> {
+    pub(crate) shared: &'a mut Shared,
+    pub(crate) registry: &'a Registry,
+    /// Token of the upstream socket of this slot.
+    pub(crate) upstream_token: Token,
+    pub(crate) now: Instant,
+}
+
+impl Connection {
+    pub(crate) fn new(client: TcpStream, peer: SocketAddrV4, caller: Option<Caller>, bufs: Buffers, now: Instant) -> Self {
+        Self {
+            client,
+            peer,
+            caller,
+            upstream: None,
+            upstream_reused: false,
+            state: State::ReadingHead,
+            deadline: clock::after(now, CLIENT_HEAD_TIMEOUT_MS),
+            bufs,
+            req_len: 0,
+            parsed_len: usize::MAX,
+            head: None,
+            body: None,
+            body_len: 0,
+            body_want: BodyFraming::None,
+            body_decoder: ChunkedDecoder::new(),
+            up_len: 0,
+            up_sent: 0,
+            body_sent: 0,
+            resp_start: 0,
+            resp_len: 0,
+            remaining: Remaining::Done,
+            upstream_keep_alive: false,
+            exchange: None,
+        }
+    }
+
+    pub(crate) fn client(&mut self) -> &mut TcpStream {
+        &mut self.client
+    }
+
+    /// Hands back the slot's buffers and the pool buffer, if any, when the connection ends.
+    pub(crate) fn into_parts(mut self, registry: &Registry) -> (Buffers, Option<Box<[u8]>>) {
+        drop(registry.deregister(&mut self.client));
+        if let Some(mut up) = self.upstream.take() {
+            drop(registry.deregister(&mut up));
+        }
+        (self.bufs, self.body.take())
+    }
+
+    pub(crate) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn set_state(&mut self, state: State, timeout_ms: u64, now: Instant) {
+        log::trace!(target: "gpa::proxy", "state={:?}=>{:?} peer={}", self.state, state, self.peer);
+        self.state = state;
+        self.deadline = clock::after(now, timeout_ms);
+    }
+
+    /// Runs the state machine until it would block.
+    pub(crate) fn drive(&mut self, ctx: &mut Ctx<'_>) -> Next {
+        // Bounded: each Progress consumes bytes or changes state; the cap only guards against
+        // a logic error spinning the single thread.
+        for _ in 0..1024 {
+            let step = match self.state {
+                State::ReadingHead => self.read_head(ctx),
+                State::ReadingBody => self.read_body(ctx),
+                State::Connecting => self.connecting(ctx),
+                State::SendingRequest => self.send_request(ctx),
+                State::AwaitingResponse => self.await_response(ctx),
+                State::Relaying => self.relay(ctx),
+                State::WritingLocal { close } => self.write_local(ctx, close),
+            };
+            match step {
+                Step::Progress => {}
+                Step::Blocked => return Next::Continue(self.deadline),
+                Step::Close(reason) => return Next::Close(reason),
+            }
+        }
+        Next::Continue(self.deadline)
+    }
+
+    /// A deadline passed: answer what the state calls for.
+    pub(crate) fn on_timeout(&mut self, ctx: &mut Ctx<'_>) -> Next {
+        match self.state {
+            State::ReadingHead if self.req_len == 0 => return Next::Close(CloseReason::Idle),
+            State::ReadingHead | State::ReadingBody => self.respond(ctx, 408, &[], b"", true),
+            State::Connecting => self.respond(ctx, 502, &[], b"", true),
+            State::SendingRequest | State::AwaitingResponse => self.respond(ctx, 504, &[], b"", true),
+            State::Relaying | State::WritingLocal { .. } => return Next::Close(CloseReason::Timeout),
+        }
+        self.drive(ctx)
+    }
+
+    // ---- client side: request head and body -------------------------------------------------
+
+    fn read_head(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        if self.req_len != self.parsed_len && self.req_len > 0 {
+            self.parsed_len = self.req_len;
+            match RequestHead::parse(&self.bufs.req[..self.req_len]) {
+                Ok(Some(head)) => return self.on_head(ctx, head),
+                Ok(None) if self.req_len == self.bufs.req.len() => {
+                    self.respond(ctx, 431, &[], b"", true);
+                    return Step::Progress;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.respond(ctx, e.status(), &[], b"", true);
+                    return Step::Progress;
+                }
+            }
+        }
+        if self.req_len == self.bufs.req.len() {
+            return Step::Blocked;
+        }
+        match read_some(&mut self.client, &mut self.bufs.req[self.req_len..]) {
+            Ok(0) => Step::Close(CloseReason::ClientClosed),
+            Ok(n) => {
+                if self.req_len == 0 {
+                    // First byte of a new request: the head timeout starts now.
+                    self.deadline = clock::after(ctx.now, CLIENT_HEAD_TIMEOUT_MS);
+                }
+                self.req_len += n;
+                Step::Progress
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
+            Err(_) => Step::Close(CloseReason::ClientError),
+        }
+    }
+
+    /// MSP §5.4, in order: method, traversal, local endpoints, identity, body limit,
+    /// authorization; then the body or the upstream.
+    fn on_head(&mut self, ctx: &mut Ctx<'_>, head: RequestHead) -> Step {
+        let req = &self.bufs.req[..self.req_len];
+        let method = head.method(req);
+        let target = head.target(req);
+        self.exchange = Some(Exchange { started: ctx.now, is_head: head.is_head(req), close: head.close, status: 0 });
+        ctx.shared.stats.requests += 1;
+
+        if !crate::policy::canonical::method_allowed(method) {
+            self.respond(
+                ctx,
+                405,
+                &[b"allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n", b"content-type: text/plain; charset=utf-8\r\n"],
+                b"Method Not Allowed",
+                true,
+            );
+            return Step::Progress;
+        }
+        if crate::policy::canonical::traversal_guard(head.path(req)).is_err() {
+            self.respond(ctx, 403, &[], b"", true);
+            return Step::Progress;
+        }
+        if let Some(local) = ctx.shared.local_endpoint(&head, req, self.caller.as_ref(), ctx.now) {
+            let close = local.close || head.framing != BodyFraming::None || head.close;
+            self.respond(ctx, local.status, &[local.content_type], local.body.as_bytes(), close);
+            if !close {
+                self.consume_head(head.head_len);
+            }
+            return Step::Progress;
+        }
+        let Some(caller) = self.caller.as_ref() else {
+            // A direct connect to the listener, or an identity that could not be recovered.
+            self.respond(ctx, 421, &[], b"", true);
+            return Step::Progress;
+        };
+        if let BodyFraming::Length(n) = head.framing
+            && n > REQUEST_BODY_MAX_BYTES as u64
+        {
+            self.respond(ctx, 413, &[], b"", true);
+            return Step::Progress;
+        }
+        match ctx.shared.authorize(caller, method, target) {
+            Verdict::Allow | Verdict::AllowWithAudit => {}
+            Verdict::Forbidden => {
+                self.respond(ctx, 403, &[], b"", true);
+                return Step::Progress;
+            }
+        }
+        self.head = Some(head);
+        if head.framing == BodyFraming::None {
+            return self.prepare_upstream(ctx);
+        }
+        let Some(body) = ctx.shared.pool.take() else {
+            // Every body buffer is in use: degrade predictably rather than queue.
+            self.respond(ctx, 503, &[], b"", true);
+            return Step::Progress;
+        };
+        self.body = Some(body);
+        self.body_len = 0;
+        self.body_want = head.framing;
+        self.body_decoder = ChunkedDecoder::new();
+        if head.expect_continue && self.req_len == head.head_len {
+            // Best effort: a client that does not see it sends the body after its own delay.
+            drop(self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n"));
+        }
+        self.set_state(State::ReadingBody, CLIENT_BODY_TIMEOUT_MS, ctx.now);
+        Step::Progress
+    }
+
+    fn read_body(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        let Some(head) = self.head else { return Step::Close(CloseReason::Internal) };
+        let start = head.head_len;
+        if self.req_len > start {
+            let (consumed, complete) = match self.absorb_body(start) {
+                Ok(r) => r,
+                Err(status) => {
+                    self.respond(ctx, status, &[], b"", true);
+                    return Step::Progress;
+                }
+            };
+            self.bufs.req.copy_within(start + consumed..self.req_len, start);
+            self.req_len -= consumed;
+            if complete {
+                return self.prepare_upstream(ctx);
+            }
+        }
+        match read_some(&mut self.client, &mut self.bufs.req[self.req_len..]) {
+            Ok(0) => Step::Close(CloseReason::ClientClosed),
+            Ok(n) => {
+                self.req_len += n;
+                self.deadline = clock::after(ctx.now, CLIENT_BODY_TIMEOUT_MS);
+                Step::Progress
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
+            Err(_) => Step::Close(CloseReason::ClientError),
+        }
+    }
+
+    /// Moves body bytes from the request buffer into the body buffer. Returns the bytes
+    /// consumed and whether the body is complete, or the status to answer.
+    fn absorb_body(&mut self, start: usize) -> Result<(usize, bool), u16> {
+        let Some(body) = self.body.as_mut() else { return Err(500) };
+        let input = &self.bufs.req[start..self.req_len];
+        match self.body_want {
+            BodyFraming::Length(total) => {
+                let want = usize::try_from(total).unwrap_or(usize::MAX) - self.body_len;
+                let take = want.min(input.len());
+                body[self.body_len..self.body_len + take].copy_from_slice(&input[..take]);
+                self.body_len += take;
+                Ok((take, self.body_len as u64 == total))
+            }
+            BodyFraming::Chunked => {
+                let mut overflow = false;
+                let len = &mut self.body_len;
+                let consumed = self
+                    .body_decoder
+                    .feed(input, |data| {
+                        if *len + data.len() > REQUEST_BODY_MAX_BYTES {
+                            overflow = true;
+                        } else {
+                            body[*len..*len + data.len()].copy_from_slice(data);
+                            *len += data.len();
+                        }
+                    })
+                    .map_err(|_| 400u16)?;
+                if overflow {
+                    return Err(413);
+                }
+                Ok((consumed, self.body_decoder.is_done()))
+            }
+            BodyFraming::None => Ok((0, true)),
+        }
+    }
+
+    // ---- upstream side ----------------------------------------------------------------------
+
+    fn prepare_upstream(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        let (Some(head), Some(caller)) = (self.head, self.caller.as_ref()) else {
+            return Step::Close(CloseReason::Internal);
+        };
+        let req = &self.bufs.req[..self.req_len];
+        let body = self.body.as_deref().map_or(&[][..], |b| &b[..self.body_len]);
+        let key = ctx.shared.signing_key_for(caller, head.method(req), head.target(req));
+        let date = ctx.shared.host_date();
+        let endorsement = Endorsement { key, is_root: caller.is_root(), date: &date };
+        match upstream::write_request_head(&head, req, body, &endorsement, &mut self.bufs.up) {
+            Ok(n) => self.up_len = n,
+            Err(e) => {
+                log::warn!(target: "gpa::proxy", "cannot build upstream request: peer={} error={e:?}", self.peer);
+                self.respond(ctx, 502, &[], b"", true);
+                return Step::Progress;
+            }
+        }
+        ctx.shared.stats.signed += u64::from(key.is_some());
+        self.up_sent = 0;
+        self.body_sent = 0;
+        // The head is serialised; what follows it in the buffer is the next pipelined request.
+        self.consume_head(head.head_len);
+        self.head = None;
+        if self.upstream.is_some() {
+            self.upstream_reused = true;
+            self.set_state(State::SendingRequest, UPSTREAM_RESPONSE_TIMEOUT_MS, ctx.now);
+            return Step::Progress;
+        }
+        self.connect_upstream(ctx)
+    }
+
+    fn connect_upstream(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        let Some(destination) = self.caller.as_ref().map(|c| c.record.original_destination()) else {
+            return Step::Close(CloseReason::Internal);
+        };
+        let stream = match crate::sys::connect_marked(destination, ctx.shared.agent_mark) {
+            Ok(s) => TcpStream::from_std(s),
+            Err(e) => {
+                log::warn!(target: "gpa::proxy", "upstream connect failed: destination={destination} error={e}");
+                self.respond(ctx, 502, &[], b"", true);
+                return Step::Progress;
+            }
+        };
+        let mut stream = stream;
+        if ctx.registry.register(&mut stream, ctx.upstream_token, Interest::READABLE | Interest::WRITABLE).is_err() {
+            self.respond(ctx, 502, &[], b"", true);
+            return Step::Progress;
+        }
+        self.upstream = Some(stream);
+        self.upstream_reused = false;
+        self.set_state(State::Connecting, UPSTREAM_CONNECT_TIMEOUT_MS, ctx.now);
+        Step::Progress
+    }
+
+    fn drop_upstream(&mut self, ctx: &mut Ctx<'_>) {
+        if let Some(mut up) = self.upstream.take() {
+            drop(ctx.registry.deregister(&mut up));
+        }
+    }
+
+    fn connecting(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        let Some(up) = self.upstream.as_ref() else { return Step::Close(CloseReason::Internal) };
+        if let Ok(Some(_)) | Err(_) = up.take_error() {
+            self.drop_upstream(ctx);
+            self.respond(ctx, 502, &[], b"", true);
+            return Step::Progress;
+        }
+        match up.peer_addr() {
+            Ok(_) => {
+                self.set_state(State::SendingRequest, UPSTREAM_RESPONSE_TIMEOUT_MS, ctx.now);
+                Step::Progress
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotConnected || e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
+            Err(_) => {
+                self.drop_upstream(ctx);
+                self.respond(ctx, 502, &[], b"", true);
+                Step::Progress
+            }
+        }
+    }
+
+    fn send_request(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        let Some(up) = self.upstream.as_mut() else { return Step::Close(CloseReason::Internal) };
+        let body = self.body.as_deref().map_or(&[][..], |b| &b[..self.body_len]);
+        if self.up_sent == self.up_len && self.body_sent == body.len() {
+            if let Some(buf) = self.body.take() {
+                ctx.shared.pool.give_back(buf);
+            }
+            self.resp_start = 0;
+            self.resp_len = 0;
+            self.set_state(State::AwaitingResponse, UPSTREAM_RESPONSE_TIMEOUT_MS, ctx.now);
+            return Step::Progress;
+        }
+        let slices = [IoSlice::new(&self.bufs.up[self.up_sent..self.up_len]), IoSlice::new(&body[self.body_sent..])];
+        match up.write_vectored(&slices) {
+            Ok(0) => self.upstream_failed(ctx),
+            Ok(mut n) => {
+                let head_part = n.min(self.up_len - self.up_sent);
+                self.up_sent += head_part;
+                n -= head_part;
+                self.body_sent += n;
+                Step::Progress
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Step::Progress,
+            Err(_) => self.upstream_failed(ctx),
+        }
+    }
+
+    /// The upstream failed before any response byte. A kept-alive connection the host closed
+    /// meanwhile is retried once on a fresh connection (nothing was processed upstream);
+    /// otherwise the client gets `502`.
+    fn upstream_failed(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        self.drop_upstream(ctx);
+        if self.upstream_reused && self.resp_len == 0 {
+            self.upstream_reused = false;
+            self.up_sent = 0;
+            self.body_sent = 0;
+            return self.connect_upstream(ctx);
+        }
+        self.respond(ctx, 502, &[], b"", true);
+        Step::Progress
+    }
+
+    fn await_response(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        let Some(up) = self.upstream.as_mut() else { return Step::Close(CloseReason::Internal) };
+        // Keep room to insert the marker header into the head in place.
+        let limit = self.bufs.resp.len() - MARKER.len();
+        if self.resp_len == limit {
+            self.drop_upstream(ctx);
+            self.respond(ctx, 502, &[], b"", true);
+            return Step::Progress;
+        }
+        match read_some(up, &mut self.bufs.resp[self.resp_len..limit]) {
+            Ok(0) => self.upstream_failed(ctx),
+            Ok(n) => {
+                self.resp_len += n;
+                self.deadline = clock::after(ctx.now, UPSTREAM_RESPONSE_TIMEOUT_MS);
+                let is_head = self.exchange.is_some_and(|e| e.is_head);
+                match ResponseHead::parse(&self.bufs.resp[..self.resp_len], is_head) {
+                    Ok(Some(head)) => self.on_response_head(ctx, head),
+                    Ok(None) => Step::Progress,
+                    Err(_) => {
+                        self.drop_upstream(ctx);
+                        self.respond(ctx, 502, &[], b"", true);
+                        Step::Progress
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Step::Progress,
+            Err(_) => self.upstream_failed(ctx),
+        }
+    }
+
+    fn on_response_head(&mut self, ctx: &mut Ctx<'_>, head: ResponseHead) -> Step {
+        if head.status == 100 {
+            // Interim response to a body we already sent whole: drop it, read the final one.
+            self.bufs.resp.copy_within(head.head_len..self.resp_len, 0);
+            self.resp_len -= head.head_len;
+            return Step::Progress;
+        }
+        // Insert the marker after the status line.
+        let at = head.status_line_len;
+        self.bufs.resp.copy_within(at..self.resp_len, at + MARKER.len());
+        self.bufs.resp[at..at + MARKER.len()].copy_from_slice(MARKER);
+        self.resp_len += MARKER.len();
+        let body_start = head.head_len + MARKER.len();
+        self.remaining = match head.framing {
+            ResponseFraming::None => Remaining::Done,
+            ResponseFraming::Length(n) => Remaining::Bytes(n),
+            ResponseFraming::Chunked => Remaining::Chunked(ChunkedDecoder::new()),
+            ResponseFraming::UntilClose => Remaining::UntilClose,
+        };
+        self.upstream_keep_alive = head.keep_alive;
+        if let Some(e) = self.exchange.as_mut() {
+            e.status = head.status;
+            e.close |= !head.keep_alive;
+        }
+        self.resp_start = 0;
+        self.resp_len = body_start + self.track_body(body_start);
+        self.set_state(State::Relaying, UPSTREAM_RESPONSE_TIMEOUT_MS, ctx.now);
+        Step::Progress
+    }
+
+    /// Feeds response body bytes at `from..resp_len` to the framing tracker and returns how
+    /// many belong to this response (the rest, if any, is dropped with the upstream).
+    fn track_body(&mut self, from: usize) -> usize {
+        let input = &self.bufs.resp[from..self.resp_len];
+        let keep = match &mut self.remaining {
+            Remaining::Done => 0,
+            Remaining::UntilClose => input.len(),
+            Remaining::Bytes(left) => {
+                let take = usize::try_from(*left).unwrap_or(usize::MAX).min(input.len());
+                *left -= take as u64;
+                if *left == 0 {
+                    self.remaining = Remaining::Done;
+                }
+                take
+            }
+            Remaining::Chunked(decoder) => match decoder.feed(input, |_| {}) {
+                Ok(n) => {
+                    if decoder.is_done() {
+                        self.remaining = Remaining::Done;
+                    }
+                    n
+                }
+                Err(_) => {
+                    // A malformed chunked response: relay what we have, then close.
+                    self.upstream_keep_alive = false;
+                    if let Some(e) = self.exchange.as_mut() {
+                        e.close = true;
+                    }
+                    self.remaining = Remaining::Done;
+                    input.len()
+                }
+            },
+        };
+        if keep < input.len() {
+            // The upstream sent more than the response: it cannot be reused safely.
+            self.upstream_keep_alive = false;
+        }
+        keep
+    }
+
+    fn relay(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        if self.resp_start < self.resp_len {
+            return match self.client.write(&self.bufs.resp[self.resp_start..self.resp_len]) {
+                Ok(0) => Step::Close(CloseReason::ClientClosed),
+                Ok(n) => {
+                    self.resp_start += n;
+                    self.deadline = clock::after(ctx.now, CLIENT_WRITE_TIMEOUT_MS);
+                    Step::Progress
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => Step::Progress,
+                Err(_) => Step::Close(CloseReason::ClientError),
+            };
+        }
+        if matches!(self.remaining, Remaining::Done) {
+            return self.finish_exchange(ctx);
+        }
+        let Some(up) = self.upstream.as_mut() else { return Step::Close(CloseReason::Internal) };
+        match read_some(up, &mut self.bufs.resp[..]) {
+            Ok(0) => {
+                if matches!(self.remaining, Remaining::UntilClose) {
+                    self.remaining = Remaining::Done;
+                    self.upstream_keep_alive = false;
+                    if let Some(e) = self.exchange.as_mut() {
+                        e.close = true;
+                    }
+                    Step::Progress
+                } else {
+                    // Truncated response: the client sees the connection end.
+                    Step::Close(CloseReason::UpstreamClosed)
+                }
+            }
+            Ok(n) => {
+                self.resp_start = 0;
+                self.resp_len = n;
+                self.resp_len = self.track_body(0);
+                self.deadline = clock::after(ctx.now, UPSTREAM_RESPONSE_TIMEOUT_MS);
+                Step::Progress
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Step::Progress,
+            Err(_) => Step::Close(CloseReason::UpstreamClosed),
+        }
+    }
+
+    fn finish_exchange(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        let exchange = self.exchange.take();
+        if let Some(e) = exchange {
+            ctx.shared.record(self.caller.as_ref(), e.status, ctx.now.saturating_duration_since(e.started));
+        }
+        if !self.upstream_keep_alive {
+            self.drop_upstream(ctx);
+        }
+        if exchange.is_some_and(|e| e.close) {
+            return Step::Close(CloseReason::Done);
+        }
+        self.parsed_len = usize::MAX;
+        self.set_state(State::ReadingHead, IDLE_TIMEOUT_MS, ctx.now);
+        Step::Progress
+    }
+
+    // ---- responses the proxy writes itself --------------------------------------------------
+
+    /// Removes a processed head from the request buffer, keeping any pipelined bytes.
+    fn consume_head(&mut self, head_len: usize) {
+        let head_len = head_len.min(self.req_len);
+        self.bufs.req.copy_within(head_len..self.req_len, 0);
+        self.req_len -= head_len;
+        self.parsed_len = usize::MAX;
+    }
+
+    /// Formats a response into the response buffer and switches to writing it.
+    fn respond(&mut self, ctx: &mut Ctx<'_>, status: u16, extra: &[&[u8]], body: &[u8], close: bool) {
+        let len_buf = upstream::decimal(body.len());
+        let mut w = 0;
+        let parts: [&[u8]; 6] = [
+            b"HTTP/1.1 ",
+            status_line(status),
+            b"\r\ncontent-length: ",
+            &len_buf,
+            b"\r\n",
+            if close { b"connection: close\r\n" } else { b"" },
+        ];
+        let resp = &mut self.bufs.resp;
+        for p in parts.iter().chain(extra.iter()).chain([&&b"\r\n"[..], &body]) {
+            let take = p.len().min(resp.len() - w);
+            resp[w..w + take].copy_from_slice(&p[..take]);
+            w += take;
+        }
+        self.resp_start = 0;
+        self.resp_len = w;
+        if let Some(e) = self.exchange.take() {
+            ctx.shared.record(self.caller.as_ref(), status, ctx.now.saturating_duration_since(e.started));
+        }
+        if close {
+            self.drop_upstream(ctx);
+        }
+        self.set_state(State::WritingLocal { close }, CLIENT_WRITE_TIMEOUT_MS, ctx.now);
+    }
+
+    fn write_local(&mut self, ctx: &mut Ctx<'_>, close: bool) -> Step {
+        if self.resp_start == self.resp_len {
+            if close {
+                return Step::Close(CloseReason::Done);
+            }
+            self.set_state(State::ReadingHead, IDLE_TIMEOUT_MS, ctx.now);
+            return Step::Progress;
+        }
+        match self.client.write(&self.bufs.resp[self.resp_start..self.resp_len]) {
+            Ok(0) => Step::Close(CloseReason::ClientClosed),
+            Ok(n) => {
+                self.resp_start += n;
+                Step::Progress
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Step::Progress,
+            Err(_) => Step::Close(CloseReason::ClientError),
+        }
+    }
+}
+
+/// One read, retried on `Interrupted`.
+fn read_some(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match stream.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
+/// Status code and reason phrase for the answers the proxy generates.
+pub(crate) fn status_line(status: u16) -> &'static [u8] {
+    match status {
+        200 => b"200 OK",
+        400 => b"400 Bad Request",
+        403 => b"403 Forbidden",
+        405 => b"405 Method Not Allowed",
+        408 => b"408 Request Timeout",
+        413 => b"413 Content Too Large",
+        421 => b"421 Misdirected Request",
+        431 => b"431 Request Header Fields Too Large",
+        502 => b"502 Bad Gateway",
+        503 => b"503 Service Unavailable",
+        504 => b"504 Gateway Timeout",
+        _ => b"500 Internal Server Error",
+    }
+}
+
+/// The peer of an accepted socket as IPv4 (the listener is IPv4 loopback only).
+pub(crate) fn peer_v4(addr: SocketAddr) -> Option<SocketAddrV4> {
+    match addr {
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().map(|ip| SocketAddrV4::new(ip, a.port())),
+    }
+}

@@ -1,0 +1,124 @@
+// SPDX-License-Identifier: MIT
+//! Serialising the upstream request: the proxy writes the request itself, header by header,
+//! so that what it signs is exactly what it sends (MSP §11 item 4).
+//!
+//! What changes on the way (MSP §5.5, with this project's fixes):
+//! * every client-supplied `x-ms-azure-host-*` header is dropped, on every path;
+//! * a chunked body has been de-chunked, so `transfer-encoding` is dropped and a
+//!   `content-length` with the decoded length is sent instead; `expect` is dropped (the proxy
+//!   answered `100 Continue` itself);
+//! * `x-ms-azure-host-claims` and `x-ms-azure-host-date` are added, and
+//!   `x-ms-azure-host-authorization` when a key is held and the request is not skip-listed.
+//! Everything else — target, version, header order and spelling — is forwarded as received.
+
+use crate::http::{BodyFraming, RequestHead, eq_ignore_case};
+use crate::limits::MAX_HEADERS;
+use crate::msp::signing::{self, SigningKey};
+
+/// Why the upstream request could not be built (answered `502`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndorseError {
+    /// The serialised head does not fit the buffer.
+    HeadTooLarge,
+    /// Signing failed (for example a header value that is not visible ASCII).
+    Sign(signing::SignError),
+}
+
+/// Inputs that are not in the request itself.
+#[derive(Debug)]
+pub struct Endorsement<'a> {
+    /// The key to sign with; `None` forwards unsigned (no key held, or skip-listed request).
+    pub key: Option<&'a SigningKey>,
+    /// Caller is root (uid 0).
+    pub is_root: bool,
+    /// The host-synchronised date, RFC 1123.
+    pub date: &'a str,
+}
+
+struct Writer<'o> {
+    out: &'o mut [u8],
+    len: usize,
+}
+
+impl Writer<'_> {
+    fn put(&mut self, parts: &[&[u8]]) -> Result<(), EndorseError> {
+        for p in parts {
+            let end = self.len.checked_add(p.len()).filter(|e| *e <= self.out.len()).ok_or(EndorseError::HeadTooLarge)?;
+            self.out[self.len..end].copy_from_slice(p);
+            self.len = end;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a client header is replaced or dropped rather than forwarded.
+fn is_dropped(name: &[u8], framing: BodyFraming) -> bool {
+    name.len() >= 13 && eq_ignore_case(&name[..13], b"x-ms-azure-ho")
+        || eq_ignore_case(name, b"expect")
+        || (framing == BodyFraming::Chunked && eq_ignore_case(name, b"transfer-encoding"))
+}
+
+/// Writes the upstream request head for `head` (parsed from `req`) into `out` and returns its
+/// length. `body` is the complete (de-chunked) body that will follow.
+pub fn write_request_head(
+    head: &RequestHead,
+    req: &[u8],
+    body: &[u8],
+    endorsement: &Endorsement<'_>,
+    out: &mut [u8],
+) -> Result<usize, EndorseError> {
+    let method = head.method(req);
+    let target = head.target(req);
+    let mut w = Writer { out, len: 0 };
+    let version: &[u8] = if head.minor_version == 0 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" };
+    w.put(&[method, b" ", target, version])?;
+
+    let length_buf = decimal(body.len());
+    let length = length_buf.as_slice();
+    let claims = if endorsement.is_root { signing::CLAIMS_ROOT } else { signing::CLAIMS_NOT_ROOT };
+
+    // The header list as sent, also the input of the signature.
+    let mut sent: [(&[u8], &[u8]); MAX_HEADERS + 3] = [(&[], &[]); MAX_HEADERS + 3];
+    let mut n = 0;
+    for (name, value) in head.headers(req) {
+        if is_dropped(name, head.framing) {
+            continue;
+        }
+        let value = if head.framing == BodyFraming::Chunked && eq_ignore_case(name, b"content-length") { length } else { value };
+        sent[n] = (name, value);
+        n += 1;
+    }
+    if head.framing == BodyFraming::Chunked {
+        sent[n] = (b"content-length", length);
+        n += 1;
+    }
+    sent[n] = (signing::CLAIMS_HEADER.as_bytes(), claims.as_bytes());
+    sent[n + 1] = (signing::DATE_HEADER.as_bytes(), endorsement.date.as_bytes());
+    n += 2;
+    for (name, value) in &sent[..n] {
+        w.put(&[name, b": ", value, b"\r\n"])?;
+    }
+    if let Some(key) = endorsement.key {
+        let mac = signing::sign(key, method, body, &sent[..n], target).map_err(EndorseError::Sign)?;
+        let value = signing::authorization_value(key, &mac);
+        w.put(&[signing::AUTHORIZATION_HEADER.as_bytes(), b": ", value.as_bytes(), b"\r\n"])?;
+    }
+    w.put(&[b"\r\n"])?;
+    Ok(w.len)
+}
+
+/// Decimal digits of `v` without allocating.
+pub(crate) fn decimal(v: usize) -> heapless::Vec<u8, 20> {
+    let mut digits = heapless::Vec::<u8, 20>::new();
+    let mut v = v;
+    loop {
+        // 20 digits hold any u64; push cannot fail.
+        drop(digits.push(b'0' + u8::try_from(v % 10).unwrap_or(0)));
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    digits.reverse();
+    digits
+}
