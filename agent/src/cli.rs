@@ -1,2 +1,177 @@
 // SPDX-License-Identifier: MIT
-//! (being written)
+//! Command-line parsing (hand-rolled: a security appliance does not need a parser crate) and
+//! the `--status` client of MSP §6.5.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddrV4, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::DEFAULT_CONFIG_PATH;
+
+/// Usage text (also the man page's synopsis).
+pub const USAGE: &str = "\
+guest-proxy-agent: Metadata Security Protocol guest agent
+
+USAGE:
+    guest-proxy-agent [--config FILE]          run the daemon (foreground)
+    guest-proxy-agent --status [--wait N]      query provisioning; exit 0 ready,
+                                               1 not finished, 2 finished with error
+    guest-proxy-agent --version | --help
+
+OPTIONS:
+    -c, --config FILE   configuration (default /etc/guest-proxy-agent/config.json)
+    -s, --status        ask the running agent whether provisioning finished
+    -w, --wait N        with --status: keep asking for up to N seconds
+    -v, --version       print the version
+    -h, --help          print this help
+
+EXIT CODES (daemon):
+    0 stopped by SIGTERM/SIGINT, 64 usage error, 70 start failure (listener, eBPF),
+    78 configuration error
+";
+
+/// What to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Run the daemon.
+    Run {
+        /// Config file.
+        config: PathBuf,
+    },
+    /// `--status [--wait N]`.
+    Status {
+        /// Config file (for the listen address).
+        config: PathBuf,
+        /// Seconds to keep polling.
+        wait_secs: u64,
+    },
+    /// `--version`.
+    Version,
+    /// `--help`.
+    Help,
+}
+
+/// A command line that does not parse.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+impl core::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{} (see --help)", self.0)
+    }
+}
+
+/// Parses the arguments after the program name.
+pub fn parse(args: &[String]) -> Result<Command, UsageError> {
+    let mut config = PathBuf::from(DEFAULT_CONFIG_PATH);
+    let mut status = false;
+    let mut wait: Option<u64> = None;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "-v" | "--version" => return Ok(Command::Version),
+            "-s" | "--status" => status = true,
+            "-w" | "--wait" => {
+                let n = it.next().ok_or_else(|| UsageError("--wait needs a number of seconds".into()))?;
+                wait = Some(n.parse().map_err(|_| UsageError(format!("--wait: not a number of seconds: {n}")))?);
+            }
+            "-c" | "--config" => {
+                config = PathBuf::from(it.next().ok_or_else(|| UsageError("--config needs a file".into()))?);
+            }
+            other => return Err(UsageError(format!("unknown argument: {other}"))),
+        }
+    }
+    if wait.is_some() && !status {
+        return Err(UsageError("--wait requires --status".into()));
+    }
+    Ok(if status { Command::Status { config, wait_secs: wait.unwrap_or(0) } } else { Command::Run { config } })
+}
+
+/// The `/provision` answer.
+#[derive(Debug, Deserialize)]
+struct Provision {
+    finished: bool,
+    #[serde(rename = "errorMessage")]
+    error_message: heapless::String<2048>,
+}
+
+/// Result of `--status`: the exit code and the text to print.
+#[derive(Debug, PartialEq, Eq)]
+pub struct StatusOutcome {
+    /// 0 ready, 1 not finished, 2 finished with error.
+    pub exit_code: u8,
+    /// What to print.
+    pub message: String,
+}
+
+fn query_provision(listen: SocketAddrV4, tick_ns: u64, notify: bool) -> Option<Provision> {
+    let mut s = TcpStream::connect_timeout(&listen.into(), Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let notify = if notify { "x-ms-azure-notify: true\r\n" } else { "" };
+    let req = format!(
+        "GET /provision HTTP/1.1\r\nHost: {listen}\r\nMetadata: true\r\nx-ms-azure-time-tick: {tick_ns}\r\n{notify}Connection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut resp = Vec::new();
+    s.take(64 * 1024).read_to_end(&mut resp).ok()?;
+    let body_at = resp.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    if !resp.starts_with(b"HTTP/1.1 200") {
+        return None;
+    }
+    let mut unescape = [0u8; 2048];
+    serde_json_core::from_slice_escaped::<Provision>(&resp[body_at..], &mut unescape).ok().map(|(p, _)| p)
+}
+
+/// Runs `--status [--wait N]` against the agent on `listen`.
+pub fn status(listen: SocketAddrV4, wait_secs: u64) -> StatusOutcome {
+    let start = crate::clock::now();
+    let tick_ns = u64::try_from(crate::clock::wall_now().as_nanos()).unwrap_or(0);
+    let mut first = true;
+    loop {
+        if let Some(p) = query_provision(listen, tick_ns, first) {
+            if p.finished {
+                return if p.error_message.is_empty() {
+                    StatusOutcome { exit_code: 0, message: "Provisioning finished: the guest proxy agent is ready.".into() }
+                } else {
+                    StatusOutcome { exit_code: 2, message: format!("Provisioning finished with errors: {}", p.error_message.trim_end()) }
+                };
+            }
+        }
+        first = false;
+        if crate::clock::now().saturating_duration_since(start) >= Duration::from_secs(wait_secs) {
+            return StatusOutcome { exit_code: 1, message: "Provisioning has not finished.".into() };
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn parses_the_documented_forms() {
+        assert_eq!(parse(&args(&[])).unwrap(), Command::Run { config: DEFAULT_CONFIG_PATH.into() });
+        assert_eq!(parse(&args(&["--config", "/x.json"])).unwrap(), Command::Run { config: "/x.json".into() });
+        assert_eq!(parse(&args(&["-s", "-w", "5"])).unwrap(), Command::Status { config: DEFAULT_CONFIG_PATH.into(), wait_secs: 5 });
+        assert_eq!(parse(&args(&["--version"])).unwrap(), Command::Version);
+        assert!(parse(&args(&["--wait", "5"])).is_err());
+        assert!(parse(&args(&["--bogus"])).is_err());
+        assert!(parse(&args(&["-s", "-w", "x"])).is_err());
+    }
+
+    #[test]
+    fn status_without_an_agent_is_not_finished() {
+        // Port 9 on loopback: nothing listens there.
+        let outcome = status("127.0.0.1:9".parse().unwrap(), 0);
+        assert_eq!(outcome.exit_code, 1);
+    }
+}

@@ -51,6 +51,10 @@ impl Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
+        // Libraries (aya's loader) are chatty at debug level; only their warnings matter here.
+        if !record.target().starts_with("gpa") && record.level() > log::Level::Warn {
+            return;
+        }
         let Some(dropped) = self.admit(record.target()) else { return };
         let mut err = std::io::stderr().lock();
         // A failing stderr cannot be reported anywhere; the agent keeps working.

@@ -1,3 +1,100 @@
 // SPDX-License-Identifier: MIT
-//! Thin binary: everything lives in the library.
-fn main() {}
+//! Thin binary: parse the command line, load the config, run the loop, map errors to exit
+//! codes. Everything else lives in the library.
+
+#![deny(unsafe_code)]
+#![expect(clippy::print_stdout, clippy::print_stderr, reason = "a CLI prints its results")]
+
+use std::process::ExitCode;
+
+use gpa::cli::{self, Command};
+use gpa::config::ValidatedConfig;
+use gpa::proxy::EventLoop;
+use gpa::{logger, sys};
+
+/// Why the daemon stopped, mapped to documented exit codes (see `--help`).
+#[derive(Debug)]
+enum MainError {
+    Usage(cli::UsageError),
+    Config(gpa::config::ConfigError),
+    Start(gpa::proxy::StartError),
+    Run(std::io::Error),
+}
+
+impl From<MainError> for ExitCode {
+    fn from(e: MainError) -> Self {
+        ExitCode::from(match e {
+            MainError::Usage(_) => 64,
+            MainError::Config(_) => 78,
+            MainError::Start(_) | MainError::Run(_) => 70,
+        })
+    }
+}
+
+/// Stack of the thread that runs everything. Parsing the status document with fixed-capacity
+/// serde-json-core structures needs deep frames (a few MiB in debug builds); the reservation
+/// is virtual memory, only touched pages count.
+const MAIN_STACK_BYTES: usize = 32 * 1024 * 1024;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // Before any thread exists: termination signals are only read through the signalfd.
+    if let Err(e) = sys::block_signals() {
+        eprintln!("guest-proxy-agent: cannot block signals: {e}");
+        return ExitCode::from(70);
+    }
+    let worker = std::thread::Builder::new().name("gpa".into()).stack_size(MAIN_STACK_BYTES).spawn(move || run_and_report(&args));
+    match worker.map(std::thread::JoinHandle::join) {
+        Ok(Ok(code)) => code,
+        _ => ExitCode::from(70),
+    }
+}
+
+fn run_and_report(args: &[String]) -> ExitCode {
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            let text = match &e {
+                MainError::Usage(u) => u.to_string(),
+                MainError::Config(c) => c.to_string(),
+                MainError::Start(s) => format!("cannot start: {s}"),
+                MainError::Run(r) => format!("event loop failed: {r}"),
+            };
+            eprintln!("guest-proxy-agent: {text}");
+            logger::milestone(&format!("exiting: {text}"));
+            e.into()
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<ExitCode, MainError> {
+    match cli::parse(args).map_err(MainError::Usage)? {
+        Command::Help => {
+            print!("{}", cli::USAGE);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Version => {
+            println!("guest-proxy-agent {}", gpa::VERSION);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { config, wait_secs } => {
+            let config = ValidatedConfig::load(&config).map_err(MainError::Config)?;
+            let outcome = cli::status(config.listen, wait_secs);
+            println!("{}", outcome.message);
+            Ok(ExitCode::from(outcome.exit_code))
+        }
+        Command::Run { config } => {
+            let config = ValidatedConfig::load(&config).map_err(MainError::Config)?;
+            logger::init(config.log_level);
+            // No core dumps and no same-uid ptrace: the key lives in this process.
+            if let Err(e) = sys::set_not_dumpable() {
+                log::warn!("cannot clear the dumpable flag: {e}");
+            }
+            let mut event_loop = EventLoop::start(config).map_err(MainError::Start)?;
+            logger::milestone(&format!("started, version {}", gpa::VERSION));
+            event_loop.run().map_err(MainError::Run)?;
+            logger::milestone("stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -30,7 +30,7 @@ use crate::limits::{
     REQUEST_HEAD_MAX_BYTES, RESPONSE_BUFFER_BYTES, UPSTREAM_CONNECT_TIMEOUT_MS, UPSTREAM_HEAD_MAX_BYTES,
     UPSTREAM_RESPONSE_TIMEOUT_MS,
 };
-use crate::policy::Verdict;
+use super::Verdict;
 
 /// Added to every proxied response (MSP §5.7): tells the caller the call went through us.
 const MARKER: &[u8] = b"x-ms-azure-host-authorization: value\r\n";
@@ -177,10 +177,6 @@ impl Connection {
             upstream_keep_alive: false,
             exchange: None,
         }
-    }
-
-    pub(crate) fn client(&mut self) -> &mut TcpStream {
-        &mut self.client
     }
 
     /// Hands back the slot's buffers and the pool buffer, if any, when the connection ends.

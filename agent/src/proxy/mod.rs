@@ -1,2 +1,482 @@
 // SPDX-License-Identifier: MIT
-//! (being written)
+//! The proxy: one thread, one `mio` loop, a fixed table of connections.
+//!
+//! Event sources, each with a reserved token: the listener, the signalfd (SIGTERM, SIGINT,
+//! SIGHUP), the key keeper's host call; connections use two tokens per table slot from
+//! [`FIRST_CONNECTION`] (client, then upstream). Time is read once per turn and the poll
+//! timeout is the nearest deadline of any connection, the key keeper or the status timer.
+
+pub mod connection;
+pub mod local;
+pub mod upstream;
+
+use std::io::{self, Write};
+use std::net::SocketAddrV4;
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpListener;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+
+use self::connection::{Buffers, Connection, Ctx, Next, peer_v4};
+use crate::config::{RedirectPolicy, ValidatedConfig};
+use crate::identity::{Caller, Resolver};
+use crate::limits::{BODY_BUFFERS, EVENTS_PER_TURN, REQUEST_BODY_MAX_BYTES};
+use crate::msp::key_keeper::{KeeperConfig, KeyKeeper};
+use crate::msp::signing::{self, SigningKey};
+use crate::redirect::{AuditKey, Endpoint, RedirectError, Redirector};
+use crate::sys::{Signal, SignalFd};
+use crate::{clock, logger};
+
+const LISTENER: Token = Token(0);
+const SIGNALS: Token = Token(1);
+const KEEPER: Token = Token(2);
+/// Connection tokens start here: slot `i` uses `FIRST_CONNECTION + 2i` (client) and `+ 1`
+/// (upstream).
+pub const FIRST_CONNECTION: usize = 16;
+
+/// Sent when the table is full (never queued, MSP §11 item 5).
+const SERVER_FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// Why a connection ended (for logs and metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The exchange completed and the connection was not to be kept.
+    Done,
+    /// The client closed.
+    ClientClosed,
+    /// Reading from or writing to the client failed.
+    ClientError,
+    /// The upstream closed mid-response.
+    UpstreamClosed,
+    /// Keep-alive idle timeout.
+    Idle,
+    /// A deadline passed while relaying or writing.
+    Timeout,
+    /// A state that should not happen (logged).
+    Internal,
+}
+
+/// The authorization outcome the proxy acts on (MSP §4.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward.
+    Allow,
+    /// Denied by rules in audit mode: logged, forwarded.
+    AllowWithAudit,
+    /// Answer `403`.
+    Forbidden,
+}
+
+/// Request body buffers shared by all connections (only bodies need one).
+#[derive(Debug)]
+pub(crate) struct BodyPool {
+    free: Vec<Box<[u8]>>,
+    allocated: usize,
+}
+
+impl BodyPool {
+    fn new() -> Self {
+        Self { free: Vec::with_capacity(BODY_BUFFERS), allocated: 0 }
+    }
+
+    pub(crate) fn take(&mut self) -> Option<Box<[u8]>> {
+        if let Some(b) = self.free.pop() {
+            return Some(b);
+        }
+        if self.allocated == BODY_BUFFERS {
+            return None;
+        }
+        self.allocated += 1;
+        Some(vec![0; REQUEST_BODY_MAX_BYTES].into_boxed_slice())
+    }
+
+    pub(crate) fn give_back(&mut self, buf: Box<[u8]>) {
+        self.free.push(buf);
+    }
+}
+
+/// Counters since start.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    /// HTTP requests handled (`proxyConnectionsCount`).
+    pub requests: u64,
+    /// Requests forwarded with a signature.
+    pub signed: u64,
+    /// TCP connections accepted.
+    pub connections: u64,
+    /// Connections refused because the table was full.
+    pub refused_full: u64,
+    /// Connections without a kernel record (direct connects).
+    pub without_identity: u64,
+    /// Answers by class.
+    pub responses_2xx: u64,
+    /// 4xx answers (upstream or ours).
+    pub responses_4xx: u64,
+    /// 5xx answers (upstream or ours).
+    pub responses_5xx: u64,
+}
+
+/// State every connection may consult; owned by the loop, lent for each drive.
+#[derive(Debug)]
+pub struct Shared {
+    pub(crate) pool: BodyPool,
+    pub(crate) agent_mark: u32,
+    /// Counters.
+    pub stats: Stats,
+    pub(crate) keeper: KeyKeeper,
+    pub(crate) provision: local::Provision,
+}
+
+impl Shared {
+    /// The key to sign a request with: none when no key is held or the request is on the
+    /// skip list (MSP §3.1, §3.7).
+    pub(crate) fn signing_key_for(&self, _caller: &Caller, method: &[u8], target: &[u8]) -> Option<&SigningKey> {
+        if signing::is_skip_listed(method, target) {
+            return None;
+        }
+        self.keeper.key()
+    }
+
+    /// `x-ms-azure-host-date` now.
+    pub(crate) fn host_date(&self) -> heapless::String<29> {
+        self.keeper.host_date()
+    }
+
+    /// The allowlist decision (MSP §4.4 default policy: IMDS open, WireServer and
+    /// HostGAPlugin root-only; skip-listed requests from root pass).
+    pub(crate) fn authorize(&mut self, caller: &Caller, method: &[u8], target: &[u8]) -> Verdict {
+        if caller.is_root() && signing::is_skip_listed(method, target) {
+            return Verdict::Allow;
+        }
+        match Endpoint::from_raw(caller.record.endpoint) {
+            Endpoint::WireServer | Endpoint::HostGaPlugin if !caller.is_root() => Verdict::Forbidden,
+            _ => Verdict::Allow,
+        }
+    }
+
+    /// Accounts one answered request.
+    pub(crate) fn record(&mut self, _caller: Option<&Caller>, status: u16, _latency: Duration) {
+        match status {
+            200..=299 => self.stats.responses_2xx += 1,
+            400..=499 => self.stats.responses_4xx += 1,
+            500..=599 => self.stats.responses_5xx += 1,
+            _ => {}
+        }
+    }
+}
+
+/// One slot of the connection table.
+#[derive(Debug, Default)]
+struct Slot {
+    conn: Option<Connection>,
+    /// The slot's buffers while no connection uses them.
+    spare: Option<Buffers>,
+}
+
+/// Why the daemon could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// `mio::Poll` or the signalfd could not be created.
+    Poll(io::Error),
+    /// The listener could not be bound.
+    Bind(SocketAddrV4, io::Error),
+    /// The redirector could not load or attach.
+    Redirect(RedirectError),
+    /// No cgroup v2 mount was found and none was configured.
+    NoCgroup2,
+}
+
+impl core::fmt::Display for StartError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Poll(e) => write!(f, "cannot create the event loop: {e}"),
+            Self::Bind(a, e) => write!(f, "cannot listen on {a}: {e}"),
+            Self::Redirect(e) => write!(f, "{e}"),
+            Self::NoCgroup2 => f.write_str("no cgroup v2 mount found (mount one or set cgroupPath)"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// The running daemon.
+#[derive(Debug)]
+pub struct EventLoop {
+    poll: Poll,
+    listener: TcpListener,
+    listen: SocketAddrV4,
+    signals: SignalFd,
+    slots: Box<[Slot]>,
+    free: Vec<usize>,
+    live: usize,
+    shared: Shared,
+    redirector: Redirector,
+    resolver: Resolver,
+    config: ValidatedConfig,
+    routes: [bool; 3],
+    netns_cookie: u64,
+}
+
+impl EventLoop {
+    /// Binds, loads and attaches everything; the redirect policy starts empty and follows the
+    /// key keeper (or intercepts everything with `redirect: all`).
+    pub fn start(config: ValidatedConfig) -> Result<Self, StartError> {
+        let started = clock::now();
+        // Early boot has `lo` down; the listener needs it. Failure shows up at bind.
+        drop(crate::sys::loopback_up());
+        let poll = Poll::new().map_err(StartError::Poll)?;
+        let signals = SignalFd::new().map_err(StartError::Poll)?;
+        poll.registry()
+            .register(&mut SourceFd(&signals.raw()), SIGNALS, Interest::READABLE)
+            .map_err(StartError::Poll)?;
+        let mut listener = bind_listener(config.listen)?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE).map_err(StartError::Poll)?;
+        let netns_cookie = crate::sys::netns_cookie(listener.as_fd()).unwrap_or(0);
+        logger::milestone(&format!("proxy listener ready on {}", config.listen));
+
+        let cgroup = match &config.cgroup {
+            Some(p) => p.clone(),
+            None => crate::redirect::find_cgroup2_root().ok_or(StartError::NoCgroup2)?,
+        };
+        let redirector = Redirector::attach(&cgroup, config.agent_mark, crate::sys::getpid()).map_err(StartError::Redirect)?;
+        logger::milestone(&format!(
+            "eBPF redirector attached to {} in {} ms",
+            cgroup.display(),
+            clock::now().saturating_duration_since(started).as_millis()
+        ));
+
+        let keeper = KeyKeeper::new(
+            KeeperConfig {
+                host: config.wire_server,
+                mark: config.agent_mark,
+                timeout_ms: config.host_timeout_ms,
+                interval: Duration::from_secs(config.poll_interval_secs),
+            },
+            &config.state_dir,
+            clock::now(),
+        );
+        let slots = (0..config.max_connections).map(|_| Slot::default()).collect::<Vec<_>>().into_boxed_slice();
+        let free = (0..config.max_connections).rev().collect();
+        let mut this = Self {
+            poll,
+            listener,
+            listen: config.listen,
+            signals,
+            slots,
+            free,
+            live: 0,
+            shared: Shared {
+                pool: BodyPool::new(),
+                agent_mark: config.agent_mark,
+                stats: Stats::default(),
+                keeper,
+                provision: local::Provision::new(clock::now()),
+            },
+            redirector,
+            resolver: Resolver::new(),
+            config,
+            routes: [false; 3],
+            netns_cookie,
+        };
+        this.apply_routes();
+        Ok(this)
+    }
+
+    /// The address the proxy listens on.
+    pub fn listen_address(&self) -> SocketAddrV4 {
+        self.listen
+    }
+
+    /// Runs until SIGTERM or SIGINT.
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(EVENTS_PER_TURN);
+        let mut now = clock::now();
+        loop {
+            let timeout = self.next_deadline(now).map(|d| d.saturating_duration_since(now));
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            now = clock::now();
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_all(now),
+                    SIGNALS => {
+                        if self.handle_signals()? {
+                            logger::milestone("stopping on signal");
+                            return Ok(());
+                        }
+                    }
+                    KEEPER => self.drive_keeper(now),
+                    Token(t) if t >= FIRST_CONNECTION => self.drive_connection((t - FIRST_CONNECTION) / 2, now, false),
+                    Token(_) => {}
+                }
+            }
+            self.expire(now);
+        }
+    }
+
+    fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let mut next = self.shared.keeper.deadline();
+        if self.live > 0 {
+            for slot in self.slots.iter() {
+                if let Some(c) = &slot.conn {
+                    next = next.min(c.deadline());
+                }
+            }
+        }
+        // Never spin: a deadline in the past fires on this turn's expire() anyway.
+        Some(next.max(now))
+    }
+
+    fn handle_signals(&mut self) -> io::Result<bool> {
+        while let Some(signal) = self.signals.read()? {
+            match signal {
+                Signal::Terminate => return Ok(true),
+                Signal::Reload => log::info!(target: "gpa::loop", "SIGHUP: nothing to reload yet"),
+                Signal::Other(n) => log::debug!(target: "gpa::loop", "ignored signal {n}"),
+            }
+        }
+        Ok(false)
+    }
+
+    fn drive_keeper(&mut self, now: Instant) {
+        let changes = self.shared.keeper.drive(self.poll.registry(), KEEPER, now);
+        if changes.routes {
+            self.apply_routes();
+        }
+        if self.shared.keeper.ready() {
+            self.shared.provision.key_latch_ready(self.shared.keeper.ready_at_unix_ns());
+        }
+    }
+
+    /// Installs or removes each endpoint's route: one source of truth, the endpoint modes of
+    /// the latest status document (MSP §11 item 7), applied once the key latch is ready.
+    fn apply_routes(&mut self) {
+        let all = self.config.redirect == RedirectPolicy::All;
+        if !all && !self.shared.keeper.ready() {
+            return;
+        }
+        let endpoints = [
+            (Endpoint::WireServer, self.config.wire_server),
+            (Endpoint::Imds, self.config.imds),
+            (Endpoint::HostGaPlugin, self.config.host_ga_plugin),
+        ];
+        for (i, (endpoint, destination)) in endpoints.into_iter().enumerate() {
+            let want = all || !self.shared.keeper.mode(endpoint).is_disabled();
+            if want == self.routes[i] {
+                continue;
+            }
+            let result = if want {
+                self.redirector.set_route(destination, self.listen, endpoint)
+            } else {
+                self.redirector.remove_route(destination)
+            };
+            match result {
+                Ok(()) => {
+                    self.routes[i] = want;
+                    log::info!(target: "gpa::loop", "redirect {}: endpoint={} destination={destination}", if want { "on" } else { "off" }, endpoint.name());
+                }
+                Err(e) => log::error!(target: "gpa::loop", "redirect update failed: endpoint={} error={e}", endpoint.name()),
+            }
+        }
+    }
+
+    fn accept_all(&mut self, now: Instant) {
+        loop {
+            let (mut stream, addr) = match self.listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: log, let the loop come back on the next event.
+                    log::warn!(target: "gpa::proxy", "accept failed: {e}");
+                    return;
+                }
+            };
+            self.shared.stats.connections += 1;
+            let Some(peer) = peer_v4(addr) else {
+                log::debug!(target: "gpa::proxy", "dropped connection from a non-IPv4 peer: {addr}");
+                continue;
+            };
+            // Read and delete the kernel's record before anything else: an entry left behind
+            // could be picked up by a later connection from the same port.
+            let key = AuditKey { netns_cookie: self.netns_cookie, src_ip: u32::from(*peer.ip()).to_be(), src_port: peer.port(), pad: 0 };
+            let record = self.redirector.take_caller(&key);
+            let Some(index) = self.free.pop() else {
+                self.shared.stats.refused_full += 1;
+                drop(stream.write(SERVER_FULL));
+                continue;
+            };
+            let caller = record.map(|r| self.resolver.resolve(r));
+            if caller.is_none() {
+                self.shared.stats.without_identity += 1;
+            }
+            let token = Token(FIRST_CONNECTION + 2 * index);
+            if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
+                log::warn!(target: "gpa::proxy", "cannot register connection: peer={peer} error={e}");
+                self.free.push(index);
+                continue;
+            }
+            log::trace!(target: "gpa::proxy", "accepted: slot={index} peer={peer} identity={}", caller.is_some());
+            let bufs = self.slots[index].spare.take().unwrap_or_else(Buffers::new);
+            self.slots[index].conn = Some(Connection::new(stream, peer, caller, bufs, now));
+            self.live += 1;
+            self.drive_connection(index, now, false);
+        }
+    }
+
+    fn drive_connection(&mut self, index: usize, now: Instant, timed_out: bool) {
+        let Some(slot) = self.slots.get_mut(index) else { return };
+        let Some(conn) = slot.conn.as_mut() else { return };
+        let registry = self.poll.registry();
+        let mut ctx = Ctx { shared: &mut self.shared, registry, upstream_token: Token(FIRST_CONNECTION + 2 * index + 1), now };
+        let next = if timed_out { conn.on_timeout(&mut ctx) } else { conn.drive(&mut ctx) };
+        // Take the connection out only when it is closing (a tuple pattern would take it
+        // unconditionally and drop a live connection).
+        if let Next::Close(reason) = next
+            && let Some(conn) = slot.conn.take()
+        {
+            log::debug!(target: "gpa::proxy", "connection closed: slot={index} reason={reason:?}");
+            let (bufs, body) = conn.into_parts(registry);
+            if let Some(body) = body {
+                self.shared.pool.give_back(body);
+            }
+            slot.spare = Some(bufs);
+            self.free.push(index);
+            self.live -= 1;
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        if self.shared.keeper.deadline() <= now {
+            self.drive_keeper(now);
+        }
+        if self.live == 0 {
+            return;
+        }
+        for index in 0..self.slots.len() {
+            if self.slots[index].conn.as_ref().is_some_and(|c| c.deadline() <= now) {
+                self.drive_connection(index, now, true);
+            }
+        }
+    }
+}
+
+fn bind_listener(addr: SocketAddrV4) -> Result<TcpListener, StartError> {
+    // MSP §5.1: a busy port is retried (an old instance may still be exiting).
+    let mut last = None;
+    for attempt in 0..6 {
+        match TcpListener::bind(addr.into()) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+        if attempt < 5 {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    Err(StartError::Bind(addr, last.unwrap_or_else(|| io::Error::other("bind failed"))))
+}

@@ -113,7 +113,7 @@ pub(crate) fn decimal(v: usize) -> heapless::Vec<u8, 20> {
     let mut v = v;
     loop {
         // 20 digits hold any u64; push cannot fail.
-        drop(digits.push(b'0' + u8::try_from(v % 10).unwrap_or(0)));
+        digits.push(b'0' + u8::try_from(v % 10).unwrap_or(0)).ok();
         v /= 10;
         if v == 0 {
             break;

@@ -99,6 +99,26 @@ pub fn clock_ticks_per_second() -> u64 {
     u64::try_from(ticks).ok().filter(|t| *t > 0).unwrap_or(100)
 }
 
+/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and threads it spawns later), so
+/// they are only ever read from a signalfd. Call it before spawning any thread.
+pub fn block_signals() -> io::Result<libc::sigset_t> {
+    // SAFETY: an all-zero sigset_t is a valid argument for sigemptyset.
+    let mut set: libc::sigset_t = unsafe { zeroed() };
+    // SAFETY: `set` is a valid sigset_t for all of these calls.
+    unsafe {
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, libc::SIGTERM);
+        libc::sigaddset(&raw mut set, libc::SIGINT);
+        libc::sigaddset(&raw mut set, libc::SIGHUP);
+    }
+    // SAFETY: `set` is initialised; the old mask is not wanted (null is allowed).
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(set)
+}
+
 /// A signalfd delivering SIGTERM, SIGINT and SIGHUP, which are blocked for normal delivery
 /// so that they arrive through the event loop instead of interrupting it.
 #[derive(Debug)]
@@ -120,20 +140,7 @@ pub enum Signal {
 impl SignalFd {
     /// Blocks the signals and opens the fd.
     pub fn new() -> io::Result<Self> {
-        // SAFETY: an all-zero sigset_t is a valid argument for sigemptyset.
-        let mut set: libc::sigset_t = unsafe { zeroed() };
-        // SAFETY: `set` is a valid sigset_t for all of these calls.
-        unsafe {
-            libc::sigemptyset(&raw mut set);
-            libc::sigaddset(&raw mut set, libc::SIGTERM);
-            libc::sigaddset(&raw mut set, libc::SIGINT);
-            libc::sigaddset(&raw mut set, libc::SIGHUP);
-        }
-        // SAFETY: `set` is initialised; the old mask is not wanted (null is allowed).
-        let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) };
-        if ret != 0 {
-            return Err(io::Error::from_raw_os_error(ret));
-        }
+        let set = block_signals()?;
         // SAFETY: `set` is initialised; -1 asks for a new fd.
         let raw = cvt(unsafe { libc::signalfd(-1, &raw const set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) })?;
         // SAFETY: `raw` is a fresh fd that nothing else owns.
