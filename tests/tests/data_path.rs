@@ -1,0 +1,225 @@
+// SPDX-License-Identifier: MIT
+//! The core data path, end to end with real parts: the embedded eBPF programs attached to a
+//! child cgroup made by the test, a network namespace holding the metadata addresses, the
+//! fake host, the agent, and real clients (curl, python's http.client).
+
+use gpa_system_tests::harness::{As, Agent, Cgroup, FakeHost, NO_EXTRA, Netns, client, curl, python, root_in};
+use gpa_system_tests::require_privileged;
+
+const IMDS: &str = "http://169.254.169.254/metadata/instance?api-version=2021-02-01";
+
+struct Env {
+    agent: Agent,
+    host: FakeHost,
+    cg: Cgroup,
+    ns: Netns,
+}
+
+fn env(tag: &str, mode: &str) -> Env {
+    let ns = Netns::new(tag);
+    let cg = Cgroup::new(tag);
+    let host = FakeHost::start(&ns, mode);
+    let agent = Agent::start(&ns, &cg, NO_EXTRA);
+    agent.wait_ready(&ns);
+    Env { agent, host, cg, ns }
+}
+
+fn last_data_request(e: &Env) -> serde_json::Value {
+    e.host
+        .requests(&e.ns)
+        .into_iter()
+        .rev()
+        .find(|r| !r["target"].as_str().unwrap_or("").starts_with("/secure-channel"))
+        .expect("the fake host saw a data request")
+}
+
+#[test]
+fn imds_request_is_redirected_signed_and_attributed() {
+    require_privileged!();
+    let e = env("imds", "enforce");
+    let (status, text) = curl(&e.ns, root_in(&e.cg), &["-H", "Metadata: true", IMDS]);
+    assert_eq!(status, 200, "{text}\n{}", e.agent.log());
+    assert!(text.contains("x-ms-azure-host-authorization: value"), "marker header missing: {text}");
+    assert!(text.contains("\"vmId\""), "upstream answer missing: {text}");
+    let seen = last_data_request(&e);
+    assert_eq!(seen["signature"], "valid", "{seen}");
+    assert_eq!(seen["endpoint"], "imds");
+    // The host saw the agent's socket, not the client's: the peer is the agent's own connect.
+    assert!(seen["peer"].as_str().unwrap_or("").starts_with("169.254.169.254:") || seen["peer"].as_str().is_some());
+}
+
+#[test]
+fn agent_knows_pid_exe_uid_and_gid_of_a_non_root_caller() {
+    require_privileged!();
+    let e = env("ident", "enforce");
+    let out = client(
+        &e.ns,
+        As { ids: Some((65534, 65533)), cgroup: Some(&e.cg) },
+        &["python3", "-c", &format!(
+            "import os,urllib.request as u; r=u.urlopen(u.Request('{IMDS}',headers={{'Metadata':'true'}})); print(os.getpid(), r.status)"
+        )],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "client failed: {}\n{}", String::from_utf8_lossy(&out.stderr), e.agent.log());
+    let mut parts = stdout.split_whitespace();
+    let pid: u64 = parts.next().and_then(|p| p.parse().ok()).expect("pid printed");
+    assert_eq!(parts.next(), Some("200"));
+    let exe = std::fs::canonicalize("/proc/self/exe").ok();
+    drop(exe);
+    let record = e
+        .agent
+        .audit()
+        .into_iter()
+        .find(|r| r["pid"].as_u64() == Some(pid))
+        .unwrap_or_else(|| panic!("no audit record for pid {pid}: {:?}", e.agent.audit()));
+    assert_eq!(record["uid"], 65534, "{record}");
+    assert_eq!(record["gid"], 65533, "{record}");
+    let python = std::fs::canonicalize(
+        String::from_utf8_lossy(&client(&e.ns, As { ids: None, cgroup: None }, &["python3", "-c", "import sys;print(sys.executable)"]).stdout).trim(),
+    )
+    .expect("python path");
+    assert_eq!(record["exe"].as_str(), python.to_str(), "{record}");
+    assert_eq!(record["endpoint"], "imds");
+    assert_eq!(record["status"], 200);
+}
+
+#[test]
+fn a_process_outside_the_cgroup_is_not_redirected_and_the_host_refuses_it() {
+    require_privileged!();
+    let e = env("outside", "enforce");
+    let (status, text) = curl(&e.ns, As { ids: None, cgroup: None }, &["-H", "Metadata: true", IMDS]);
+    assert_eq!(status, 401, "direct unsigned request must fail closed at the host: {text}");
+    assert!(!text.contains("x-ms-azure-host-authorization: value"));
+    assert_eq!(last_data_request(&e)["signature"], "missing");
+}
+
+#[test]
+fn v4_mapped_ipv6_and_tcp_fast_open_are_redirected() {
+    require_privileged!();
+    let e = env("v6tfo", "enforce");
+    let (status, text) = curl(&e.ns, root_in(&e.cg), &["-g", "-H", "Metadata: true", "http://[::ffff:169.254.169.254]/metadata/instance?api-version=2021-02-01"]);
+    assert_eq!(status, 200, "v4-mapped connect: {text}\n{}", e.agent.log());
+    assert!(text.contains("x-ms-azure-host-authorization: value"));
+    assert_eq!(last_data_request(&e)["signature"], "valid");
+
+    e.ns.sysctl("net.ipv4.tcp_fastopen", "3");
+    let out = python(
+        &e.ns,
+        root_in(&e.cg),
+        "import socket\n\
+         s=socket.socket(socket.AF_INET,socket.SOCK_STREAM)\n\
+         req=b'GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\\r\\nHost: 169.254.169.254\\r\\nMetadata: true\\r\\nConnection: close\\r\\n\\r\\n'\n\
+         s.sendto(req, socket.MSG_FASTOPEN, ('169.254.169.254', 80))\n\
+         data=b''\n\
+         while True:\n\
+         \x20   c=s.recv(65536)\n\
+         \x20   if not c: break\n\
+         \x20   data+=c\n\
+         print(data.split(b'\\r\\n')[0].decode()); print('marker' if b'x-ms-azure-host-authorization: value' in data else 'nomarker')",
+    );
+    assert!(out.contains("200 OK") && out.contains("marker\n") && !out.contains("nomarker"), "TFO: {out}");
+}
+
+#[test]
+fn a_direct_connect_to_the_listener_gets_421() {
+    require_privileged!();
+    let e = env("direct", "enforce");
+    let (status, text) = curl(&e.ns, As { ids: None, cgroup: None }, &["http://127.0.0.1:3080/metadata/instance"]);
+    assert_eq!(status, 421, "{text}");
+    assert!(text.to_ascii_lowercase().contains("connection: close"));
+}
+
+#[test]
+fn keep_alive_pipelining_chunked_bodies_and_http_1_0_work() {
+    require_privileged!();
+    let e = env("framing", "enforce");
+    let out = python(
+        &e.ns,
+        root_in(&e.cg),
+        "import http.client\n\
+         c=http.client.HTTPConnection('168.63.129.16',80,timeout=10)\n\
+         c.request('GET','/machine?comp=goalstate',headers={'x-ms-version':'2012-11-30'})\n\
+         r=c.getresponse(); b=r.read(); print(r.status, r.getheader('x-ms-azure-host-authorization'))\n\
+         def body():\n\
+         \x20   yield b'{\"a\":'\n\
+         \x20   yield b'1}'\n\
+         c.request('POST','/machine?comp=health',body=body(),headers={'Content-Type':'application/json'},encode_chunked=True)\n\
+         r=c.getresponse(); b=r.read(); print(r.status, len(b))\n\
+         c.request('HEAD','/machine?comp=goalstate')\n\
+         r=c.getresponse(); r.read(); print(r.status)\n",
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"200 value"), "{out}\n{}", e.agent.log());
+    assert!(lines.get(1).is_some_and(|l| l.starts_with("200 ")), "{out}");
+    assert_eq!(lines.get(2), Some(&"200"), "{out}");
+    let post = e.host.requests(&e.ns).into_iter().find(|r| r["method"] == "POST" && r["target"] == "/machine?comp=health").expect("POST seen");
+    assert_eq!(post["signature"], "valid", "{post}");
+    assert_eq!(post["body"], "{\"a\":1}");
+    let headers = post["headers"].to_string().to_ascii_lowercase();
+    assert!(headers.contains("[\"content-length\",\"7\"]"), "de-chunked with a length: {headers}");
+    assert!(!headers.contains("transfer-encoding"), "{headers}");
+
+    // Two pipelined requests in one write, then HTTP/1.0.
+    let out = python(
+        &e.ns,
+        root_in(&e.cg),
+        "import socket\n\
+         s=socket.create_connection(('169.254.169.254',80))\n\
+         r=b'GET /metadata/instance HTTP/1.1\\r\\nHost: 169.254.169.254\\r\\nMetadata: true\\r\\n\\r\\n'\n\
+         s.sendall(r + r.replace(b'\\r\\n\\r\\n', b'\\r\\nConnection: close\\r\\n\\r\\n'))\n\
+         d=b''\n\
+         while True:\n\
+         \x20   c=s.recv(65536)\n\
+         \x20   if not c: break\n\
+         \x20   d+=c\n\
+         print(d.count(b'HTTP/1.1 200 OK'))\n\
+         s=socket.create_connection(('169.254.169.254',80))\n\
+         s.sendall(b'GET /metadata/instance HTTP/1.0\\r\\nMetadata: true\\r\\n\\r\\n')\n\
+         d=b''\n\
+         while True:\n\
+         \x20   c=s.recv(65536)\n\
+         \x20   if not c: break\n\
+         \x20   d+=c\n\
+         print(d.split(b'\\r\\n')[0].decode())\n",
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"2"), "pipelined: {out}");
+    assert!(lines.get(1).is_some_and(|l| l.contains(" 200 ")), "HTTP/1.0: {out}");
+}
+
+#[test]
+fn the_proxy_answers_its_documented_error_codes() {
+    require_privileged!();
+    let e = env("errors", "enforce");
+    let root = root_in(&e.cg);
+    let (s, t) = curl(&e.ns, root, &["-X", "TRACE", "http://169.254.169.254/metadata/instance"]);
+    assert_eq!(s, 405, "{t}");
+    assert!(t.to_ascii_lowercase().contains("allow: get, head, post, put, delete, options, patch"), "{t}");
+    let (s, t) = curl(&e.ns, root, &["--path-as-is", "http://169.254.169.254/metadata//instance"]);
+    assert_eq!(s, 403, "{t}");
+    let (s, t) = curl(&e.ns, root, &["--path-as-is", "http://169.254.169.254/metadata/%2e%2e/x"]);
+    assert_eq!(s, 403, "{t}");
+    let (s, t) = curl(&e.ns, root, &["-H", "Content-Length: 102401", "-X", "POST", "http://169.254.169.254/x"]);
+    assert_eq!(s, 413, "{t}");
+    let (s, t) = curl(&e.ns, root, &["-H", "Content-Length: 3", "-H", "Transfer-Encoding: chunked", "-X", "POST", "--data-binary", "abc", "http://169.254.169.254/x"]);
+    assert_eq!(s, 400, "{t}");
+    // The fake host is told to be down: the upstream refuses or drops → 502.
+    e.host.control(&e.ns, &serde_json::json!({"down": true}));
+    let (s, t) = curl(&e.ns, root, &["-H", "Metadata: true", IMDS]);
+    assert_eq!(s, 502, "{t}");
+    assert!(!t.contains("x-ms-azure-host-authorization"), "generated errors carry no marker: {t}");
+}
+
+#[test]
+fn non_root_callers_are_refused_by_wireserver_but_served_by_imds() {
+    require_privileged!();
+    let e = env("nonroot", "enforce");
+    let nobody = As { ids: Some((65534, 65534)), cgroup: Some(&e.cg) };
+    let (s, t) = curl(&e.ns, nobody, &["http://168.63.129.16/machine?comp=goalstate"]);
+    assert_eq!(s, 403, "{t}");
+    let (s, t) = curl(&e.ns, nobody, &["-H", "Metadata: true", IMDS]);
+    assert_eq!(s, 200, "{t}");
+    let imds = last_data_request(&e);
+    let claims = imds["headers"].as_array().expect("headers").iter().find(|h| h[0] == "x-ms-azure-host-claims").cloned();
+    assert_eq!(claims.expect("claims header")[1], "{ \"isRoot\": \"false\"}");
+}
