@@ -4,9 +4,29 @@
 //!
 //! Capacities are in [`limits`]; a document over a limit fails to parse, and the caller
 //! then fails closed for that endpoint.
+//!
+//! Duplicate JSON keys: serde's derived struct visitors already refuse a repeated field, and
+//! `queryParameters` (a map, where serde would let the last value win silently) goes through
+//! `unique_query_map` so a repeated key is refused there too. A document that says two
+//! different things is never half-believed (attack catalog S12).
+//!
+//! Sizes (64-bit): an `AuthorizationItem` is about 160 KiB and `AuthorizationRules` about
+//! 470 KiB, so parsed items live in a `Box` and never on a per-request stack. serde builds a
+//! value on the stack and moves it a few times (more in debug builds) before it reaches its
+//! `Box`: fine on the agent's 8 MiB main thread, where the status poll parses; tests that
+//! parse run on a large-stack thread (`policy::test_support::on_big_stack`).
+
+#![expect(
+    clippy::large_stack_frames,
+    reason = "serde/Clone/Default derives of the fixed-capacity schema; parsed on the setup path on \
+              the 8 MiB main thread (module docs)"
+)]
+
+use core::fmt;
 
 use heapless::{LinearMap, String, Vec};
 use serde::Deserialize;
+use serde::de::{Deserializer, MapAccess, Visitor};
 
 /// Capacities of the rules model. A document over any of them is refused as a whole.
 pub mod limits {
@@ -22,7 +42,9 @@ pub mod limits {
     pub const MAX_REFERENCES: usize = 16;
     /// Required query parameters per privilege.
     pub const MAX_QUERY_PARAMETERS: usize = 8;
-    /// Names of privileges, roles, identities; user, group and process names.
+    /// Names of privileges, roles, identities; user, group and process names. A local-file
+    /// name must still fit after the 15-byte `LocalFileRules_` merge prefix (MSP §4.7), or the
+    /// merge fails closed.
     pub const NAME_MAX_BYTES: usize = 64;
     /// Privilege paths and executable paths.
     pub const PATH_MAX_BYTES: usize = 256;
@@ -38,8 +60,12 @@ use self::limits::*;
 /// A name (privilege, role, identity, user, group, process).
 pub type Name = String<NAME_MAX_BYTES>;
 
+/// Required query parameters of a privilege, in document order.
+pub type QueryMap =
+    LinearMap<String<QUERY_MAX_BYTES>, String<QUERY_MAX_BYTES>, MAX_QUERY_PARAMETERS>;
+
 /// `authorizationRules` of the status document.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 pub struct AuthorizationRules {
     /// Rules for IMDS.
     #[serde(default)]
@@ -53,7 +79,7 @@ pub struct AuthorizationRules {
 }
 
 /// One endpoint's rule item.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 pub struct AuthorizationItem {
     /// `allow` or `deny`; anything but `allow` (case-insensitive) is deny.
     #[serde(rename = "defaultAccess")]
@@ -68,7 +94,7 @@ pub struct AuthorizationItem {
 }
 
 /// The four arrays; all four must be present for any privilege to count (§4.2).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 pub struct AccessControlRules {
     /// Privileges.
     #[serde(default)]
@@ -85,19 +111,23 @@ pub struct AccessControlRules {
 }
 
 /// A path prefix plus required query parameters.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 pub struct Privilege {
     /// Privilege name.
     pub name: Name,
     /// Path prefix.
     pub path: String<PATH_MAX_BYTES>,
     /// Required query parameters.
-    #[serde(default, rename = "queryParameters")]
-    pub query_parameters: Option<LinearMap<String<QUERY_MAX_BYTES>, String<QUERY_MAX_BYTES>, MAX_QUERY_PARAMETERS>>,
+    #[serde(
+        default,
+        rename = "queryParameters",
+        deserialize_with = "unique_query_map"
+    )]
+    pub query_parameters: Option<QueryMap>,
 }
 
 /// A named set of privileges.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 pub struct Role {
     /// Role name.
     pub name: Name,
@@ -106,7 +136,7 @@ pub struct Role {
 }
 
 /// Who a caller must be; absent selectors are wildcards.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 pub struct Identity {
     /// Identity name.
     pub name: Name,
@@ -125,10 +155,136 @@ pub struct Identity {
 }
 
 /// Binds a role to identities.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 pub struct RoleAssignment {
     /// Role name.
     pub role: Name,
     /// Identity names.
     pub identities: Vec<Name, MAX_REFERENCES>,
+}
+
+/// Deserialises an optional `queryParameters` object, refusing a repeated key.
+///
+/// heapless' own map impl would keep the last value of a repeated key without a word; for an
+/// allowlist that is ambiguity an attacker could aim at a parser difference, so refuse it.
+fn unique_query_map<'de, D>(deserializer: D) -> Result<Option<QueryMap>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    /// `Option<UniqueQueryMap>` lets serde handle `null` for us.
+    struct UniqueQueryMap(QueryMap);
+
+    impl<'de> Deserialize<'de> for UniqueQueryMap {
+        fn deserialize<D2: Deserializer<'de>>(deserializer: D2) -> Result<Self, D2::Error> {
+            deserializer.deserialize_map(UniqueVisitor)
+        }
+    }
+
+    struct UniqueVisitor;
+
+    impl<'de> Visitor<'de> for UniqueVisitor {
+        type Value = UniqueQueryMap;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object of unique string keys and string values")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+            let mut map = QueryMap::new();
+            while let Some((key, value)) =
+                access.next_entry::<String<QUERY_MAX_BYTES>, String<QUERY_MAX_BYTES>>()?
+            {
+                if map.contains_key(&key) {
+                    return Err(serde::de::Error::custom("duplicate queryParameters key"));
+                }
+                if map.insert(key, value).is_err() {
+                    return Err(serde::de::Error::invalid_length(
+                        MAX_QUERY_PARAMETERS + 1,
+                        &self,
+                    ));
+                }
+            }
+            Ok(UniqueQueryMap(map))
+        }
+    }
+
+    Ok(Option::<UniqueQueryMap>::deserialize(deserializer)?.map(|m| m.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<Box<AuthorizationItem>, serde_json_core::de::Error> {
+        crate::policy::test_support::on_big_stack(|| {
+            let mut scratch = [0u8; 256];
+            serde_json_core::from_slice_escaped::<AuthorizationItem>(json.as_bytes(), &mut scratch)
+                .map(|(item, _)| Box::new(item))
+        })
+    }
+
+    #[test]
+    fn parses_full_item_and_ignores_unknown_fields() {
+        let item = parse(
+            r#"{"defaultAccess":"deny","mode":"enforce","id":"x","extra":[1,{"a":2}],
+               "rules":{"privileges":[{"name":"p","path":"/a","queryParameters":{"k":"v"}}],
+               "roles":[{"name":"r","privileges":["p"]}],
+               "identities":[{"name":"i","userName":"root"}],
+               "roleAssignments":[{"role":"r","identities":["i"]}]}}"#,
+        )
+        .expect("valid item");
+        let rules = item.rules.as_ref().expect("rules present");
+        let privileges = rules.privileges.as_ref().expect("privileges present");
+        assert_eq!(
+            privileges[0].query_parameters.as_ref().map(|m| m.len()),
+            Some(1)
+        );
+        assert_eq!(
+            rules.identities.as_ref().expect("identities")[0]
+                .user_name
+                .as_deref(),
+            Some("root")
+        );
+    }
+
+    #[test]
+    fn null_query_parameters_are_absent() {
+        let item = parse(
+            r#"{"defaultAccess":"deny","mode":"enforce","id":"x",
+               "rules":{"privileges":[{"name":"p","path":"/a","queryParameters":null}]}}"#,
+        )
+        .expect("valid item");
+        let rules = item.rules.as_ref().expect("rules present");
+        assert!(
+            rules.privileges.as_ref().expect("privileges")[0]
+                .query_parameters
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn rejects_duplicate_query_parameter_key() {
+        let err = parse(
+            r#"{"defaultAccess":"deny","mode":"enforce","id":"x",
+               "rules":{"privileges":[{"name":"p","path":"/a","queryParameters":{"k":"1","k":"2"}}]}}"#,
+        );
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn rejects_duplicate_struct_field() {
+        assert!(
+            parse(r#"{"defaultAccess":"allow","defaultAccess":"deny","mode":"enforce","id":"x"}"#)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn rejects_too_many_query_parameters() {
+        let err = parse(
+            r#"{"defaultAccess":"deny","mode":"enforce","id":"x","rules":{"privileges":[{"name":"p","path":"/a",
+               "queryParameters":{"a":"1","b":"1","c":"1","d":"1","e":"1","f":"1","g":"1","h":"1","i":"1"}}]}}"#,
+        );
+        assert!(err.is_err());
+    }
 }

@@ -13,6 +13,7 @@ pub mod upstream;
 use std::io::{self, Write};
 use std::net::SocketAddrV4;
 use std::os::fd::AsFd;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
@@ -22,7 +23,9 @@ use mio::{Events, Interest, Poll, Token};
 use self::connection::{Buffers, Connection, Ctx, Next, peer_v4};
 use crate::config::{RedirectPolicy, ValidatedConfig};
 use crate::identity::{Caller, Resolver};
-use crate::limits::{BODY_BUFFERS, EVENTS_PER_TURN, REQUEST_BODY_MAX_BYTES};
+use crate::limits::{BODY_BUFFERS, EVENTS_PER_TURN, GROUPS_PER_USER, REQUEST_BODY_MAX_BYTES};
+use crate::policy::Policy;
+use crate::policy::decide::{CallerView, Outcome};
 use crate::msp::key_keeper::{KeeperConfig, KeyKeeper};
 use crate::msp::signing::{self, SigningKey};
 use crate::redirect::{AuditKey, Endpoint, RedirectError, Redirector};
@@ -127,6 +130,9 @@ pub struct Shared {
     pub stats: Stats,
     pub(crate) keeper: KeyKeeper,
     pub(crate) provision: local::Provision,
+    pub(crate) policy: Policy,
+    /// Customer local rule files (MSP §4.7).
+    pub(crate) rules_dir: PathBuf,
 }
 
 impl Shared {
@@ -144,15 +150,50 @@ impl Shared {
         self.keeper.host_date()
     }
 
-    /// The allowlist decision (MSP §4.4 default policy: IMDS open, WireServer and
-    /// HostGAPlugin root-only; skip-listed requests from root pass).
+    /// The allowlist decision for a request (MSP §4.3–§4.5, evaluated per request against the
+    /// installed rules).
     pub(crate) fn authorize(&mut self, caller: &Caller, method: &[u8], target: &[u8]) -> Verdict {
-        if caller.is_root() && signing::is_skip_listed(method, target) {
-            return Verdict::Allow;
+        let mut groups = [""; GROUPS_PER_USER];
+        for (slot, g) in groups.iter_mut().zip(caller.groups.iter()) {
+            *slot = g.as_str();
         }
-        match Endpoint::from_raw(caller.record.endpoint) {
-            Endpoint::WireServer | Endpoint::HostGaPlugin if !caller.is_root() => Verdict::Forbidden,
-            _ => Verdict::Allow,
+        let view = CallerView {
+            uid: caller.uid(),
+            user_name: caller.user.as_deref(),
+            groups: &groups[..caller.groups.len().min(GROUPS_PER_USER)],
+            exe_path: caller.exe.as_deref(),
+            process_name: None,
+        };
+        let endpoint = Endpoint::from_raw(caller.record.endpoint);
+        let decision = self.policy.decide(endpoint, &view, method, target);
+        if let Some(divergence) = &decision.divergence {
+            let mut line = heapless::String::<512>::new();
+            let rule_set = self.policy.rules(endpoint).map_or("", |r| r.id.as_str());
+            if divergence.write_line(&mut line, "shadow", rule_set, target).is_ok() {
+                log::info!(target: "gpa::proxy", "{line}");
+            }
+        }
+        match decision.outcome {
+            Outcome::Allow => Verdict::Allow,
+            Outcome::AllowWithAudit => {
+                log::info!(target: "gpa::proxy", "audit-mode denial forwarded: pid={} uid={} endpoint={} reason={}", caller.pid(), caller.uid(), endpoint.name(), decision.reason.as_str());
+                Verdict::AllowWithAudit
+            }
+            Outcome::Forbidden => {
+                log::info!(target: "gpa::proxy", "request denied: pid={} uid={} endpoint={} reason={}", caller.pid(), caller.uid(), endpoint.name(), decision.reason.as_str());
+                Verdict::Forbidden
+            }
+        }
+    }
+
+    /// Re-applies the allowlist from the latest status document (and the local rule files);
+    /// the policy swaps an endpoint's rules only when their content changed.
+    fn refresh_policy(&mut self) {
+        let rules = self.keeper.document().and_then(|d| d.authorization_rules.as_ref());
+        let imds = rules.and_then(|r| r.imds.as_deref());
+        let wireserver = rules.and_then(|r| r.wireserver.as_deref());
+        if self.policy.update_items(imds, wireserver, &self.rules_dir) {
+            log::info!(target: "gpa::loop", "authorization rules applied");
         }
     }
 
@@ -273,6 +314,8 @@ impl EventLoop {
                 stats: Stats::default(),
                 keeper,
                 provision: local::Provision::new(clock::now()),
+                policy: Policy::new(),
+                rules_dir: config.state_dir.join("rules"),
             },
             redirector,
             resolver: Resolver::new(),
@@ -345,6 +388,9 @@ impl EventLoop {
 
     fn drive_keeper(&mut self, now: Instant) {
         let changes = self.shared.keeper.drive(self.poll.registry(), KEEPER, now);
+        if changes.status {
+            self.shared.refresh_policy();
+        }
         if changes.routes {
             self.apply_routes();
         }

@@ -194,6 +194,12 @@ pub fn set_not_dumpable() -> io::Result<()> {
     Ok(())
 }
 
+/// The request number in the type this libc's `ioctl` takes (glibc: `c_ulong`, musl: `c_int`).
+#[expect(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "SIOC* numbers fit in 32 bits")]
+fn ioctl_request(request: libc::c_ulong) -> libc::Ioctl {
+    request as libc::Ioctl
+}
+
 /// Brings the loopback interface up (early boot has `lo` down; the listener needs it).
 pub fn loopback_up() -> io::Result<()> {
     // SAFETY: plain socket(2); owned immediately.
@@ -206,7 +212,7 @@ pub fn loopback_up() -> io::Result<()> {
         *dst = *src as libc::c_char;
     }
     // SAFETY: `req` is a valid ifreq with a NUL-terminated name; SIOCGIFFLAGS fills ifru_flags.
-    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &raw mut req) })?;
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), ioctl_request(libc::SIOCGIFFLAGS), &raw mut req) })?;
     // SAFETY: SIOCGIFFLAGS initialised the flags member of the union.
     let flags = unsafe { req.ifr_ifru.ifru_flags };
     if flags & libc::IFF_UP as libc::c_short != 0 {
@@ -214,6 +220,6 @@ pub fn loopback_up() -> io::Result<()> {
     }
     req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
     // SAFETY: `req` is valid and carries the new flags.
-    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCSIFFLAGS, &raw mut req) })?;
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), ioctl_request(libc::SIOCSIFFLAGS), &raw mut req) })?;
     Ok(())
 }
