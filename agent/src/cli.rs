@@ -77,7 +77,7 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
             "-s" | "--status" => status = true,
             "-w" | "--wait" => {
                 let n = it.next().ok_or_else(|| UsageError("--wait needs a number of seconds".into()))?;
-                wait = Some(n.parse().map_err(|_| UsageError(format!("--wait: not a number of seconds: {n}")))?);
+                wait = Some(n.parse().map_err(|e| UsageError(format!("--wait: not a number of seconds: {n} ({e})")))?);
             }
             "-c" | "--config" => {
                 config = PathBuf::from(it.next().ok_or_else(|| UsageError("--config needs a file".into()))?);
@@ -132,8 +132,10 @@ pub fn status(listen: SocketAddrV4, wait_secs: u64) -> StatusOutcome {
     let tick_ns = u64::try_from(crate::clock::wall_now().as_nanos()).unwrap_or(0);
     let mut first = true;
     loop {
-        if let Some(p) = query_provision(listen, tick_ns, first) {
-            if p.finished {
+        if let Some(p) = query_provision(listen, tick_ns, first)
+            && p.finished
+        {
+            {
                 return if p.error_message.is_empty() {
                     StatusOutcome { exit_code: 0, message: "Provisioning finished: the guest proxy agent is ready.".into() }
                 } else {

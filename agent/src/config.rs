@@ -51,7 +51,7 @@ impl Default for RawConfig {
             cgroup_path: String::new(),
             state_directory: s("/var/lib/guest-proxy-agent"),
             log_directory: s("/var/log/guest-proxy-agent"),
-            max_connections: DEFAULT_MAX_CONNECTIONS as u32,
+            max_connections: u32::try_from(DEFAULT_MAX_CONNECTIONS).unwrap_or(1024),
             poll_interval_seconds: 15,
             status_interval_seconds: 60,
             host_timeout_ms: 5_000,
@@ -159,7 +159,7 @@ impl ValidatedConfig {
         let (raw, _): (RawConfig, usize) = serde_json_core::from_slice_escaped(json, &mut unescape)
             .map_err(|e| ConfigError::Parse(PathBuf::new(), e))?;
         let addr = |key: &'static str, v: &str| {
-            v.parse::<SocketAddrV4>().map_err(|_| ConfigError::Invalid(key, "expected IPv4 address:port"))
+            v.parse::<SocketAddrV4>().map_err(|_bad| ConfigError::Invalid(key, "expected IPv4 address:port"))
         };
         let listen = addr("listenAddress", &raw.listen_address)?;
         if !listen.ip().is_loopback() {

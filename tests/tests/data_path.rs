@@ -3,6 +3,8 @@
 //! child cgroup made by the test, a network namespace holding the metadata addresses, the
 //! fake host, the agent, and real clients (curl, python's http.client).
 
+#![allow(clippy::tests_outside_test_module, reason = "integration test crate: every function here is a test")]
+
 use gpa_system_tests::harness::{As, Agent, Cgroup, FakeHost, NO_EXTRA, Netns, client, curl, python, root_in};
 use gpa_system_tests::require_privileged;
 

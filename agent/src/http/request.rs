@@ -80,6 +80,7 @@ pub struct RequestHead {
     pub expect_continue: bool,
 }
 
+#[expect(clippy::cast_possible_truncation, reason = "offsets are bounded by the u16-sized buffer (asserted)")]
 fn span(buf: &[u8], part: &[u8]) -> (u16, u16) {
     // httparse hands out sub-slices of `buf`; their offsets fit in u16 because the buffer is
     // at most REQUEST_HEAD_MAX_BYTES (asserted at compile time below).
@@ -96,7 +97,6 @@ fn range((start, end): (u16, u16)) -> Range<usize> {
 impl RequestHead {
     /// Parses a head at the start of `buf`. `Ok(None)`: incomplete, read more (if `buf` is
     /// already full, the caller answers [`HeadError::TooLarge`]).
-    #[expect(clippy::cast_possible_truncation, reason = "offsets are bounded by the u16-sized buffer (asserted)")]
     pub fn parse(buf: &[u8]) -> Result<Option<Self>, HeadError> {
         let buf = &buf[..buf.len().min(crate::limits::REQUEST_HEAD_MAX_BYTES)];
         let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];

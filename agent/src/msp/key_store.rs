@@ -70,19 +70,19 @@ impl KeyStore {
     /// Creates the directory 0700 if needed and checks it is safe to use.
     pub fn ensure_dir(&self) -> Result<(), KeyStoreError> {
         if let Some(parent) = self.dir.parent() {
-            fs::DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(|_| KeyStoreError::UnsafeDirectory)?;
+            fs::DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(|_io| KeyStoreError::UnsafeDirectory)?;
         }
         match fs::DirBuilder::new().mode(0o700).create(&self.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(_) => return Err(KeyStoreError::UnsafeDirectory),
         }
-        let meta = fs::symlink_metadata(&self.dir).map_err(|_| KeyStoreError::UnsafeDirectory)?;
+        let meta = fs::symlink_metadata(&self.dir).map_err(|_io| KeyStoreError::UnsafeDirectory)?;
         if !meta.is_dir() || meta.uid() != crate::sys::geteuid() {
             return Err(KeyStoreError::UnsafeDirectory);
         }
         if meta.mode() & 0o077 != 0 {
-            fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(|_| KeyStoreError::UnsafeDirectory)?;
+            fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(|_io| KeyStoreError::UnsafeDirectory)?;
         }
         Ok(())
     }
@@ -100,7 +100,7 @@ impl KeyStore {
         let tmp = self.path(&doc.guid, "tmp")?;
         let dst = self.path(&doc.guid, "key")?;
         let mut json = [0u8; KEY_DOC_MAX_BYTES];
-        let len = doc.to_json(&mut json).map_err(|_| KeyStoreError::Write(std::io::ErrorKind::InvalidData))?;
+        let len = doc.to_json(&mut json).map_err(|_io| KeyStoreError::Write(std::io::ErrorKind::InvalidData))?;
         // A leftover temp file (crash mid-write) is removed; remove_file never follows links.
         match fs::remove_file(&tmp) {
             Ok(()) => {}
@@ -136,7 +136,7 @@ impl KeyStore {
             // ELOOP: the final component is a symlink.
             Err(_) => return Err(KeyStoreError::UnsafeFile),
         };
-        let meta = file.metadata().map_err(|_| KeyStoreError::Read)?;
+        let meta = file.metadata().map_err(|_io| KeyStoreError::Read)?;
         if !meta.is_file() || meta.uid() != crate::sys::geteuid() || meta.mode() & 0o077 != 0 {
             return Err(KeyStoreError::UnsafeFile);
         }
@@ -152,7 +152,7 @@ impl KeyStore {
                 return Err(KeyStoreError::Read);
             }
         }
-        let doc = KeyDoc::parse(&buf[..n]).map_err(|_| KeyStoreError::Read)?;
+        let doc = KeyDoc::parse(&buf[..n]).map_err(|_io| KeyStoreError::Read)?;
         if doc.guid.as_str() != guid {
             return Err(KeyStoreError::Mismatch);
         }

@@ -394,7 +394,7 @@ impl Connection {
                             *len += data.len();
                         }
                     })
-                    .map_err(|_| 400u16)?;
+                    .map_err(|_malformed| 400u16)?;
                 if overflow {
                     return Err(413);
                 }

@@ -9,6 +9,7 @@
 //!   answered `100 Continue` itself);
 //! * `x-ms-azure-host-claims` and `x-ms-azure-host-date` are added, and
 //!   `x-ms-azure-host-authorization` when a key is held and the request is not skip-listed.
+//!
 //! Everything else — target, version, header order and spelling — is forwarded as received.
 
 use crate::http::{BodyFraming, RequestHead, eq_ignore_case};

@@ -10,6 +10,15 @@ use std::mem::{size_of, zeroed};
 use std::net::{SocketAddrV4, TcpStream};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+/// `AF_INET` in the `sa_family_t` width.
+const AF_INET_FAMILY: libc::sa_family_t = 2;
+const _: () = assert!(libc::AF_INET == 2);
+
+/// A size of a small C struct as `socklen_t`.
+fn socklen(size: usize) -> libc::socklen_t {
+    libc::socklen_t::try_from(size).unwrap_or(libc::socklen_t::MAX)
+}
+
 /// Turns a libc `-1` return into the thread's last OS error.
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(ret) }
@@ -24,7 +33,7 @@ fn setsockopt_u32(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, val
             level,
             name,
             (&raw const value).cast(),
-            size_of::<u32>() as libc::socklen_t,
+            socklen(size_of::<u32>()),
         )
     })?;
     Ok(())
@@ -40,7 +49,7 @@ pub fn set_mark(fd: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
 pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let mut value: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
+    let mut len = socklen(size_of::<u64>());
     // SAFETY: `fd` is a live socket; `value` and `len` are valid for writes of the sizes given.
     cvt(unsafe {
         libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut value).cast(), &raw mut len)
@@ -61,14 +70,14 @@ pub fn connect_marked(addr: SocketAddrV4, mark: u32) -> io::Result<TcpStream> {
         set_mark(std::os::fd::AsFd::as_fd(&fd), mark)?;
     }
     let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_family: AF_INET_FAMILY,
         sin_port: addr.port().to_be(),
         sin_addr: libc::in_addr { s_addr: u32::from(*addr.ip()).to_be() },
         sin_zero: [0; 8],
     };
     // SAFETY: `sin` is a valid sockaddr_in for the duration of the call and its size is passed.
     let ret = unsafe {
-        libc::connect(fd.as_raw_fd(), (&raw const sin).cast(), size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        libc::connect(fd.as_raw_fd(), (&raw const sin).cast(), socklen(size_of::<libc::sockaddr_in>()))
     };
     if ret == -1 {
         let err = io::Error::last_os_error();
@@ -195,12 +204,13 @@ pub fn set_not_dumpable() -> io::Result<()> {
 }
 
 /// The request number in the type this libc's `ioctl` takes (glibc: `c_ulong`, musl: `c_int`).
-#[expect(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "SIOC* numbers fit in 32 bits")]
+#[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::unnecessary_cast, reason = "SIOC* numbers fit in 32 bits; the cast is a no-op on glibc")]
 fn ioctl_request(request: libc::c_ulong) -> libc::Ioctl {
     request as libc::Ioctl
 }
 
 /// Brings the loopback interface up (early boot has `lo` down; the listener needs it).
+#[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "IFF_UP and ASCII name bytes fit; c_char's signedness differs by architecture")]
 pub fn loopback_up() -> io::Result<()> {
     // SAFETY: plain socket(2); owned immediately.
     let raw = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
