@@ -19,6 +19,8 @@ USAGE:
     guest-proxy-agent [--config FILE]          run the daemon (foreground)
     guest-proxy-agent --status [--wait N]      query provisioning; exit 0 ready,
                                                1 not finished, 2 finished with error
+    guest-proxy-agent detach [--config FILE]   remove the pinned eBPF programs and maps
+                                               (the endpoints become reachable directly)
     guest-proxy-agent --version | --help
 
 OPTIONS:
@@ -48,6 +50,11 @@ pub enum Command {
         /// Seconds to keep polling.
         wait_secs: u64,
     },
+    /// `detach`: remove the pinned programs and maps.
+    Detach {
+        /// Config file (for the pin path).
+        config: PathBuf,
+    },
     /// `--version`.
     Version,
     /// `--help`.
@@ -69,6 +76,7 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
     let mut config = PathBuf::from(DEFAULT_CONFIG_PATH);
     let mut status = false;
     let mut wait: Option<u64> = None;
+    let mut detach = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -79,6 +87,7 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
                 let n = it.next().ok_or_else(|| UsageError("--wait needs a number of seconds".into()))?;
                 wait = Some(n.parse().map_err(|e| UsageError(format!("--wait: not a number of seconds: {n} ({e})")))?);
             }
+            "detach" => detach = true,
             "-c" | "--config" => {
                 config = PathBuf::from(it.next().ok_or_else(|| UsageError("--config needs a file".into()))?);
             }
@@ -87,6 +96,9 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
     }
     if wait.is_some() && !status {
         return Err(UsageError("--wait requires --status".into()));
+    }
+    if detach {
+        return if status { Err(UsageError("detach takes no --status".into())) } else { Ok(Command::Detach { config }) };
     }
     Ok(if status { Command::Status { config, wait_secs: wait.unwrap_or(0) } } else { Command::Run { config } })
 }

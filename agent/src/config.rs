@@ -27,6 +27,7 @@ struct RawConfig {
     wire_server_address: String<32>,
     host_ga_plugin_address: String<32>,
     cgroup_path: String<256>,
+    pin_path: String<256>,
     state_directory: String<256>,
     log_directory: String<256>,
     max_connections: u32,
@@ -49,6 +50,7 @@ impl Default for RawConfig {
             wire_server_address: s("168.63.129.16:80"),
             host_ga_plugin_address: s("168.63.129.16:32526"),
             cgroup_path: String::new(),
+            pin_path: s("/sys/fs/bpf/guest-proxy-agent"),
             state_directory: s("/var/lib/guest-proxy-agent"),
             log_directory: s("/var/log/guest-proxy-agent"),
             max_connections: u32::try_from(DEFAULT_MAX_CONNECTIONS).unwrap_or(1024),
@@ -89,6 +91,9 @@ pub struct ValidatedConfig {
     pub host_ga_plugin: SocketAddrV4,
     /// cgroup to attach to; `None`: the cgroup v2 root.
     pub cgroup: Option<PathBuf>,
+    /// Where links and maps are pinned (bpffs); `None`: no pinning (the redirect ends with
+    /// the process).
+    pub pin_dir: Option<PathBuf>,
     /// Keys and other state.
     pub state_dir: PathBuf,
     /// Status file and audit log.
@@ -204,6 +209,7 @@ impl ValidatedConfig {
             wire_server: addr("wireServerAddress", &raw.wire_server_address)?,
             host_ga_plugin: addr("hostGaPluginAddress", &raw.host_ga_plugin_address)?,
             cgroup: if raw.cgroup_path.is_empty() { None } else { Some(dir("cgroupPath", &raw.cgroup_path)?) },
+            pin_dir: if raw.pin_path.is_empty() { None } else { Some(dir("pinPath", &raw.pin_path)?) },
             state_dir: dir("stateDirectory", &raw.state_directory)?,
             log_dir: dir("logDirectory", &raw.log_directory)?,
             max_connections,

@@ -26,6 +26,7 @@
 #[cfg(all(feature = "fuzzing", not(debug_assertions)))]
 compile_error!("the `fuzzing` feature must never be enabled in a release build");
 
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -77,6 +77,27 @@ fn run(args: &[String]) -> Result<ExitCode, MainError> {
             println!("guest-proxy-agent {}", gpa::VERSION);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Detach { config } => {
+            let config = ValidatedConfig::load(&config).map_err(MainError::Config)?;
+            let Some(pins) = config.pin_dir else {
+                println!("pinning is off (pinPath is empty): nothing to detach");
+                return Ok(ExitCode::SUCCESS);
+            };
+            match gpa::redirect::detach_pinned(&pins) {
+                Ok(n) => {
+                    println!("removed {n} pins under {}", pins.display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    println!("nothing pinned under {}", pins.display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("guest-proxy-agent: detach failed: {e}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
         Command::Status { config, wait_secs } => {
             let config = ValidatedConfig::load(&config).map_err(MainError::Config)?;
             let outcome = cli::status(config.listen, wait_secs);

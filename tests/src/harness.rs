@@ -344,6 +344,19 @@ pub struct Agent {
     pub config: PathBuf,
     /// stderr capture.
     pub stderr: PathBuf,
+    /// A base directory this guard created and removes on drop.
+    owned_base: Option<PathBuf>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // Stop the process first (Proc's own drop runs after this body).
+        self.proc.signal(libc::SIGTERM);
+        let _exited = self.proc.wait_timeout(Duration::from_secs(3));
+        if let Some(base) = &self.owned_base {
+            drop(fs::remove_dir_all(base));
+        }
+    }
 }
 
 /// Extra config keys for [`Agent::start`], as JSON fragments (`"key":value`).
@@ -354,7 +367,9 @@ impl Agent {
     pub fn start(ns: &Netns, cg: &Cgroup, extra: &[&str]) -> Self {
         let base = std::env::temp_dir().join(unique("agent"));
         fs::create_dir_all(&base).expect("temp dir");
-        Self::start_in(ns, cg, &base, extra)
+        let mut agent = Self::start_in(ns, cg, &base, extra);
+        agent.owned_base = Some(base);
+        agent
     }
 
     /// Starts the agent with `base` as its state/log root (reused across restarts).
@@ -368,6 +383,11 @@ impl Agent {
             state_dir.display(),
             log_dir.display()
         );
+        // Pinning is tested on purpose (with a private bpffs, see [`Bpffs`]); elsewhere it is
+        // off so an aborted test run leaves nothing attached.
+        if !extra.iter().any(|e| e.contains("\"pinPath\"")) {
+            json.push_str(",\"pinPath\":\"\"");
+        }
         for e in extra {
             json.push(',');
             json.push_str(e);
@@ -384,7 +404,7 @@ impl Agent {
             .stderr(log)
             .spawn()
             .expect("spawn agent");
-        let agent = Self { proc: Proc { child }, state_dir, log_dir, config, stderr };
+        let agent = Self { proc: Proc { child }, state_dir, log_dir, config, stderr, owned_base: None };
         agent.wait_listening(ns);
         agent
     }
@@ -427,6 +447,47 @@ impl Agent {
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
     }
+}
+
+/// A private bpf filesystem mounted by this test (never the machine's `/sys/fs/bpf`), for
+/// pinning tests; on drop every pin is removed (detaching what it held) and it is unmounted.
+#[derive(Debug)]
+pub struct Bpffs {
+    /// Mount point.
+    pub path: PathBuf,
+}
+
+impl Bpffs {
+    /// Mounts a new instance.
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(unique(tag));
+        fs::create_dir_all(&path).expect("bpffs dir");
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&path));
+        Self { path }
+    }
+
+    /// The agent's `pinPath` config fragment for this mount.
+    pub fn config(&self) -> String {
+        format!("\"pinPath\":\"{}\"", self.path.join("gpa").display())
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        drop(Command::new("rm").arg("-rf").arg(self.path.join("gpa")).status());
+        drop(Command::new("umount").arg(&self.path).status());
+        drop(fs::remove_dir(&self.path));
+    }
+}
+
+/// Programs attached to a cgroup, as `bpftool cgroup show` lists them (attach types).
+pub fn attached_programs(cg: &Cgroup) -> Vec<String> {
+    let out = Command::new("bpftool").args(["cgroup", "show"]).arg(&cg.path).output().expect("bpftool");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        .collect()
 }
 
 /// How to run a client.

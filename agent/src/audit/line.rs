@@ -375,9 +375,15 @@ mod tests {
     #[test]
     fn escapes_quotes_backslash_controls_and_invalid_utf8() {
         assert_eq!(written(b"a\"b\\c"), b"\"a\\\"b\\\\c\"");
-        assert_eq!(written(b"\n{\r\t\x7f"), b"\"\\u000a{\\u000d\\u0009\\u007f\"");
+        assert_eq!(
+            written(b"\n{\r\t\x7f"),
+            b"\"\\u000a{\\u000d\\u0009\\u007f\""
+        );
         assert_eq!(written(b"\xff\xc3"), b"\"\\u00ff\\u00c3\"");
-        assert_eq!(written("é\u{202e}\u{9b}".as_bytes()), "\"é\\u202e\\u009b\"".as_bytes());
+        assert_eq!(
+            written("é\u{202e}\u{9b}".as_bytes()),
+            "\"é\\u202e\\u009b\"".as_bytes()
+        );
     }
 
     #[test]

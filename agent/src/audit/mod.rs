@@ -54,8 +54,8 @@
 //! # Cost on the event loop
 //!
 //! [`AuditLog::record`] only formats into a fixed buffer allocated at open: no I/O, no
-//! allocation. When the buffer is full the record is counted as dropped and a `dropped` record
-//! with the count follows as soon as there is room. [`AuditLog::flush`] issues one `write`.
+//! allocation. When the buffer is full, records are counted as dropped until the next flush,
+//! which writes a `dropped` record with the count in their place. [`AuditLog::flush`] issues one `write`.
 
 mod line;
 mod redact;
@@ -345,10 +345,13 @@ impl AuditLog {
     }
 
     /// Formats one record into the buffer (redacting the command line). No I/O: when the
-    /// buffer is full the record is dropped and counted, and a `dropped` record follows later.
+    /// buffer is full the record is dropped and counted, as is every record until the next
+    /// flush, which writes a `dropped` record with the count in their place.
     pub fn record(&mut self, rec: &AuditRecord<'_>) {
         self.last_ts = rec.unix_ms;
-        if self.dropped_pending > 0 && !self.append_dropped(REQUEST_RESERVE_BYTES) {
+        if self.dropped_pending > 0 {
+            // The buffer overflowed since the last flush: keep dropping until it is written, so
+            // the `dropped` record sits exactly where the records are missing.
             self.drop_request();
             return;
         }
@@ -402,7 +405,7 @@ impl AuditLog {
     /// A short write keeps the rest for the next call; on error the records stay buffered.
     pub fn flush(&mut self) -> Result<(), AuditError> {
         if self.dropped_pending > 0 {
-            self.append_dropped(CONTROL_LINE_MAX_BYTES);
+            self.append_dropped();
         }
         if self.since_checkpoint > 0 {
             self.append_checkpoint();
@@ -425,6 +428,10 @@ impl AuditLog {
                     self.written += self.buffered_requests;
                     self.buffered_requests = 0;
                     self.len = 0;
+                    if self.dropped_pending > 0 {
+                        // No room for it before the write: it leads the next one.
+                        self.append_dropped();
+                    }
                 } else {
                     self.buf.copy_within(done..self.len, 0);
                     self.len -= done;
@@ -458,9 +465,10 @@ impl AuditLog {
         self.dropped_total += 1;
     }
 
-    fn append_dropped(&mut self, reserve: usize) -> bool {
+    /// Appends the `dropped` record; it may use the reserve requests leave.
+    fn append_dropped(&mut self) -> bool {
         let count = self.dropped_pending;
-        let appended = self.append(reserve, self.last_ts, Kind::Dropped, |w| {
+        let appended = self.append(0, self.last_ts, Kind::Dropped, |w| {
             w.raw(b",\"count\":");
             w.u64(count);
         });

@@ -265,7 +265,10 @@ fn pem_blocks(input: &[u8], spans: &mut Spans) {
         let Some(begin) = positions(&input[..marker], b"-----BEGIN").last() else {
             continue;
         };
-        if positions(&input[begin + 5..marker], b"-----").next().is_some() {
+        if positions(&input[begin + 5..marker], b"-----")
+            .next()
+            .is_some()
+        {
             continue; // this marker closes an END line, not a BEGIN line
         }
         let body = marker + b"PRIVATE KEY-----".len();
@@ -313,7 +316,9 @@ fn key_shapes(input: &[u8], spans: &mut Spans) {
             || (body.len() == 84 && contains(b"AZDO"))
             || (body.len() == 20
                 && body.starts_with(b"AKIA")
-                && body.iter().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()));
+                && body
+                    .iter()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()));
         if secret {
             spans.add(start, padded);
         }
@@ -323,9 +328,13 @@ fn key_shapes(input: &[u8], spans: &mut Spans) {
 
 /// Entra client secrets: three characters, a digit, `Q~`, then at least 31 more.
 fn entra_secrets(input: &[u8], spans: &mut Spans) {
-    let is_secret_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'~' | b'.' | b'-');
+    let is_secret_char =
+        |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'~' | b'.' | b'-');
     for q in positions(input, b"Q~") {
-        if q < 4 || !input[q - 1].is_ascii_digit() || !input[q - 4..q].iter().all(|b| is_secret_char(*b)) {
+        if q < 4
+            || !input[q - 1].is_ascii_digit()
+            || !input[q - 4..q].iter().all(|b| is_secret_char(*b))
+        {
             continue;
         }
         let end = run_end(input, q + 2, |b| !is_secret_char(b));
@@ -366,19 +375,33 @@ mod tests {
             "sqlcmd Server=db;[REDACTED];Database=x"
         );
         assert_eq!(
-            redacted("DefaultEndpointsProtocol=https;AccountName=a;AccountKey=abc+/==;EndpointSuffix=x"),
+            redacted(
+                "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=abc+/==;EndpointSuffix=x"
+            ),
             "DefaultEndpointsProtocol=https;AccountName=a;[REDACTED];EndpointSuffix=x"
         );
-        assert_eq!(redacted("app token=abc key=def secret=ghi"), "app [REDACTED] [REDACTED] [REDACTED]");
-        assert_eq!(redacted(r#"{"password":"hunter2","user":"u"}"#), r#"{"[REDACTED]","user":"u"}"#);
+        assert_eq!(
+            redacted("app token=abc key=def secret=ghi"),
+            "app [REDACTED] [REDACTED] [REDACTED]"
+        );
+        assert_eq!(
+            redacted(r#"{"password":"hunter2","user":"u"}"#),
+            r#"{"[REDACTED]","user":"u"}"#
+        );
         assert_eq!(redacted("--client-secret=abc x"), "--client-[REDACTED] x");
         assert_eq!(redacted("name=value key="), "name=value key=");
     }
 
     #[test]
     fn flags_keep_their_name() {
-        assert_eq!(redacted("login --password hunter2 -u bob"), "login --password [REDACTED] -u bob");
-        assert_eq!(redacted("az --account-key abc"), "az --account-key [REDACTED]");
+        assert_eq!(
+            redacted("login --password hunter2 -u bob"),
+            "login --password [REDACTED] -u bob"
+        );
+        assert_eq!(
+            redacted("az --account-key abc"),
+            "az --account-key [REDACTED]"
+        );
         assert_eq!(redacted("ls --key-file /x"), "ls --key-file /x");
     }
 

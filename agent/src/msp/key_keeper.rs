@@ -201,7 +201,10 @@ impl KeyKeeper {
     /// Notify in the `Unknown` or `disabled` state also resets the provisioning timestamp.
     pub fn notify(&mut self, now: Instant) {
         if matches!(self.state(), "Unknown" | "disabled") {
+            // Back to Unknown: the next good poll is a state change and marks readiness
+            // again with a fresh timestamp, which the waiting caller's tick can compare.
             self.ready_at_unix_ns = 0;
+            self.summary = None;
         }
         if let Phase::Waiting { until } = &mut self.phase {
             *until = now;

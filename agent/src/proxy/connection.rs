@@ -21,7 +21,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use super::upstream::{self, Endorsement};
-use super::{CloseReason, Shared};
+use super::{CloseReason, Endorse, Shared};
 use crate::clock;
 use crate::http::{BodyFraming, ChunkedDecoder, RequestHead, ResponseFraming, ResponseHead};
 use crate::identity::Caller;
@@ -412,7 +412,14 @@ impl Connection {
         };
         let req = &self.bufs.req[..self.req_len];
         let body = self.body.as_deref().map_or(&[][..], |b| &b[..self.body_len]);
-        let key = ctx.shared.signing_key_for(caller, head.method(req), head.target(req));
+        let key = match ctx.shared.endorsement_for(caller, head.method(req), head.target(req)) {
+            Endorse::Sign(key) => Some(key),
+            Endorse::Unsigned => None,
+            Endorse::NotReady => {
+                self.respond(ctx, 503, &[], b"", true);
+                return Step::Progress;
+            }
+        };
         let date = ctx.shared.host_date();
         let endorsement = Endorsement { key, is_root: caller.is_root(), date: &date };
         match upstream::write_request_head(&head, req, body, &endorsement, &mut self.bufs.up) {

@@ -85,6 +85,10 @@ impl Shared {
         let latched = !matches!(self.keeper.state(), "Unknown" | "disabled");
         let finished = finished_ns != 0 && (finished_ns >= tick || latched);
         if !finished && head.header(req, b"x-ms-azure-notify").is_some() {
+            if !latched {
+                // §2.7: provisioning restarts; it finishes again when the keeper is ready.
+                self.provision.finished_unix_ns = 0;
+            }
             self.keeper.notify(now);
         }
         let mut error = String::new();

@@ -61,6 +61,17 @@ pub enum CloseReason {
     Internal,
 }
 
+/// How a request goes upstream.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Endorse<'a> {
+    /// Signed with the latched key.
+    Sign(&'a SigningKey),
+    /// Unsigned: the host does not require a signature for it.
+    Unsigned,
+    /// A signature is (or may be) required and no key is held yet: answer `503`.
+    NotReady,
+}
+
 /// The authorization outcome the proxy acts on (MSP §4.4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -136,13 +147,23 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// The key to sign a request with: none when no key is held or the request is on the
-    /// skip list (MSP §3.1, §3.7).
-    pub(crate) fn signing_key_for(&self, _caller: &Caller, method: &[u8], target: &[u8]) -> Option<&SigningKey> {
+    /// How to endorse a request (MSP §3.1, §3.7). Unsigned only when the host does not
+    /// require a signature for it: skip-listed, or MSP / the endpoint's mode known to be off.
+    /// A redirected request while the state is still unknown or the key not yet latched (for
+    /// example right after a restart that adopted pinned routes) is not forwarded unsigned:
+    /// it gets `503` and the caller retries — fail closed, never a silent unsigned pass.
+    pub(crate) fn endorsement_for(&self, caller: &Caller, method: &[u8], target: &[u8]) -> Endorse<'_> {
         if signing::is_skip_listed(method, target) {
-            return None;
+            return Endorse::Unsigned;
         }
-        self.keeper.key()
+        if let Some(key) = self.keeper.key() {
+            return Endorse::Sign(key);
+        }
+        let endpoint = Endpoint::from_raw(caller.record.endpoint);
+        match self.keeper.summary() {
+            Some(s) if s.is_disabled() || self.keeper.mode(endpoint).is_disabled() => Endorse::Unsigned,
+            _ => Endorse::NotReady,
+        }
     }
 
     /// `x-ms-azure-host-date` now.
@@ -281,7 +302,8 @@ impl EventLoop {
             Some(p) => p.clone(),
             None => crate::redirect::find_cgroup2_root().ok_or(StartError::NoCgroup2)?,
         };
-        let redirector = Redirector::attach(&cgroup, config.agent_mark, crate::sys::getpid()).map_err(StartError::Redirect)?;
+        let redirector = Redirector::attach(&cgroup, config.agent_mark, crate::sys::getpid(), config.pin_dir.as_deref())
+            .map_err(StartError::Redirect)?;
         logger::milestone(&format!(
             "eBPF redirector attached to {} in {} ms",
             cgroup.display(),
@@ -323,6 +345,10 @@ impl EventLoop {
             routes: [false; 3],
             netns_cookie,
         };
+        // Adopted pinned state keeps the previous agent's routes until the key latch decides.
+        for (i, destination) in [this.config.wire_server, this.config.imds, this.config.host_ga_plugin].into_iter().enumerate() {
+            this.routes[i] = this.redirector.routed(destination);
+        }
         this.apply_routes();
         Ok(this)
     }

@@ -11,11 +11,13 @@ pub mod maps;
 use std::fmt;
 use std::fs::File;
 use std::net::SocketAddrV4;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, MapData, MapError};
+use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps};
-use aya::{Ebpf, EbpfError};
+use aya::{Ebpf, EbpfError, EbpfLoader};
 
 pub use self::maps::{AuditKey, CallerRecord, Endpoint};
 use self::maps::{ConfigValue, PolicyKey, PolicyValue};
@@ -26,6 +28,11 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// Program names in the object, in attach order (sockops first, so that no connect is
 /// rewritten before its identity can be re-keyed).
 const PROGRAMS: [&str; 3] = ["gpa_sockops", "gpa_connect4", "gpa_connect6"];
+/// Map names in the object (all pinned when pinning is on).
+const MAPS: [&str; 5] = ["gpa_policy", "gpa_skip", "gpa_config", "gpa_pending", "gpa_audit"];
+/// Sub-directory of the pin path for this map layout. A change to any struct in
+/// `ebpf/maps.h` must bump it, so an upgraded agent never reuses maps of another layout.
+pub const PIN_LAYOUT: &str = "v1";
 
 /// Why the redirector could not start or change.
 #[derive(Debug)]
@@ -40,6 +47,10 @@ pub enum RedirectError {
     Map(&'static str, MapError),
     /// The cgroup directory could not be opened.
     OpenCgroup(PathBuf, std::io::Error),
+    /// The pin directory could not be prepared (no bpffs, not a directory, mount failed).
+    PinDirectory(PathBuf, std::io::Error),
+    /// Pinning a new link, or adopting a pinned one, failed.
+    Pin(&'static str, std::io::Error),
 }
 
 impl fmt::Display for RedirectError {
@@ -58,6 +69,8 @@ impl fmt::Display for RedirectError {
             }
             Self::Map(name, e) => write!(f, "eBPF map {name}: {e}"),
             Self::OpenCgroup(path, e) => write!(f, "cannot open cgroup {}: {e}", path.display()),
+            Self::PinDirectory(path, e) => write!(f, "cannot use pin directory {}: {e}", path.display()),
+            Self::Pin(name, e) => write!(f, "pinning eBPF link {name}: {e}"),
         }
     }
 }
@@ -76,35 +89,78 @@ pub struct Redirector {
 
 impl Redirector {
     /// Loads the embedded object, exempts the agent (by `SO_MARK` and by tgid), and attaches
-    /// the programs to `cgroup`. The policy map starts empty: nothing is redirected until
-    /// [`Redirector::set_route`].
-    pub fn attach(cgroup: &Path, agent_mark: u32, agent_tgid: u32) -> Result<Self, RedirectError> {
-        let mut ebpf = Ebpf::load(OBJECT).map_err(RedirectError::LoadObject)?;
+    /// the programs to `cgroup`.
+    ///
+    /// With `pins` (a directory on a bpf filesystem), the maps and links are pinned there so
+    /// that the redirect outlives this process: while no agent runs, redirected connects are
+    /// refused instead of reaching the endpoints (fail-closed, MSP §11 item 8). A later agent
+    /// *adopts* that state: it reuses the pinned maps (routes stay installed) and swaps its
+    /// freshly loaded programs into the pinned links with `BPF_LINK_UPDATE` — atomically, so
+    /// there is never a moment with no program or with two.
+    ///
+    /// Without pins, the policy map starts empty and dropping the redirector detaches.
+    pub fn attach(cgroup: &Path, agent_mark: u32, agent_tgid: u32, pins: Option<&Path>) -> Result<Self, RedirectError> {
+        let pin_dir = pins.map(prepare_pin_dir).transpose()?;
+        let mut loader = EbpfLoader::new();
+        let map_paths: Vec<(&str, PathBuf)> =
+            pin_dir.iter().flat_map(|dir| MAPS.iter().map(move |name| (*name, dir.join(name)))).collect();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(*name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(RedirectError::LoadObject)?;
 
         let mut config: Array<_, ConfigValue> = take_map(&mut ebpf, "gpa_config")?;
         config
             .set(0, ConfigValue { agent_mark, pad: 0 }, 0)
             .map_err(|e| RedirectError::Map("gpa_config", e))?;
         let mut skip: HashMap<_, u32, u32> = take_map(&mut ebpf, "gpa_skip")?;
+        // A previous agent's tgid may belong to another process by now: only ours stays.
+        let stale: Vec<u32> = skip.keys().filter_map(Result::ok).filter(|k| *k != agent_tgid).collect();
+        for tgid in stale {
+            drop(skip.remove(&tgid));
+        }
         skip.insert(agent_tgid, 1, 0).map_err(|e| RedirectError::Map("gpa_skip", e))?;
         let policy = take_map(&mut ebpf, "gpa_policy")?;
         let audit = take_map(&mut ebpf, "gpa_audit")?;
 
-        // Through bpf_link (kernel ≥ 5.7) cgroup attachments always coexist with others; the
-        // kernel refuses BPF_F_ALLOW_MULTI there, so `Single` is the right (flag-less) mode.
         let cgroup_dir = File::open(cgroup).map_err(|e| RedirectError::OpenCgroup(cgroup.to_owned(), e))?;
         for name in PROGRAMS {
             let program = ebpf.program_mut(name).ok_or(RedirectError::MissingProgram(name))?;
-            let attached = if name == "gpa_sockops" {
+            let link_pin = pin_dir.as_ref().map(|d| d.join(format!("link-{name}")));
+            let adopt = link_pin.as_deref().filter(|p| p.exists());
+            if name == "gpa_sockops" {
                 let p: &mut SockOps = program.try_into().map_err(|e| RedirectError::Program(name, e))?;
-                p.load().and_then(|()| p.attach(&cgroup_dir, CgroupAttachMode::Single).map(drop))
+                p.load().map_err(|e| RedirectError::Program(name, e))?;
+                if let Some(path) = adopt {
+                    swap_into_pinned_link(name, path, p.fd().map_err(|e| RedirectError::Program(name, e))?.as_fd())?;
+                } else {
+                    let id = p.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(|e| RedirectError::Program(name, e))?;
+                    if let Some(path) = &link_pin {
+                        let link = p.take_link(id).map_err(|e| RedirectError::Program(name, e))?;
+                        pin_link(name, FdLink::try_from(link).map_err(|e| RedirectError::Pin(name, std::io::Error::other(e)))?, path)?;
+                    }
+                }
             } else {
                 let p: &mut CgroupSockAddr = program.try_into().map_err(|e| RedirectError::Program(name, e))?;
-                p.load().and_then(|()| p.attach(&cgroup_dir, CgroupAttachMode::Single).map(drop))
-            };
-            attached.map_err(|e| RedirectError::Program(name, e))?;
+                p.load().map_err(|e| RedirectError::Program(name, e))?;
+                if let Some(path) = adopt {
+                    swap_into_pinned_link(name, path, p.fd().map_err(|e| RedirectError::Program(name, e))?.as_fd())?;
+                } else {
+                    let id = p.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(|e| RedirectError::Program(name, e))?;
+                    if let Some(path) = &link_pin {
+                        let link = p.take_link(id).map_err(|e| RedirectError::Program(name, e))?;
+                        pin_link(name, FdLink::try_from(link).map_err(|e| RedirectError::Pin(name, std::io::Error::other(e)))?, path)?;
+                    }
+                }
+            }
         }
         Ok(Self { _ebpf: ebpf, policy, audit, cgroup: cgroup.to_owned() })
+    }
+
+    /// Destinations currently intercepted (after adopting pinned state, these are the
+    /// previous agent's routes).
+    pub fn routed(&self, destination: SocketAddrV4) -> bool {
+        self.policy.get(&policy_key(destination), 0).is_ok()
     }
 
     /// The cgroup the programs are attached to.
@@ -140,6 +196,47 @@ impl Redirector {
         drop(self.audit.remove(key));
         Some(record)
     }
+}
+
+/// Makes sure `pins` is a usable directory on a bpf filesystem, mounting bpffs at its parent
+/// when that parent is the conventional `/sys/fs/bpf` and nothing is mounted there yet.
+fn prepare_pin_dir(pins: &Path) -> Result<PathBuf, RedirectError> {
+    let err = |e: std::io::Error| RedirectError::PinDirectory(pins.to_owned(), e);
+    let parent = pins.parent().ok_or_else(|| err(std::io::Error::other("pin path has no parent")))?;
+    if !crate::sys::is_bpffs(parent) {
+        if parent != Path::new("/sys/fs/bpf") {
+            return Err(err(std::io::Error::other("parent directory is not a bpf filesystem")));
+        }
+        crate::sys::mount_bpffs(parent).map_err(err)?;
+    }
+    let dir = pins.join(PIN_LAYOUT);
+    std::fs::create_dir_all(&dir).map_err(err)?;
+    Ok(dir)
+}
+
+fn pin_link(name: &'static str, link: FdLink, path: &Path) -> Result<(), RedirectError> {
+    // The pin keeps the link (and so the attachment) alive after this process exits.
+    link.pin(path).map(drop).map_err(|e| RedirectError::Pin(name, std::io::Error::other(e)))
+}
+
+fn swap_into_pinned_link(name: &'static str, path: &Path, program: std::os::fd::BorrowedFd<'_>) -> Result<(), RedirectError> {
+    let link = crate::sys::bpf_obj_get(path).map_err(|e| RedirectError::Pin(name, e))?;
+    crate::sys::bpf_link_update(link.as_fd(), program).map_err(|e| RedirectError::Pin(name, e))
+}
+
+/// Removes the pinned links and maps under `pins` (`guest-proxy-agent detach`): once no
+/// process holds them, the programs detach and the endpoints are reachable directly again.
+/// Returns how many pins were removed.
+pub fn detach_pinned(pins: &Path) -> std::io::Result<usize> {
+    let dir = pins.join(PIN_LAYOUT);
+    let mut removed = 0;
+    for entry in std::fs::read_dir(&dir)? {
+        std::fs::remove_file(entry?.path())?;
+        removed += 1;
+    }
+    std::fs::remove_dir(&dir)?;
+    drop(std::fs::remove_dir(pins));
+    Ok(removed)
 }
 
 fn policy_key(destination: SocketAddrV4) -> PolicyKey {

@@ -233,3 +233,68 @@ pub fn loopback_up() -> io::Result<()> {
     cvt(unsafe { libc::ioctl(fd.as_raw_fd(), ioctl_request(libc::SIOCSIFFLAGS), &raw mut req) })?;
     Ok(())
 }
+
+/// `BPF_FS_MAGIC` from `<linux/magic.h>`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Whether `path` is on a bpf filesystem (where BPF objects can be pinned).
+pub fn is_bpffs(path: &std::path::Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: an all-zero statfs is a valid value to be overwritten.
+    let mut st: libc::statfs = unsafe { zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` is valid for writes.
+    let ret = unsafe { libc::statfs(c.as_ptr(), &raw mut st) };
+    #[allow(clippy::unnecessary_cast, reason = "f_type's width differs between libcs")]
+    let magic = st.f_type as i64;
+    ret == 0 && magic == BPF_FS_MAGIC
+}
+
+/// Mounts a bpf filesystem at `path` (which must exist).
+pub fn mount_bpffs(path: &std::path::Path) -> io::Result<()> {
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // SAFETY: all strings are NUL-terminated and live for the call; no data argument.
+    cvt(unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) })?;
+    Ok(())
+}
+
+/// `BPF_LINK_UPDATE`: atomically replaces the program behind a link (a cgroup link stays
+/// attached throughout: no moment without a program, and never two).
+pub fn bpf_link_update(link: BorrowedFd<'_>, new_program: BorrowedFd<'_>) -> io::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = LinkUpdate {
+        link_fd: u32::try_from(link.as_raw_fd()).map_err(io::Error::other)?,
+        new_prog_fd: u32::try_from(new_program.as_raw_fd()).map_err(io::Error::other)?,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: bpf(2) reads `size_of::<LinkUpdate>()` bytes of a fully initialised, repr(C)
+    // prefix of `union bpf_attr` for BPF_LINK_UPDATE; the kernel zero-extends the rest.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, &raw const attr, size_of::<LinkUpdate>()) };
+    if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// `BPF_OBJ_GET`: opens a pinned BPF object (map, program or link) by its bpffs path.
+pub fn bpf_obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let attr = ObjGet { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
+    // SAFETY: the attr prefix is fully initialised and `c` outlives the call.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &raw const attr, size_of::<ObjGet>()) };
+    let raw = i32::try_from(ret).map_err(io::Error::other)?;
+    cvt(raw)?;
+    // SAFETY: the kernel returned a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
