@@ -55,6 +55,9 @@ pub enum Command {
         /// Config file (for the pin path).
         config: PathBuf,
     },
+    /// `--self-test-hardening` (undocumented, for tests): harden this process, then prove a
+    /// forbidden syscall is refused.
+    SelfTestHardening,
     /// `--version`.
     Version,
     /// `--help`.
@@ -82,6 +85,7 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
         match arg.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
             "-v" | "--version" => return Ok(Command::Version),
+            "--self-test-hardening" => return Ok(Command::SelfTestHardening),
             "-s" | "--status" => status = true,
             "-w" | "--wait" => {
                 let n = it.next().ok_or_else(|| UsageError("--wait needs a number of seconds".into()))?;

@@ -73,6 +73,18 @@ fn run(args: &[String]) -> Result<ExitCode, MainError> {
             print!("{}", cli::USAGE);
             Ok(ExitCode::SUCCESS)
         }
+        Command::SelfTestHardening => {
+            sys::harden::drop_capabilities().map_err(MainError::Run)?;
+            sys::harden::install_seccomp().map_err(MainError::Run)?;
+            let err = sys::harden::forbidden_call_result();
+            if err.raw_os_error() == Some(libc::EPERM) {
+                println!("forbidden syscall refused: {err}");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("forbidden syscall NOT refused: {err}");
+                Ok(ExitCode::from(1))
+            }
+        }
         Command::Version => {
             println!("guest-proxy-agent {}", gpa::VERSION);
             Ok(ExitCode::SUCCESS)
@@ -112,6 +124,11 @@ fn run(args: &[String]) -> Result<ExitCode, MainError> {
                 log::warn!("cannot clear the dumpable flag: {e}");
             }
             let mut event_loop = EventLoop::start(config).map_err(MainError::Start)?;
+            // Everything privileged is done: keep only what the loop needs (sys::harden).
+            match sys::harden::drop_capabilities().and_then(|()| sys::harden::install_seccomp()) {
+                Ok(()) => log::info!("hardened: capabilities dropped, seccomp filter installed"),
+                Err(e) => log::error!("hardening failed, running with full privileges: {e}"),
+            }
             logger::milestone(&format!("started, version {}", gpa::VERSION));
             event_loop.run().map_err(MainError::Run)?;
             logger::milestone("stopped");

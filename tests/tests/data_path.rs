@@ -57,7 +57,8 @@ fn agent_knows_pid_exe_uid_and_gid_of_a_non_root_caller() {
     let out = client(
         &e.ns,
         As { ids: Some((65534, 65533)), cgroup: Some(&e.cg) },
-        &["python3", "-c", &format!(
+        // Debian's interpreter: a root-only one (pyenv under /root) is not executable by nobody.
+        &["/usr/bin/python3", "-c", &format!(
             "import os,urllib.request as u; r=u.urlopen(u.Request('{IMDS}',headers={{'Metadata':'true'}})); print(os.getpid(), r.status)"
         )],
     );
@@ -77,7 +78,7 @@ fn agent_knows_pid_exe_uid_and_gid_of_a_non_root_caller() {
     assert_eq!(record["uid"], 65534, "{record}");
     assert_eq!(record["gid"], 65533, "{record}");
     let python = std::fs::canonicalize(
-        String::from_utf8_lossy(&client(&e.ns, As { ids: None, cgroup: None }, &["python3", "-c", "import sys;print(sys.executable)"]).stdout).trim(),
+        String::from_utf8_lossy(&client(&e.ns, As { ids: None, cgroup: None }, &["/usr/bin/python3", "-c", "import sys;print(sys.executable)"]).stdout).trim(),
     )
     .expect("python path");
     assert_eq!(record["exe"].as_str(), python.to_str(), "{record}");

@@ -547,7 +547,11 @@ impl AuditLog {
         } else {
             std::fs::remove_file(&self.active)
         };
-        moved.map_err(AuditError::Rotate)?;
+        match moved {
+            // A retry after a failed creation: the active name is already free.
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(AuditError::Rotate(e)),
+            _ => {}
+        }
         self.file = open_active(&self.active, true)?;
         self.file_bytes = 0;
         Ok(())

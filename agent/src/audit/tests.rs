@@ -469,3 +469,27 @@ fn empty_active_file_continues_from_the_rotated_one() {
     let report = verify_files(&[dir.rotated(1), dir.audit()], None);
     assert_eq!(report.to_string(), "ok: 5 records, 0 checkpoints");
 }
+
+#[test]
+fn rotation_recovers_from_a_failed_create_and_honours_one_file() {
+    let dir = TempDir::new("rotation_retry");
+    let mut log = AuditLog::open(&dir.0, MIN_FILE_BYTES, 3).expect("open");
+    log.record(&request(0));
+    log.flush().expect("flush");
+    // As if the last rotation renamed the active file but could not create the new one.
+    fs::rename(dir.audit(), dir.rotated(1)).expect("rename");
+    log.file_bytes = MIN_FILE_BYTES;
+    log.record(&request(1));
+    log.flush().expect("rotation retried");
+    let report = verify_files(&[dir.rotated(2), dir.audit()], None);
+    assert_eq!(report.to_string(), "ok: 2 records, 0 checkpoints");
+
+    let dir = TempDir::new("rotation_one_file");
+    let mut log = AuditLog::open(&dir.0, MIN_FILE_BYTES, 1).expect("open");
+    for n in 0..10 {
+        log.record(&request(n));
+        log.flush().expect("flush");
+    }
+    assert!(!dir.rotated(1).exists());
+    assert!(verify_files(&[dir.audit()], None).is_ok());
+}

@@ -137,6 +137,14 @@ impl SigningKey {
     pub fn guid(&self) -> &str {
         &self.guid
     }
+
+    /// HMAC-SHA256 of `data` with this key (for deriving subordinate keys, e.g. the audit
+    /// checkpoint key; the raw key never leaves this type).
+    pub fn mac(&self, data: &[u8]) -> [u8; MAC_BYTES] {
+        let mut mac = self.mac.clone();
+        mac.update(data);
+        mac.finalize().into_bytes().into()
+    }
 }
 
 impl fmt::Debug for SigningKey {

@@ -103,13 +103,20 @@ pub(crate) enum Next {
     Close(CloseReason),
 }
 
-/// Per-request facts kept after the head bytes are gone.
-#[derive(Clone, Copy, Debug)]
-struct Exchange {
-    started: Instant,
+/// Per-request facts kept after the head bytes are gone (for the response and the audit
+/// record).
+#[derive(Clone, Debug)]
+pub(crate) struct Exchange {
+    pub(crate) started: Instant,
     is_head: bool,
     close: bool,
-    status: u16,
+    pub(crate) status: u16,
+    pub(crate) method: heapless::Vec<u8, 16>,
+    /// Path without the query (queries can carry secrets), cut to fit.
+    pub(crate) path: heapless::Vec<u8, 256>,
+    /// What the checks decided: `allow`, `audit-deny`, `deny`, `no-identity`, `local`,
+    /// `refused` (method, traversal, framing, limits) or `error`.
+    pub(crate) decision: &'static str,
 }
 
 /// One proxied client connection.
@@ -275,7 +282,16 @@ impl Connection {
         let req = &self.bufs.req[..self.req_len];
         let method = head.method(req);
         let target = head.target(req);
-        self.exchange = Some(Exchange { started: ctx.now, is_head: head.is_head(req), close: head.close, status: 0 });
+        let path = head.path(req);
+        self.exchange = Some(Exchange {
+            started: ctx.now,
+            is_head: head.is_head(req),
+            close: head.close,
+            status: 0,
+            method: heapless::Vec::from_slice(&method[..method.len().min(16)]).unwrap_or_default(),
+            path: heapless::Vec::from_slice(&path[..path.len().min(256)]).unwrap_or_default(),
+            decision: "refused",
+        });
         ctx.shared.stats.requests += 1;
 
         if !crate::policy::canonical::method_allowed(method) {
@@ -293,6 +309,7 @@ impl Connection {
             return Step::Progress;
         }
         if let Some(local) = ctx.shared.local_endpoint(&head, req, self.caller.as_ref(), ctx.now) {
+            self.set_decision("local");
             let close = local.close || head.framing != BodyFraming::None || head.close;
             self.respond(ctx, local.status, &[local.content_type], local.body.as_bytes(), close);
             if !close {
@@ -302,6 +319,7 @@ impl Connection {
         }
         let Some(caller) = self.caller.as_ref() else {
             // A direct connect to the listener, or an identity that could not be recovered.
+            self.set_decision("no-identity");
             self.respond(ctx, 421, &[], b"", true);
             return Step::Progress;
         };
@@ -311,9 +329,12 @@ impl Connection {
             self.respond(ctx, 413, &[], b"", true);
             return Step::Progress;
         }
-        match ctx.shared.authorize(caller, method, target) {
-            Verdict::Allow | Verdict::AllowWithAudit => {}
+        let verdict = ctx.shared.authorize(caller, method, target);
+        match verdict {
+            Verdict::Allow => self.set_decision("allow"),
+            Verdict::AllowWithAudit => self.set_decision("audit-deny"),
             Verdict::Forbidden => {
+                self.set_decision("deny");
                 self.respond(ctx, 403, &[], b"", true);
                 return Step::Progress;
             }
@@ -551,7 +572,7 @@ impl Connection {
             Ok(n) => {
                 self.resp_len += n;
                 self.deadline = clock::after(ctx.now, UPSTREAM_RESPONSE_TIMEOUT_MS);
-                let is_head = self.exchange.is_some_and(|e| e.is_head);
+                let is_head = self.exchange.as_ref().is_some_and(|e| e.is_head);
                 match ResponseHead::parse(&self.bufs.resp[..self.resp_len], is_head) {
                     Ok(Some(head)) => self.on_response_head(ctx, head),
                     Ok(None) => Step::Progress,
@@ -683,15 +704,22 @@ impl Connection {
         }
     }
 
+    fn set_decision(&mut self, decision: &'static str) {
+        if let Some(e) = self.exchange.as_mut() {
+            e.decision = decision;
+        }
+    }
+
     fn finish_exchange(&mut self, ctx: &mut Ctx<'_>) -> Step {
         let exchange = self.exchange.take();
+        let close = exchange.as_ref().is_some_and(|e| e.close);
         if let Some(e) = exchange {
-            ctx.shared.record(self.caller.as_ref(), e.status, ctx.now.saturating_duration_since(e.started));
+            ctx.shared.record(self.caller.as_ref(), &e, ctx.now);
         }
         if !self.upstream_keep_alive {
             self.drop_upstream(ctx);
         }
-        if exchange.is_some_and(|e| e.close) {
+        if close {
             return Step::Close(CloseReason::Done);
         }
         self.parsed_len = usize::MAX;
@@ -729,8 +757,12 @@ impl Connection {
         }
         self.resp_start = 0;
         self.resp_len = w;
-        if let Some(e) = self.exchange.take() {
-            ctx.shared.record(self.caller.as_ref(), status, ctx.now.saturating_duration_since(e.started));
+        if let Some(mut e) = self.exchange.take() {
+            e.status = status;
+            if status >= 500 && e.decision == "allow" {
+                e.decision = "error";
+            }
+            ctx.shared.record(self.caller.as_ref(), &e, ctx.now);
         }
         if close {
             self.drop_upstream(ctx);

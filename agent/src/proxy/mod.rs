@@ -30,6 +30,7 @@ use crate::msp::key_keeper::{KeeperConfig, KeyKeeper};
 use crate::msp::signing::{self, SigningKey};
 use crate::redirect::{AuditKey, Endpoint, RedirectError, Redirector};
 use crate::sys::{Signal, SignalFd};
+use crate::audit::{AuditLog, AuditRecord, derive_checkpoint_key};
 use crate::{clock, logger};
 
 const LISTENER: Token = Token(0);
@@ -40,6 +41,10 @@ const KEEPER: Token = Token(2);
 pub const FIRST_CONNECTION: usize = 16;
 
 /// Sent when the table is full (never queued, MSP §11 item 5).
+/// Audit log rotation: 10 MiB per file, 5 files.
+const AUDIT_FILE_BYTES: u64 = 10 * 1024 * 1024;
+const AUDIT_FILES: u32 = 5;
+
 const SERVER_FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// Why a connection ended (for logs and metrics).
@@ -144,6 +149,8 @@ pub struct Shared {
     pub(crate) policy: Policy,
     /// Customer local rule files (MSP §4.7).
     pub(crate) rules_dir: PathBuf,
+    /// The per-request audit trail; `None` if it could not be opened (logged at start).
+    pub(crate) audit: Option<AuditLog>,
 }
 
 impl Shared {
@@ -218,14 +225,34 @@ impl Shared {
         }
     }
 
-    /// Accounts one answered request.
-    pub(crate) fn record(&mut self, _caller: Option<&Caller>, status: u16, _latency: Duration) {
-        match status {
+    /// Accounts one answered request: counters and one audit record (written at the end of
+    /// the loop turn).
+    pub(crate) fn record(&mut self, caller: Option<&Caller>, exchange: &connection::Exchange, now: Instant) {
+        match exchange.status {
             200..=299 => self.stats.responses_2xx += 1,
             400..=499 => self.stats.responses_4xx += 1,
             500..=599 => self.stats.responses_5xx += 1,
             _ => {}
         }
+        let Some(audit) = self.audit.as_mut() else { return };
+        let endpoint = caller.map(|c| Endpoint::from_raw(c.record.endpoint));
+        let latency = now.saturating_duration_since(exchange.started);
+        audit.record(&AuditRecord {
+            unix_ms: u64::try_from(clock::wall_now().as_millis()).unwrap_or(0),
+            pid: caller.map_or(0, Caller::pid),
+            uid: caller.map_or(u32::MAX, Caller::uid),
+            gid: caller.map_or(u32::MAX, |c| c.record.gid),
+            user: caller.and_then(|c| c.user.as_deref()),
+            exe: caller.and_then(|c| c.exe.as_deref()),
+            cmdline: caller.map_or(&[][..], |c| c.cmdline.as_slice()),
+            endpoint: if exchange.decision == "local" { "local" } else { endpoint.map_or("unknown", Endpoint::name) },
+            method: &exchange.method,
+            path: &exchange.path,
+            decision: exchange.decision,
+            mode: endpoint.map_or("none", |e| self.keeper.mode(e).as_str()),
+            status: exchange.status,
+            latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+        });
     }
 }
 
@@ -338,6 +365,13 @@ impl EventLoop {
                 provision: local::Provision::new(clock::now()),
                 policy: Policy::new(),
                 rules_dir: config.state_dir.join("rules"),
+                audit: match AuditLog::open(&config.log_dir, AUDIT_FILE_BYTES, AUDIT_FILES) {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        log::error!(target: "gpa::loop", "audit log disabled: cannot open it in {}: {e}", config.log_dir.display());
+                        None
+                    }
+                },
             },
             redirector,
             resolver: Resolver::new(),
@@ -385,6 +419,11 @@ impl EventLoop {
                 }
             }
             self.expire(now);
+            if let Some(audit) = self.shared.audit.as_mut()
+                && let Err(e) = audit.flush()
+            {
+                log::warn!(target: "gpa::loop", "audit log write failed: {e}");
+            }
         }
     }
 
@@ -419,6 +458,11 @@ impl EventLoop {
         }
         if changes.routes {
             self.apply_routes();
+            // Checkpoints of the audit chain are MAC'd with a key derived from the latched key.
+            let checkpoint = self.shared.keeper.key().map(|k| derive_checkpoint_key(|label| k.mac(label)));
+            if let Some(audit) = self.shared.audit.as_mut() {
+                audit.set_checkpoint_key(checkpoint);
+            }
         }
         if self.shared.keeper.ready() {
             self.shared.provision.key_latch_ready(self.shared.keeper.ready_at_unix_ns());

@@ -10,6 +10,8 @@ use std::mem::{size_of, zeroed};
 use std::net::{SocketAddrV4, TcpStream};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+pub mod harden;
+
 /// `AF_INET` in the `sa_family_t` width.
 const AF_INET_FAMILY: libc::sa_family_t = 2;
 const _: () = assert!(libc::AF_INET == 2);
