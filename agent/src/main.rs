@@ -121,13 +121,13 @@ fn run(args: &[String]) -> Result<ExitCode, MainError> {
             logger::init(config.log_level);
             // No core dumps and no same-uid ptrace: the key lives in this process.
             if let Err(e) = sys::set_not_dumpable() {
-                log::warn!("cannot clear the dumpable flag: {e}");
+                log::warn!(target: "gpa::main", "cannot clear the dumpable flag: {e}");
             }
             let mut event_loop = EventLoop::start(config).map_err(MainError::Start)?;
             // Everything privileged is done: keep only what the loop needs (sys::harden).
             match sys::harden::drop_capabilities().and_then(|()| sys::harden::install_seccomp()) {
-                Ok(()) => log::info!("hardened: capabilities dropped, seccomp filter installed"),
-                Err(e) => log::error!("hardening failed, running with full privileges: {e}"),
+                Ok(()) => log::info!(target: "gpa::main", "hardened: capabilities dropped, seccomp filter installed"),
+                Err(e) => log::error!(target: "gpa::main", "hardening failed, running with full privileges: {e}"),
             }
             logger::milestone(&format!("started, version {}", gpa::VERSION));
             event_loop.run().map_err(MainError::Run)?;
