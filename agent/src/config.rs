@@ -34,6 +34,7 @@ struct RawConfig {
     poll_interval_seconds: u32,
     status_interval_seconds: u32,
     host_timeout_ms: u32,
+    upstream_timeout_ms: u32,
     agent_mark: u32,
     log_level: String<8>,
     redirect: String<16>,
@@ -57,6 +58,7 @@ impl Default for RawConfig {
             poll_interval_seconds: 15,
             status_interval_seconds: 60,
             host_timeout_ms: 5_000,
+            upstream_timeout_ms: u32::try_from(crate::limits::UPSTREAM_RESPONSE_TIMEOUT_MS).unwrap_or(30_000),
             agent_mark: DEFAULT_AGENT_MARK,
             log_level: s("info"),
             redirect: s("hostModes"),
@@ -106,6 +108,8 @@ pub struct ValidatedConfig {
     pub status_interval_secs: u64,
     /// Timeout of each host call.
     pub host_timeout_ms: u64,
+    /// Time a proxied upstream has to answer (then `504`).
+    pub upstream_timeout_ms: u64,
     /// `SO_MARK` of the agent's own sockets.
     pub agent_mark: u32,
     /// Log level.
@@ -183,6 +187,9 @@ impl ValidatedConfig {
         if !(100..=60_000).contains(&raw.host_timeout_ms) {
             return Err(ConfigError::Invalid("hostTimeoutMs", "must be between 100 and 60000"));
         }
+        if !(100..=600_000).contains(&raw.upstream_timeout_ms) {
+            return Err(ConfigError::Invalid("upstreamTimeoutMs", "must be between 100 and 600000"));
+        }
         if raw.agent_mark == 0 {
             return Err(ConfigError::Invalid("agentMark", "must not be 0 (0 is every unmarked socket)"));
         }
@@ -216,6 +223,7 @@ impl ValidatedConfig {
             poll_interval_secs: u64::from(raw.poll_interval_seconds),
             status_interval_secs: u64::from(raw.status_interval_seconds),
             host_timeout_ms: u64::from(raw.host_timeout_ms),
+            upstream_timeout_ms: u64::from(raw.upstream_timeout_ms),
             agent_mark: raw.agent_mark,
             log_level,
             redirect,

@@ -37,8 +37,8 @@ pub const CLIENT_HEAD_TIMEOUT_MS: u64 = 10_000;
 pub const CLIENT_BODY_TIMEOUT_MS: u64 = 10_000;
 /// Time the upstream has to accept a TCP connection (answer: `502`).
 pub const UPSTREAM_CONNECT_TIMEOUT_MS: u64 = 5_000;
-/// Time the upstream has to send a complete response head (answer: `504`) and, after that,
-/// the longest gap allowed between response bytes.
+/// Default time the upstream has to send a complete response head (answer: `504`) and, after
+/// that, the longest gap allowed between response bytes (config `upstreamTimeoutMs`).
 pub const UPSTREAM_RESPONSE_TIMEOUT_MS: u64 = 30_000;
 /// Time a keep-alive connection may sit idle between requests.
 pub const IDLE_TIMEOUT_MS: u64 = 60_000;

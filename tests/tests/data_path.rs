@@ -4,6 +4,7 @@
 //! fake host, the agent, and real clients (curl, python's http.client).
 
 #![allow(clippy::tests_outside_test_module, reason = "integration test crate: every function here is a test")]
+#![allow(clippy::disallowed_methods, reason = "tests measure real time")]
 
 use gpa_system_tests::harness::{As, Agent, Cgroup, FakeHost, NO_EXTRA, Netns, client, curl, python, root_in};
 use gpa_system_tests::require_privileged;
@@ -225,4 +226,26 @@ fn non_root_callers_are_refused_by_wireserver_but_served_by_imds() {
     let imds = last_data_request(&e);
     let claims = imds["headers"].as_array().expect("headers").iter().find(|h| h[0] == "x-ms-azure-host-claims").cloned();
     assert_eq!(claims.expect("claims header")[1], "{ \"isRoot\": \"false\"}");
+}
+
+#[test]
+fn a_silent_upstream_gets_504_after_the_configured_timeout() {
+    require_privileged!();
+    let ns = Netns::new("silent");
+    let cg = Cgroup::new("silent");
+    let _host = FakeHost::start(&ns, "enforce");
+    // An "IMDS" on port 81 that accepts and never answers.
+    let silent = ns
+        .command("python3")
+        .args(["-c", "import socket,time\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('169.254.169.254',81));s.listen(8)\nc=[]\nwhile True: c.append(s.accept())"])
+        .spawn()
+        .expect("silent upstream");
+    let _silent = gpa_system_tests::harness::Proc { child: silent };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let agent = Agent::start(&ns, &cg, &["\"imdsAddress\":\"169.254.169.254:81\"", "\"upstreamTimeoutMs\":500"]);
+    agent.wait_ready(&ns);
+    let started = std::time::Instant::now();
+    let (status, text) = curl(&ns, root_in(&cg), &["-H", "Metadata: true", "http://169.254.169.254:81/metadata/instance"]);
+    assert_eq!(status, 504, "{text}\n{}", agent.log());
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "the timeout is the configured one");
 }

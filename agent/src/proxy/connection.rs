@@ -28,7 +28,6 @@ use crate::identity::Caller;
 use crate::limits::{
     CLIENT_BODY_TIMEOUT_MS, CLIENT_HEAD_TIMEOUT_MS, CLIENT_WRITE_TIMEOUT_MS, IDLE_TIMEOUT_MS, REQUEST_BODY_MAX_BYTES,
     REQUEST_HEAD_MAX_BYTES, RESPONSE_BUFFER_BYTES, UPSTREAM_CONNECT_TIMEOUT_MS, UPSTREAM_HEAD_MAX_BYTES,
-    UPSTREAM_RESPONSE_TIMEOUT_MS,
 };
 use super::Verdict;
 
@@ -459,7 +458,7 @@ impl Connection {
         self.head = None;
         if self.upstream.is_some() {
             self.upstream_reused = true;
-            self.set_state(State::SendingRequest, UPSTREAM_RESPONSE_TIMEOUT_MS, ctx.now);
+            self.set_state(State::SendingRequest, ctx.shared.upstream_timeout_ms, ctx.now);
             return Step::Progress;
         }
         self.connect_upstream(ctx)
@@ -503,7 +502,7 @@ impl Connection {
         }
         match up.peer_addr() {
             Ok(_) => {
-                self.set_state(State::SendingRequest, UPSTREAM_RESPONSE_TIMEOUT_MS, ctx.now);
+                self.set_state(State::SendingRequest, ctx.shared.upstream_timeout_ms, ctx.now);
                 Step::Progress
             }
             Err(e) if e.kind() == io::ErrorKind::NotConnected || e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
@@ -524,7 +523,7 @@ impl Connection {
             }
             self.resp_start = 0;
             self.resp_len = 0;
-            self.set_state(State::AwaitingResponse, UPSTREAM_RESPONSE_TIMEOUT_MS, ctx.now);
+            self.set_state(State::AwaitingResponse, ctx.shared.upstream_timeout_ms, ctx.now);
             return Step::Progress;
         }
         let slices = [IoSlice::new(&self.bufs.up[self.up_sent..self.up_len]), IoSlice::new(&body[self.body_sent..])];
@@ -571,7 +570,7 @@ impl Connection {
             Ok(0) => self.upstream_failed(ctx),
             Ok(n) => {
                 self.resp_len += n;
-                self.deadline = clock::after(ctx.now, UPSTREAM_RESPONSE_TIMEOUT_MS);
+                self.deadline = clock::after(ctx.now, ctx.shared.upstream_timeout_ms);
                 let is_head = self.exchange.as_ref().is_some_and(|e| e.is_head);
                 match ResponseHead::parse(&self.bufs.resp[..self.resp_len], is_head) {
                     Ok(Some(head)) => self.on_response_head(ctx, head),
@@ -615,7 +614,7 @@ impl Connection {
         }
         self.resp_start = 0;
         self.resp_len = body_start + self.track_body(body_start);
-        self.set_state(State::Relaying, UPSTREAM_RESPONSE_TIMEOUT_MS, ctx.now);
+        self.set_state(State::Relaying, ctx.shared.upstream_timeout_ms, ctx.now);
         Step::Progress
     }
 
@@ -695,7 +694,7 @@ impl Connection {
                 self.resp_start = 0;
                 self.resp_len = n;
                 self.resp_len = self.track_body(0);
-                self.deadline = clock::after(ctx.now, UPSTREAM_RESPONSE_TIMEOUT_MS);
+                self.deadline = clock::after(ctx.now, ctx.shared.upstream_timeout_ms);
                 Step::Progress
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,

@@ -142,6 +142,8 @@ pub struct Stats {
 pub struct Shared {
     pub(crate) pool: BodyPool,
     pub(crate) agent_mark: u32,
+    /// Time the upstream has for its response head, and the longest gap inside a response.
+    pub(crate) upstream_timeout_ms: u64,
     /// Counters.
     pub stats: Stats,
     pub(crate) keeper: KeyKeeper,
@@ -360,6 +362,7 @@ impl EventLoop {
             shared: Shared {
                 pool: BodyPool::new(),
                 agent_mark: config.agent_mark,
+                upstream_timeout_ms: config.upstream_timeout_ms,
                 stats: Stats::default(),
                 keeper,
                 provision: local::Provision::new(clock::now()),
