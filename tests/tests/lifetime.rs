@@ -126,7 +126,7 @@ fn no_request_bypasses_the_agent_while_it_is_killed_in_a_loop() {
             std::thread::sleep(Duration::from_millis(700));
             if let Some(mut a) = current.take() {
                 a.proc.signal(libc::SIGKILL);
-                drop(a.proc.wait_timeout(Duration::from_secs(5)));
+                let _exited = a.proc.wait_timeout(Duration::from_secs(5));
             }
             std::thread::sleep(Duration::from_millis(300));
             current = Some(Agent::start_in(&ns, &cg, &base, &[&pin_config]));

@@ -105,7 +105,7 @@ impl Redirector {
         let map_paths: Vec<(&str, PathBuf)> =
             pin_dir.iter().flat_map(|dir| MAPS.iter().map(move |name| (*name, dir.join(name)))).collect();
         for (name, path) in &map_paths {
-            loader.map_pin_path(*name, path.as_path());
+            loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(OBJECT).map_err(RedirectError::LoadObject)?;
 
