@@ -636,3 +636,30 @@ fn schema_1_0_wireserver_and_imds_signs_both_endpoints() {
     let (status, text) = curl(&e.ns, nobody, &["http://168.63.129.16/machine?comp=goalstate"]);
     assert_eq!(status, 403, "{text}");
 }
+
+#[test]
+fn slow_failing_and_malformed_host_answers_keep_the_agent_unready_and_it_recovers() {
+    require_privileged!();
+    // The harness sets hostTimeoutMs to 1000: a 2 s answer is past the agent's timeout.
+    for (fault, expect) in [
+        (json!({"statusDelayMs": 2500}), "Failed to get key status - timed out"),
+        (json!({"statusHttpStatus": 503}), "Failed to get key status - HTTP status 503"),
+        (json!({"malformedStatus": true}), "Failed to get key status"),
+    ] {
+        let w = World::new("faults", &["--mode", "enforce"]);
+        w.control(&fault);
+        let e = w.with_agent(FAST_POLL);
+        eventually(Duration::from_secs(8), expect, || e.agent.log().contains(expect).then_some(()));
+        let p = e.provision();
+        assert_eq!(p["finished"], false, "{fault}: {p}");
+        // A caller meanwhile is not intercepted (no routes before the first good poll) and
+        // the host refuses it unsigned: fail closed at the host.
+        let (status, text) = e.root_curl("during-fault", &["-H", "Metadata: true", IMDS]);
+        assert_eq!(status, 401, "{fault}: {text}");
+        e.control(&json!({"statusDelayMs": 0, "statusHttpStatus": 0, "malformedStatus": false}));
+        let (out, _) = e.status_cli(Some(20));
+        assert_eq!(out.status.code(), Some(0), "{fault}: recovered: {}\n{}", stdout(&out), e.agent.log());
+        let (status, text) = e.root_curl("after-fault", &["-H", "Metadata: true", IMDS]);
+        assert_redirected_and_signed(&e, "after-fault", status, &text);
+    }
+}
