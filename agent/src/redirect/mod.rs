@@ -12,6 +12,7 @@ use std::fmt;
 use std::fs::File;
 use std::net::SocketAddrV4;
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, MapData, MapError};
@@ -124,32 +125,38 @@ impl Redirector {
         let audit = take_map(&mut ebpf, "gpa_audit")?;
 
         let cgroup_dir = File::open(cgroup).map_err(|e| RedirectError::OpenCgroup(cgroup.to_owned(), e))?;
+        // On cgroup v2 the directory's inode number is the cgroup id links report.
+        let cgroup_id = cgroup_dir.metadata().map_err(|e| RedirectError::OpenCgroup(cgroup.to_owned(), e))?.ino();
         for name in PROGRAMS {
             let program = ebpf.program_mut(name).ok_or(RedirectError::MissingProgram(name))?;
             let link_pin = pin_dir.as_ref().map(|d| d.join(format!("link-{name}")));
-            let adopt = link_pin.as_deref().filter(|p| p.exists());
+            let pinned = link_pin.as_deref().filter(|p| p.exists());
+            let program_err = |e| RedirectError::Program(name, e);
+            let pin_err = |e: aya::programs::links::LinkError| RedirectError::Pin(name, std::io::Error::other(e));
             if name == "gpa_sockops" {
-                let p: &mut SockOps = program.try_into().map_err(|e| RedirectError::Program(name, e))?;
-                p.load().map_err(|e| RedirectError::Program(name, e))?;
-                if let Some(path) = adopt {
-                    swap_into_pinned_link(name, path, p.fd().map_err(|e| RedirectError::Program(name, e))?.as_fd())?;
-                } else {
-                    let id = p.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(|e| RedirectError::Program(name, e))?;
+                let p: &mut SockOps = program.try_into().map_err(program_err)?;
+                p.load().map_err(program_err)?;
+                let adopted = match pinned {
+                    Some(path) => adopt_pinned_link(name, path, cgroup_id, p.fd().map_err(program_err)?.as_fd())?,
+                    None => false,
+                };
+                if !adopted {
+                    let id = p.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(program_err)?;
                     if let Some(path) = &link_pin {
-                        let link = p.take_link(id).map_err(|e| RedirectError::Program(name, e))?;
-                        pin_link(name, FdLink::try_from(link).map_err(|e| RedirectError::Pin(name, std::io::Error::other(e)))?, path)?;
+                        pin_link(name, FdLink::try_from(p.take_link(id).map_err(program_err)?).map_err(pin_err)?, path)?;
                     }
                 }
             } else {
-                let p: &mut CgroupSockAddr = program.try_into().map_err(|e| RedirectError::Program(name, e))?;
-                p.load().map_err(|e| RedirectError::Program(name, e))?;
-                if let Some(path) = adopt {
-                    swap_into_pinned_link(name, path, p.fd().map_err(|e| RedirectError::Program(name, e))?.as_fd())?;
-                } else {
-                    let id = p.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(|e| RedirectError::Program(name, e))?;
+                let p: &mut CgroupSockAddr = program.try_into().map_err(program_err)?;
+                p.load().map_err(program_err)?;
+                let adopted = match pinned {
+                    Some(path) => adopt_pinned_link(name, path, cgroup_id, p.fd().map_err(program_err)?.as_fd())?,
+                    None => false,
+                };
+                if !adopted {
+                    let id = p.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(program_err)?;
                     if let Some(path) = &link_pin {
-                        let link = p.take_link(id).map_err(|e| RedirectError::Program(name, e))?;
-                        pin_link(name, FdLink::try_from(link).map_err(|e| RedirectError::Pin(name, std::io::Error::other(e)))?, path)?;
+                        pin_link(name, FdLink::try_from(p.take_link(id).map_err(program_err)?).map_err(pin_err)?, path)?;
                     }
                 }
             }
@@ -219,9 +226,19 @@ fn pin_link(name: &'static str, link: FdLink, path: &Path) -> Result<(), Redirec
     link.pin(path).map(drop).map_err(|e| RedirectError::Pin(name, std::io::Error::other(e)))
 }
 
-fn swap_into_pinned_link(name: &'static str, path: &Path, program: std::os::fd::BorrowedFd<'_>) -> Result<(), RedirectError> {
+/// Swaps `program` into the link pinned at `path` when that link is alive and attached to
+/// `cgroup_id`. Returns `false` (after removing the stale pin) when it is not — its cgroup
+/// was removed, or it belongs to another cgroup — so the caller attaches afresh.
+fn adopt_pinned_link(name: &'static str, path: &Path, cgroup_id: u64, program: std::os::fd::BorrowedFd<'_>) -> Result<bool, RedirectError> {
     let link = crate::sys::bpf_obj_get(path).map_err(|e| RedirectError::Pin(name, e))?;
-    crate::sys::bpf_link_update(link.as_fd(), program).map_err(|e| RedirectError::Pin(name, e))
+    let attached_to = crate::sys::bpf_link_cgroup_id(link.as_fd()).map_err(|e| RedirectError::Pin(name, e))?;
+    if attached_to != cgroup_id {
+        log::warn!(target: "gpa::redirect", "stale pinned link replaced: program={name} pinned_cgroup={attached_to} configured_cgroup={cgroup_id}");
+        std::fs::remove_file(path).map_err(|e| RedirectError::Pin(name, e))?;
+        return Ok(false);
+    }
+    crate::sys::bpf_link_update(link.as_fd(), program).map_err(|e| RedirectError::Pin(name, e))?;
+    Ok(true)
 }
 
 /// Removes the pinned links and maps under `pins` (`guest-proxy-agent detach`): once no

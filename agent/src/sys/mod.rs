@@ -300,3 +300,29 @@ pub fn bpf_obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
     // SAFETY: the kernel returned a fresh fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
+
+/// The cgroup id a cgroup BPF link is attached to (`BPF_OBJ_GET_INFO_BY_FD`); 0 when the
+/// link is defunct (its cgroup was removed).
+pub fn bpf_link_cgroup_id(link: BorrowedFd<'_>) -> io::Result<u64> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct GetInfo {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-aligned union whose
+    // `cgroup` member starts with `__u64 cgroup_id` (offset 16).
+    let mut info = [0u64; 8];
+    let attr = GetInfo {
+        bpf_fd: u32::try_from(link.as_raw_fd()).map_err(io::Error::other)?,
+        info_len: socklen(size_of::<[u64; 8]>()),
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: `info` is valid for `info_len` bytes of writes for the duration of the call.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &raw const attr, size_of::<GetInfo>()) };
+    if ret == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info[2])
+}
