@@ -21,12 +21,17 @@ USAGE:
                                                1 not finished, 2 finished with error
     guest-proxy-agent detach [--config FILE]   remove the pinned eBPF programs and maps
                                                (the endpoints become reachable directly)
+    guest-proxy-agent status [--json]          show <logDirectory>/status.json; exit 0
+                                               SUCCESS, 1 ERROR, 2 missing or unreadable
+    guest-proxy-agent doctor [--json]          read-only health checks; exit 0 when none
+                                               failed, 1 otherwise
     guest-proxy-agent --version | --help
 
 OPTIONS:
     -c, --config FILE   configuration (default /etc/guest-proxy-agent/config.json)
     -s, --status        ask the running agent whether provisioning finished
     -w, --wait N        with --status: keep asking for up to N seconds
+        --json          with status or doctor: print JSON
     -v, --version       print the version
     -h, --help          print this help
 
@@ -58,6 +63,20 @@ pub enum Command {
     /// `--self-test-hardening` (undocumented, for tests): harden this process, then prove a
     /// forbidden syscall is refused.
     SelfTestHardening,
+    /// `status [--json]`: show the status file.
+    ShowStatus {
+        /// Config file (for the log directory).
+        config: PathBuf,
+        /// Print the raw document.
+        json: bool,
+    },
+    /// `doctor [--json]`: read-only health checks.
+    Doctor {
+        /// Config file.
+        config: PathBuf,
+        /// Print a JSON array.
+        json: bool,
+    },
     /// `--version`.
     Version,
     /// `--help`.
@@ -80,6 +99,9 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
     let mut status = false;
     let mut wait: Option<u64> = None;
     let mut detach = false;
+    let mut show_status = false;
+    let mut doctor = false;
+    let mut json = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -92,6 +114,9 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
                 wait = Some(n.parse().map_err(|e| UsageError(format!("--wait: not a number of seconds: {n} ({e})")))?);
             }
             "detach" => detach = true,
+            "status" => show_status = true,
+            "doctor" => doctor = true,
+            "--json" => json = true,
             "-c" | "--config" => {
                 config = PathBuf::from(it.next().ok_or_else(|| UsageError("--config needs a file".into()))?);
             }
@@ -100,6 +125,21 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
     }
     if wait.is_some() && !status {
         return Err(UsageError("--wait requires --status".into()));
+    }
+    if usize::from(detach) + usize::from(show_status) + usize::from(doctor) > 1 {
+        return Err(UsageError("give one of detach, status, doctor".into()));
+    }
+    if json && !(show_status || doctor) {
+        return Err(UsageError("--json goes with status or doctor".into()));
+    }
+    if status && (show_status || doctor) {
+        return Err(UsageError("--status is its own command; status and doctor take no --status".into()));
+    }
+    if show_status {
+        return Ok(Command::ShowStatus { config, json });
+    }
+    if doctor {
+        return Ok(Command::Doctor { config, json });
     }
     if detach {
         return if status { Err(UsageError("detach takes no --status".into())) } else { Ok(Command::Detach { config }) };
@@ -184,6 +224,34 @@ mod tests {
         assert!(parse(&args(&["--wait", "5"])).is_err());
         assert!(parse(&args(&["--bogus"])).is_err());
         assert!(parse(&args(&["-s", "-w", "x"])).is_err());
+    }
+
+    #[test]
+    fn parses_status_and_doctor_subcommands() {
+        let c = || PathBuf::from(DEFAULT_CONFIG_PATH);
+        assert_eq!(parse(&args(&["status"])).unwrap(), Command::ShowStatus { config: c(), json: false });
+        assert_eq!(parse(&args(&["status", "--json"])).unwrap(), Command::ShowStatus { config: c(), json: true });
+        assert_eq!(
+            parse(&args(&["--json", "status", "-c", "/x.json"])).unwrap(),
+            Command::ShowStatus { config: "/x.json".into(), json: true }
+        );
+        assert_eq!(parse(&args(&["doctor"])).unwrap(), Command::Doctor { config: c(), json: false });
+        assert_eq!(
+            parse(&args(&["doctor", "--json", "--config", "/y.json"])).unwrap(),
+            Command::Doctor { config: "/y.json".into(), json: true }
+        );
+        // --json alone, with the daemon or with --status is a usage error.
+        assert!(parse(&args(&["--json"])).is_err());
+        assert!(parse(&args(&["-s", "--json"])).is_err());
+        assert!(parse(&args(&["detach", "--json"])).is_err());
+        // One subcommand at a time; `status` is not `--status`.
+        assert!(parse(&args(&["status", "doctor"])).is_err());
+        assert!(parse(&args(&["detach", "status"])).is_err());
+        assert!(parse(&args(&["status", "--status"])).is_err());
+        assert!(parse(&args(&["doctor", "-w", "3"])).is_err());
+        // The existing forms are unchanged.
+        assert_eq!(parse(&args(&["detach"])).unwrap(), Command::Detach { config: c() });
+        assert_eq!(parse(&args(&["--status"])).unwrap(), Command::Status { config: c(), wait_secs: 0 });
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod doctor;
 pub mod http;
 pub mod identity;
 pub mod limits;
@@ -38,6 +39,7 @@ pub mod msp;
 pub mod policy;
 pub mod proxy;
 pub mod redirect;
+pub mod status;
 #[expect(unsafe_code, reason = "the one module allowed raw libc; every block has a SAFETY comment")]
 pub mod sys;
 

@@ -116,6 +116,22 @@ fn run(args: &[String]) -> Result<ExitCode, MainError> {
             println!("{}", outcome.message);
             Ok(ExitCode::from(outcome.exit_code))
         }
+        Command::ShowStatus { config, json } => {
+            let config = ValidatedConfig::load(&config).map_err(MainError::Config)?;
+            let (exit, text) = gpa::status::view::show(&config.log_dir, json, wall_ms());
+            if exit == gpa::status::view::ShowExit::Unreadable {
+                eprintln!("guest-proxy-agent: {text}");
+            } else {
+                println!("{}", text.trim_end());
+            }
+            Ok(ExitCode::from(exit.code()))
+        }
+        Command::Doctor { config, json } => {
+            let config = ValidatedConfig::load(&config).map_err(MainError::Config)?;
+            let (code, text) = gpa::doctor::run(&config, json, &gpa::doctor::Environment::system(wall_ms()));
+            println!("{}", text.trim_end());
+            Ok(ExitCode::from(code))
+        }
         Command::Run { config } => {
             let config = ValidatedConfig::load(&config).map_err(MainError::Config)?;
             logger::init(config.log_level);
@@ -135,4 +151,9 @@ fn run(args: &[String]) -> Result<ExitCode, MainError> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Wall-clock now in Unix milliseconds.
+fn wall_ms() -> u64 {
+    u64::try_from(gpa::clock::wall_now().as_millis()).unwrap_or(u64::MAX)
 }

@@ -713,7 +713,7 @@ impl Connection {
         let exchange = self.exchange.take();
         let close = exchange.as_ref().is_some_and(|e| e.close);
         if let Some(e) = exchange {
-            ctx.shared.record(self.caller.as_ref(), &e, ctx.now);
+            ctx.shared.record(self.caller.as_ref(), self.peer, &e, ctx.now);
         }
         if !self.upstream_keep_alive {
             self.drop_upstream(ctx);
@@ -761,7 +761,7 @@ impl Connection {
             if status >= 500 && e.decision == "allow" {
                 e.decision = "error";
             }
-            ctx.shared.record(self.caller.as_ref(), &e, ctx.now);
+            ctx.shared.record(self.caller.as_ref(), self.peer, &e, ctx.now);
         }
         if close {
             self.drop_upstream(ctx);

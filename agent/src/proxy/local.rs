@@ -65,7 +65,13 @@ impl Shared {
         if !caller.is_some_and(Caller::is_root) {
             return Some(empty(403));
         }
-        Some(LocalResponse { status: 200, content_type: JSON, body: self.status_json(), close: false })
+        // The response buffer bounds the answer; the renderer drops summaries to fit.
+        let limit = crate::limits::RESPONSE_BUFFER_BYTES - 256;
+        let body = self.render_status(limit).map(|json| String::from_utf8_lossy(json).into_owned());
+        Some(match body {
+            Some(body) => LocalResponse { status: 200, content_type: JSON, body, close: false },
+            None => empty(500),
+        })
     }
 
     fn provision_response(&mut self, head: &RequestHead, req: &[u8], now: Instant) -> LocalResponse {
@@ -101,43 +107,6 @@ impl Shared {
         json_escape_into(&mut body, &error);
         body.push_str("\"}");
         LocalResponse { status: 200, content_type: JSON, body, close: false }
-    }
-
-    /// The aggregate status document (MSP §6.2).
-    pub(crate) fn status_json(&self) -> String {
-        let mut s = String::with_capacity(1024);
-        let keeper = &self.keeper;
-        let key_status = "RUNNING";
-        s.push_str("{\"timestamp\":\"");
-        s.push_str(&crate::msp::http_date::format_timestamp_millis(u64::try_from(clock::wall_now().as_millis()).unwrap_or(0)));
-        write!(s, "\",\"proxyAgentStatus\":{{\"version\":\"{}\",\"status\":\"SUCCESS\",", crate::VERSION).ok();
-        s.push_str("\"monitorStatus\":{\"status\":\"RUNNING\",\"message\":\"Proxy agent status is running.\"},");
-        write!(s, "\"keyLatchStatus\":{{\"status\":\"{key_status}\",\"message\":\"").ok();
-        json_escape_into(&mut s, keeper.message());
-        s.push_str("\",\"states\":{\"secureChannelState\":\"");
-        json_escape_into(&mut s, keeper.state());
-        s.push('"');
-        if let Some(doc) = keeper.key_doc() {
-            s.push_str(",\"keyGuid\":\"");
-            json_escape_into(&mut s, &doc.guid);
-            s.push('"');
-            if let Some(inc) = doc.incarnation_id {
-                write!(s, ",\"keyIncarnationId\":{inc}").ok();
-            }
-        }
-        let ids = keeper.summary().map(|x| (x.ws_rule_id.as_str(), x.imds_rule_id.as_str(), x.hgap_rule_id.as_str()));
-        let (ws, imds, hgap) = ids.unwrap_or(("", "", ""));
-        for (name, id) in [("wireServerRuleId", ws), ("imdsRuleId", imds), ("hostGARuleId", hgap)] {
-            write!(s, ",\"{name}\":\"").ok();
-            json_escape_into(&mut s, id);
-            s.push('"');
-        }
-        s.push_str("}},\"ebpfProgramStatus\":{\"status\":\"RUNNING\",\"message\":\"Started Redirector with eBPF maps\"},");
-        s.push_str("\"proxyListenerStatus\":{\"status\":\"RUNNING\",\"message\":\"Started proxy listener, ready to accept request\"},");
-        s.push_str("\"telemetryLoggerStatus\":{\"status\":\"STOPPED\",\"message\":\"Telemetry upload is not configured.\"},");
-        write!(s, "\"proxyConnectionsCount\":{}}},", self.stats.requests).ok();
-        s.push_str("\"proxyConnectionSummary\":[],\"failedAuthenticateSummary\":[]}");
-        s
     }
 }
 

@@ -24,7 +24,8 @@ use self::connection::{Buffers, Connection, Ctx, Next, peer_v4};
 use crate::config::{RedirectPolicy, ValidatedConfig};
 use crate::identity::{Caller, Resolver};
 use crate::limits::{BODY_BUFFERS, EVENTS_PER_TURN, GROUPS_PER_USER, REQUEST_BODY_MAX_BYTES};
-use crate::policy::Policy;
+use crate::policy::{Policy, snapshot};
+use crate::status::{KeyLatchStates, ModuleStatus, StatusInputs, StatusWriter, Summaries, SummaryKind, SummaryRecord};
 use crate::policy::decide::{CallerView, Outcome};
 use crate::msp::key_keeper::{KeeperConfig, KeyKeeper};
 use crate::msp::signing::{self, SigningKey};
@@ -153,6 +154,18 @@ pub struct Shared {
     pub(crate) rules_dir: PathBuf,
     /// The per-request audit trail; `None` if it could not be opened (logged at start).
     pub(crate) audit: Option<AuditLog>,
+    /// Connection summaries for the status document.
+    pub(crate) summaries: Summaries,
+    /// Writes `status.json` (and is the `monitorStatus` component).
+    pub(crate) status_writer: StatusWriter,
+    /// Fixed buffer the status document is rendered into.
+    pub(crate) status_buf: Box<[u8]>,
+    /// Status and snapshot directory.
+    pub(crate) log_dir: PathBuf,
+    /// `ebpfProgramStatus` message.
+    pub(crate) ebpf_message: String,
+    /// `proxyListenerStatus` message.
+    pub(crate) listener_message: String,
 }
 
 impl Shared {
@@ -216,26 +229,101 @@ impl Shared {
         }
     }
 
+    /// Connection summaries (MSP §6.3): local endpoints and 413s are not summarised; missing
+    /// identities and denials also count as failed authentications.
+    fn summarise(&mut self, caller: Option<&Caller>, peer: SocketAddrV4, exchange: &connection::Exchange) {
+        if exchange.decision == "local" || exchange.status == 413 {
+            return;
+        }
+        let now_s = clock::wall_now().as_secs();
+        let upstream = caller.map(|c| c.record.original_destination());
+        let mut uid_text = heapless::String::<10>::new();
+        let mut record = |summaries: &mut Summaries, kind, status| {
+            let rec = SummaryRecord::from_caller(caller, peer, upstream, status, &mut uid_text);
+            summaries.record(kind, &rec, now_s)
+        };
+        let recorded = match exchange.decision {
+            "no-identity" => record(&mut self.summaries, SummaryKind::FailedAuthenticate, exchange.status),
+            "deny" => {
+                record(&mut self.summaries, SummaryKind::FailedAuthenticate, 403);
+                record(&mut self.summaries, SummaryKind::ProxyConnection, 403)
+            }
+            "audit-deny" => {
+                record(&mut self.summaries, SummaryKind::FailedAuthenticate, 403);
+                record(&mut self.summaries, SummaryKind::ProxyConnection, exchange.status)
+            }
+            _ => record(&mut self.summaries, SummaryKind::ProxyConnection, exchange.status),
+        };
+        if recorded.first_in_bucket {
+            log::info!(target: "gpa::proxy", "connection summary: new bucket pid={} status={} decision={}", caller.map_or(0, Caller::pid), exchange.status, exchange.decision);
+        }
+    }
+
+    /// Renders the aggregate status document (MSP §6.2) into `status_buf`, at most `limit`
+    /// bytes (fewer summaries when it would not fit).
+    pub(crate) fn render_status(&mut self, limit: usize) -> Option<&[u8]> {
+        self.summaries.age(clock::wall_now().as_secs());
+        let inputs = StatusInputs {
+            timestamp_unix_ms: u64::try_from(clock::wall_now().as_millis()).unwrap_or(0),
+            version: crate::VERSION,
+            monitor: self.status_writer.monitor(),
+            key_latch: ModuleStatus::running(self.keeper.message()),
+            key_latch_states: Some(KeyLatchStates::from_keeper(&self.keeper)),
+            ebpf_program: ModuleStatus::running(&self.ebpf_message),
+            proxy_listener: ModuleStatus::running(&self.listener_message),
+            telemetry_logger: ModuleStatus::TELEMETRY_NOT_CONFIGURED,
+            proxy_connections_count: self.stats.requests,
+            summaries: &self.summaries,
+        };
+        let limit = limit.min(self.status_buf.len());
+        match crate::status::render(&inputs, &mut self.status_buf[..limit]) {
+            Ok(rendered) => Some(rendered.json),
+            Err(e) => {
+                log::error!(target: "gpa::loop", "status document does not render: {e:?}");
+                None
+            }
+        }
+    }
+
+    /// Writes `<logDir>/status.json` atomically.
+    fn write_status_file(&mut self) {
+        let Some(len) = self.render_status(usize::MAX).map(<[u8]>::len) else { return };
+        if let Err(e) = self.status_writer.write(&self.status_buf[..len]) {
+            log::warn!(target: "gpa::loop", "status file not written: {e:?}");
+        }
+    }
+
     /// Re-applies the allowlist from the latest status document (and the local rule files);
     /// the policy swaps an endpoint's rules only when their content changed.
     fn refresh_policy(&mut self) {
         let rules = self.keeper.document().and_then(|d| d.authorization_rules.as_ref());
         let imds = rules.and_then(|r| r.imds.as_deref());
         let wireserver = rules.and_then(|r| r.wireserver.as_deref());
-        if self.policy.update_items(imds, wireserver, &self.rules_dir) {
+        let changed = self.policy.update_items(imds, wireserver, &self.rules_dir);
+        for (endpoint, event) in self.policy.local_events() {
+            log::info!(target: "gpa::loop", "local rules: endpoint={} event={}", endpoint.name(), event.name());
+        }
+        if changed {
             log::info!(target: "gpa::loop", "authorization rules applied");
+            // §4.12: a snapshot of what was applied, keeping the five newest.
+            let written = snapshot::write_snapshot(&self.log_dir, clock::wall_now().as_nanos(), &self.policy)
+                .and_then(|_| snapshot::prune_snapshots(&self.log_dir, 5));
+            if let Err(e) = written {
+                log::warn!(target: "gpa::loop", "rules snapshot not written: {e}");
+            }
         }
     }
 
     /// Accounts one answered request: counters and one audit record (written at the end of
     /// the loop turn).
-    pub(crate) fn record(&mut self, caller: Option<&Caller>, exchange: &connection::Exchange, now: Instant) {
+    pub(crate) fn record(&mut self, caller: Option<&Caller>, peer: SocketAddrV4, exchange: &connection::Exchange, now: Instant) {
         match exchange.status {
             200..=299 => self.stats.responses_2xx += 1,
             400..=499 => self.stats.responses_4xx += 1,
             500..=599 => self.stats.responses_5xx += 1,
             _ => {}
         }
+        self.summarise(caller, peer, exchange);
         let Some(audit) = self.audit.as_mut() else { return };
         let endpoint = caller.map(|c| Endpoint::from_raw(c.record.endpoint));
         let latency = now.saturating_duration_since(exchange.started);
@@ -308,6 +396,8 @@ pub struct EventLoop {
     config: ValidatedConfig,
     routes: [bool; 3],
     netns_cookie: u64,
+    /// When `status.json` is written next.
+    next_status: Instant,
 }
 
 impl EventLoop {
@@ -331,13 +421,13 @@ impl EventLoop {
             Some(p) => p.clone(),
             None => crate::redirect::find_cgroup2_root().ok_or(StartError::NoCgroup2)?,
         };
+        let listener_message =
+            format!("Started proxy listener, ready to accept request - {}", clock::now().saturating_duration_since(started).as_millis());
         let redirector = Redirector::attach(&cgroup, config.agent_mark, crate::sys::getpid(), config.pin_dir.as_deref())
             .map_err(StartError::Redirect)?;
-        logger::milestone(&format!(
-            "eBPF redirector attached to {} in {} ms",
-            cgroup.display(),
-            clock::now().saturating_duration_since(started).as_millis()
-        ));
+        let attach_ms = clock::now().saturating_duration_since(started).as_millis();
+        logger::milestone(&format!("eBPF redirector attached to {} in {attach_ms} ms", cgroup.display()));
+        let ebpf_message = format!("Started Redirector with eBPF maps - {attach_ms}");
 
         let keeper = KeyKeeper::new(
             KeeperConfig {
@@ -368,6 +458,12 @@ impl EventLoop {
                 provision: local::Provision::new(clock::now()),
                 policy: Policy::new(),
                 rules_dir: config.state_dir.join("rules"),
+                summaries: Summaries::new(),
+                status_writer: StatusWriter::new(&config.log_dir),
+                status_buf: crate::status::new_buffer(),
+                log_dir: config.log_dir.clone(),
+                ebpf_message,
+                listener_message,
                 audit: match AuditLog::open(&config.log_dir, AUDIT_FILE_BYTES, AUDIT_FILES) {
                     Ok(a) => Some(a),
                     Err(e) => {
@@ -381,6 +477,7 @@ impl EventLoop {
             config,
             routes: [false; 3],
             netns_cookie,
+            next_status: clock::now(),
         };
         // Adopted pinned state keeps the previous agent's routes until the key latch decides.
         for (i, destination) in [this.config.wire_server, this.config.imds, this.config.host_ga_plugin].into_iter().enumerate() {
@@ -431,7 +528,7 @@ impl EventLoop {
     }
 
     fn next_deadline(&self, now: Instant) -> Option<Instant> {
-        let mut next = self.shared.keeper.deadline();
+        let mut next = self.shared.keeper.deadline().min(self.next_status);
         if self.live > 0 {
             for slot in self.slots.iter() {
                 if let Some(c) = &slot.conn {
@@ -573,6 +670,10 @@ impl EventLoop {
     fn expire(&mut self, now: Instant) {
         if self.shared.keeper.deadline() <= now {
             self.drive_keeper(now);
+        }
+        if self.next_status <= now {
+            self.shared.write_status_file();
+            self.next_status = now + Duration::from_secs(self.config.status_interval_secs);
         }
         if self.live == 0 {
             return;
