@@ -25,6 +25,12 @@ USAGE:
                                                SUCCESS, 1 ERROR, 2 missing or unreadable
     guest-proxy-agent doctor [--json]          read-only health checks; exit 0 when none
                                                failed, 1 otherwise
+    guest-proxy-agent audit verify [--key-file K] FILE...
+                                               check the audit hash chain (oldest file first);
+                                               names the first broken record; exit 0 intact
+    guest-proxy-agent policy explain (--rules FILE | --live) --endpoint E --url URL
+                        [--method M] [--uid N] [--user U] [--group G]... [--exe PATH] [--json]
+                                               the allowlist decision for one request and why
     guest-proxy-agent --version | --help
 
 OPTIONS:
@@ -77,6 +83,15 @@ pub enum Command {
         /// Print a JSON array.
         json: bool,
     },
+    /// `audit verify [--key-file K] FILE...`.
+    AuditVerify {
+        /// Key file of the MSP key the checkpoints were made with (`<guid>.key`).
+        key_file: Option<PathBuf>,
+        /// Audit files, oldest first.
+        files: Vec<PathBuf>,
+    },
+    /// `policy explain ...`.
+    PolicyExplain(ExplainArgs),
     /// `--version`.
     Version,
     /// `--help`.
@@ -94,7 +109,117 @@ impl core::fmt::Display for UsageError {
 }
 
 /// Parses the arguments after the program name.
+/// Arguments of `policy explain`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExplainArgs {
+    /// Config (for `--live`: the log directory holding rules snapshots).
+    pub config: PathBuf,
+    /// Rules file, or `None` for the live rules (newest snapshot).
+    pub rules: Option<PathBuf>,
+    /// `imds`, `wireserver` or `hostgaplugin`.
+    pub endpoint: String,
+    /// HTTP method.
+    pub method: String,
+    /// Request target (`/path?query`).
+    pub url: String,
+    /// Caller uid.
+    pub uid: u32,
+    /// Caller user name.
+    pub user: Option<String>,
+    /// Caller groups.
+    pub groups: Vec<String>,
+    /// Caller executable.
+    pub exe: Option<String>,
+    /// Print JSON.
+    pub json: bool,
+}
+
+fn parse_audit(args: &[String]) -> Result<Command, UsageError> {
+    let mut key_file = None;
+    let mut files = Vec::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--key-file" => key_file = Some(PathBuf::from(it.next().ok_or_else(|| UsageError("--key-file needs a file".into()))?)),
+            // The configuration plays no part in verifying files.
+            "-c" | "--config" => {
+                let _config = it.next();
+            }
+            flag if flag.starts_with('-') => return Err(UsageError(format!("audit verify: unknown option {flag}"))),
+            file => files.push(PathBuf::from(file)),
+        }
+    }
+    if files.is_empty() {
+        return Err(UsageError("audit verify needs at least one file".into()));
+    }
+    Ok(Command::AuditVerify { key_file, files })
+}
+
+fn parse_explain(args: &[String]) -> Result<Command, UsageError> {
+    let mut a = ExplainArgs {
+        config: PathBuf::from(DEFAULT_CONFIG_PATH),
+        rules: None,
+        endpoint: String::new(),
+        method: "GET".into(),
+        url: String::new(),
+        uid: 0,
+        user: None,
+        groups: Vec::new(),
+        exe: None,
+        json: false,
+    };
+    let mut live = false;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().cloned().ok_or_else(|| UsageError(format!("{arg} needs a value")));
+        match arg.as_str() {
+            "-c" | "--config" => a.config = PathBuf::from(value()?),
+            "--rules" => a.rules = Some(PathBuf::from(value()?)),
+            "--live" => live = true,
+            "--endpoint" => a.endpoint = value()?,
+            "--method" => a.method = value()?,
+            "--url" => a.url = value()?,
+            "--uid" => {
+                let v = value()?;
+                a.uid = v.parse().map_err(|e| UsageError(format!("--uid: {v}: {e}")))?;
+            }
+            "--user" => a.user = Some(value()?),
+            "--group" => a.groups.push(value()?),
+            "--exe" => a.exe = Some(value()?),
+            "--json" => a.json = true,
+            other => return Err(UsageError(format!("policy explain: unknown argument {other}"))),
+        }
+    }
+    if live == a.rules.is_some() {
+        return Err(UsageError("policy explain needs exactly one of --rules FILE or --live".into()));
+    }
+    if !matches!(a.endpoint.as_str(), "imds" | "wireserver" | "hostgaplugin") {
+        return Err(UsageError("--endpoint must be imds, wireserver or hostgaplugin".into()));
+    }
+    if !a.url.starts_with('/') {
+        return Err(UsageError("--url must be an origin-form target such as /metadata/instance".into()));
+    }
+    Ok(Command::PolicyExplain(a))
+}
+
+/// Parses the arguments after the program name.
 pub fn parse(args: &[String]) -> Result<Command, UsageError> {
+    // Two-word subcommands may follow `--config FILE`; their own options come after them.
+    for (i, pair) in args.windows(2).enumerate() {
+        let rest = || args[..i].iter().chain(&args[i + 2..]).cloned().collect::<Vec<_>>();
+        match (pair[0].as_str(), pair[1].as_str()) {
+            ("audit", "verify") => return parse_audit(&rest()),
+            ("policy", "explain") => return parse_explain(&rest()),
+            _ => {}
+        }
+    }
+    if args.iter().any(|a| a == "audit" || a == "policy") {
+        return Err(UsageError("expected audit verify or policy explain".into()));
+    }
+    parse_flags(args)
+}
+
+fn parse_flags(args: &[String]) -> Result<Command, UsageError> {
     let mut config = PathBuf::from(DEFAULT_CONFIG_PATH);
     let mut status = false;
     let mut wait: Option<u64> = None;
@@ -213,6 +338,24 @@ mod tests {
 
     fn args(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn parses_audit_verify_and_policy_explain() {
+        assert_eq!(
+            parse(&args(&["audit", "verify", "--key-file", "/k", "a.1", "a"])).unwrap(),
+            Command::AuditVerify { key_file: Some("/k".into()), files: vec!["a.1".into(), "a".into()] }
+        );
+        assert!(parse(&args(&["audit", "verify"])).is_err());
+        let Command::PolicyExplain(e) =
+            parse(&args(&["policy", "explain", "--rules", "r.json", "--endpoint", "imds", "--url", "/x", "--uid", "7", "--group", "g"]))
+                .unwrap()
+        else {
+            panic!("not explain")
+        };
+        assert_eq!((e.uid, e.groups.as_slice(), e.method.as_str()), (7, &["g".to_owned()][..], "GET"));
+        assert!(parse(&args(&["policy", "explain", "--endpoint", "imds", "--url", "/x"])).is_err());
+        assert!(parse(&args(&["policy", "explain", "--live", "--endpoint", "nope", "--url", "/x"])).is_err());
     }
 
     #[test]

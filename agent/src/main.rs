@@ -67,6 +67,38 @@ fn run_and_report(args: &[String]) -> ExitCode {
     }
 }
 
+/// `policy explain`: the decision for one hypothetical request, from a rules file or the
+/// newest rules snapshot the running agent wrote (`--live`).
+fn explain(args: &cli::ExplainArgs) -> Result<ExitCode, MainError> {
+    use gpa::policy::decide::CallerView;
+    let rules = match &args.rules {
+        Some(path) => std::fs::read(path).map_err(MainError::Run)?,
+        None => {
+            let config = ValidatedConfig::load(&args.config).map_err(MainError::Config)?;
+            gpa::policy::snapshot::latest_input_rules(&config.log_dir).map_err(MainError::Run)?
+        }
+    };
+    let endpoint = match args.endpoint.as_str() {
+        "imds" => gpa::redirect::Endpoint::Imds,
+        "wireserver" => gpa::redirect::Endpoint::WireServer,
+        _ => gpa::redirect::Endpoint::HostGaPlugin,
+    };
+    let groups: Vec<&str> = args.groups.iter().map(String::as_str).collect();
+    let caller = CallerView {
+        uid: args.uid,
+        user_name: args.user.as_deref(),
+        groups: &groups,
+        exe_path: args.exe.as_deref().map(str::as_bytes),
+        process_name: None,
+    };
+    let report = gpa::policy::explain::explain(&rules, endpoint, &caller, args.method.as_bytes(), args.url.as_bytes());
+    let mut out = String::new();
+    let written = if args.json { report.write_json(&mut out) } else { report.write_human(&mut out) };
+    written.map_err(|e| MainError::Run(std::io::Error::other(e)))?;
+    println!("{}", out.trim_end());
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(args: &[String]) -> Result<ExitCode, MainError> {
     match cli::parse(args).map_err(MainError::Usage)? {
         Command::Help => {
@@ -116,6 +148,22 @@ fn run(args: &[String]) -> Result<ExitCode, MainError> {
             println!("{}", outcome.message);
             Ok(ExitCode::from(outcome.exit_code))
         }
+        Command::AuditVerify { key_file, files } => {
+            let key = match key_file {
+                None => None,
+                Some(path) => {
+                    let bytes = std::fs::read(&path).map_err(MainError::Run)?;
+                    let doc = gpa::msp::key_doc::KeyDoc::parse(&bytes)
+                        .map_err(|e| MainError::Run(std::io::Error::other(format!("{}: {e:?}", path.display()))))?;
+                    let key = doc.signing_key().map_err(|e| MainError::Run(std::io::Error::other(format!("{e:?}"))))?;
+                    Some(gpa::audit::derive_checkpoint_key(|label| key.mac(label)))
+                }
+            };
+            let report = gpa::audit::verify_files(&files, key.as_ref());
+            println!("{report}");
+            Ok(if report.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::PolicyExplain(args) => explain(&args),
         Command::ShowStatus { config, json } => {
             let config = ValidatedConfig::load(&config).map_err(MainError::Config)?;
             let (exit, text) = gpa::status::view::show(&config.log_dir, json, wall_ms());

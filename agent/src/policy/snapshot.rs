@@ -365,3 +365,56 @@ mod tests {
         drop(std::fs::remove_dir_all(&dir));
     }
 }
+
+/// The `inputRules` object of the newest snapshot in `dir` (for `policy explain --live`):
+/// the effective items the running agent applied, in the schema `explain` reads.
+pub fn latest_input_rules(dir: &Path) -> io::Result<Vec<u8>> {
+    let newest = std::fs::read_dir(dir)?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with(SNAPSHOT_PREFIX) && name.ends_with(".json"))
+        .max()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no {SNAPSHOT_PREFIX}*.json in {}", dir.display())))?;
+    let doc = std::fs::read(dir.join(&newest))?;
+    member_value(&doc, b"\"inputRules\"")
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("{newest} has no inputRules")))
+}
+
+/// The raw JSON value of the first member named `key` (quoted) in `doc`: the object or array
+/// after the colon, matched bracket for bracket outside strings.
+fn member_value<'d>(doc: &'d [u8], key: &[u8]) -> Option<&'d [u8]> {
+    let at = doc.windows(key.len()).position(|w| w == key)? + key.len();
+    let rest = &doc[at..];
+    let start = at + rest.iter().position(|b| *b == b'{' || *b == b'[')?;
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, b) in doc[start..].iter().enumerate() {
+        match (in_string, escaped, *b) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (true, false, b'"') => in_string = false,
+            (true, false, _) => {}
+            (false, _, b'"') => in_string = true,
+            (false, _, b'{' | b'[') => depth += 1,
+            (false, _, b'}' | b']') => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(&doc[start..=start + i]);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod member_tests {
+    use super::member_value;
+
+    #[test]
+    fn finds_the_input_rules_object_even_with_braces_in_strings() {
+        let doc = br#"{"inputRules":{"imds":{"id":"a}{","rules":null}},"computedRules":{}}"#;
+        assert_eq!(member_value(doc, b"\"inputRules\""), Some(&br#"{"imds":{"id":"a}{","rules":null}}"#[..]));
+        assert_eq!(member_value(doc, b"\"missing\""), None);
+    }
+}
