@@ -26,33 +26,41 @@ use crate::clock;
 use crate::http::{BodyFraming, ChunkedDecoder, RequestHead, ResponseFraming, ResponseHead};
 use crate::identity::Caller;
 use crate::limits::{
-    CLIENT_BODY_TIMEOUT_MS, CLIENT_HEAD_TIMEOUT_MS, CLIENT_WRITE_TIMEOUT_MS, IDLE_TIMEOUT_MS, REQUEST_BODY_MAX_BYTES,
-    REQUEST_HEAD_MAX_BYTES, RESPONSE_BUFFER_BYTES, UPSTREAM_CONNECT_TIMEOUT_MS, UPSTREAM_HEAD_MAX_BYTES,
+    CLIENT_BODY_TIMEOUT_MS, CONNECTION_BUFFER_BYTES, CLIENT_HEAD_TIMEOUT_MS, CLIENT_WRITE_TIMEOUT_MS, IDLE_TIMEOUT_MS, REQUEST_BODY_MAX_BYTES,
+    REQUEST_HEAD_MAX_BYTES, UPSTREAM_CONNECT_TIMEOUT_MS, UPSTREAM_HEAD_MAX_BYTES,
 };
 use super::Verdict;
 
 /// Added to every proxied response (MSP §5.7): tells the caller the call went through us.
 const MARKER: &[u8] = b"x-ms-azure-host-authorization: value\r\n";
 
-/// The fixed buffers of one connection slot, allocated when the slot is first used and then
-/// reused by every later connection in that slot.
+/// The fixed buffers of one connection slot: a slice of one arena allocated at start-up for
+/// the whole table (see [`Buffers::arena`]) and reused by every connection in that slot.
 #[derive(Debug)]
 pub(crate) struct Buffers {
     /// Client bytes: the request head, then body bytes or a pipelined next request.
-    req: Box<[u8]>,
+    req: &'static mut [u8],
     /// The serialised upstream request head.
-    up: Box<[u8]>,
+    up: &'static mut [u8],
     /// Response bytes on their way to the client.
-    resp: Box<[u8]>,
+    resp: &'static mut [u8],
 }
 
 impl Buffers {
-    pub(crate) fn new() -> Self {
-        Self {
-            req: vec![0; REQUEST_HEAD_MAX_BYTES].into_boxed_slice(),
-            up: vec![0; UPSTREAM_HEAD_MAX_BYTES].into_boxed_slice(),
-            resp: vec![0; RESPONSE_BUFFER_BYTES].into_boxed_slice(),
-        }
+    /// Buffers for `slots` connections, carved from one zeroed allocation. It is large
+    /// (`slots` × [`CONNECTION_BUFFER_BYTES`]), so the allocator takes it straight from
+    /// `mmap`: pages cost memory only once a connection touches them. It lives as long as
+    /// the process (leaked on purpose: the table is never freed).
+    pub(crate) fn arena(slots: usize) -> Vec<Self> {
+        let arena: &'static mut [u8] = Box::leak(vec![0u8; slots * CONNECTION_BUFFER_BYTES].into_boxed_slice());
+        arena
+            .chunks_exact_mut(CONNECTION_BUFFER_BYTES)
+            .map(|chunk| {
+                let (req, rest) = chunk.split_at_mut(REQUEST_HEAD_MAX_BYTES);
+                let (up, resp) = rest.split_at_mut(UPSTREAM_HEAD_MAX_BYTES);
+                Self { req, up, resp }
+            })
+            .collect()
     }
 }
 
@@ -477,6 +485,9 @@ impl Connection {
             }
         };
         let mut stream = stream;
+        if let Err(e) = stream.set_nodelay(true) {
+            log::debug!(target: "gpa::proxy", "TCP_NODELAY not set upstream: {e}");
+        }
         if ctx.registry.register(&mut stream, ctx.upstream_token, Interest::READABLE | Interest::WRITABLE).is_err() {
             self.respond(ctx, 502, &[], b"", true);
             return Step::Progress;

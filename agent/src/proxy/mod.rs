@@ -349,7 +349,8 @@ impl Shared {
 /// One slot of the connection table.
 #[derive(Debug, Default)]
 struct Slot {
-    conn: Option<Connection>,
+    /// Boxed so the table itself stays small (a few words per slot) however many slots.
+    conn: Option<Box<Connection>>,
     /// The slot's buffers while no connection uses them.
     spare: Option<Buffers>,
 }
@@ -439,7 +440,11 @@ impl EventLoop {
             &config.state_dir,
             clock::now(),
         );
-        let slots = (0..config.max_connections).map(|_| Slot::default()).collect::<Vec<_>>().into_boxed_slice();
+        let slots = Buffers::arena(config.max_connections)
+            .into_iter()
+            .map(|bufs| Slot { conn: None, spare: Some(bufs) })
+            .collect::<Vec<_>>()
+            .into_boxed_slice();
         let free = (0..config.max_connections).rev().collect();
         let mut this = Self {
             poll,
@@ -638,8 +643,18 @@ impl EventLoop {
                 continue;
             }
             log::trace!(target: "gpa::proxy", "accepted: slot={index} peer={peer} identity={}", caller.is_some());
-            let bufs = self.slots[index].spare.take().unwrap_or_else(Buffers::new);
-            self.slots[index].conn = Some(Connection::new(stream, peer, caller, bufs, now));
+            // Small requests and responses must not wait for delayed ACKs (Nagle).
+            if let Err(e) = stream.set_nodelay(true) {
+                log::debug!(target: "gpa::proxy", "TCP_NODELAY not set: {e}");
+            }
+            let Some(bufs) = self.slots[index].spare.take() else {
+                // Every free slot holds its buffers; a slot without them is a bug, not a reason
+                // to stop: refuse this connection like a full table.
+                self.free.push(index);
+                drop(stream.write(SERVER_FULL));
+                continue;
+            };
+            self.slots[index].conn = Some(Box::new(Connection::new(stream, peer, caller, bufs, now)));
             self.live += 1;
             self.drive_connection(index, now, false);
         }

@@ -81,8 +81,9 @@ impl std::error::Error for RedirectError {}
 /// Loaded and attached kernel programs plus the maps the agent uses.
 #[derive(Debug)]
 pub struct Redirector {
-    // Owns the programs and their links: dropping the redirector detaches them.
-    _ebpf: Ebpf,
+    // Owns the programs and their links while they are not pinned: dropping the redirector
+    // then detaches them. With pins the kernel holds them and the loader's memory is freed.
+    _ebpf: Option<Ebpf>,
     policy: HashMap<MapData, PolicyKey, PolicyValue>,
     audit: HashMap<MapData, AuditKey, CallerRecord>,
     cgroup: PathBuf,
@@ -103,6 +104,9 @@ impl Redirector {
     pub fn attach(cgroup: &Path, agent_mark: u32, agent_tgid: u32, pins: Option<&Path>) -> Result<Self, RedirectError> {
         let pin_dir = pins.map(prepare_pin_dir).transpose()?;
         let mut loader = EbpfLoader::new();
+        // The programs read no kernel structures (no CO-RE): parsing the kernel's multi-MiB
+        // BTF would only cost start-up time and memory.
+        loader.btf(None);
         let map_paths: Vec<(&str, PathBuf)> =
             pin_dir.iter().flat_map(|dir| MAPS.iter().map(move |name| (*name, dir.join(name)))).collect();
         for (name, path) in &map_paths {
@@ -161,6 +165,7 @@ impl Redirector {
                 }
             }
         }
+        let ebpf = if pin_dir.is_some() { None } else { Some(ebpf) };
         Ok(Self { _ebpf: ebpf, policy, audit, cgroup: cgroup.to_owned() })
     }
 
