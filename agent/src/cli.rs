@@ -140,7 +140,9 @@ fn parse_audit(args: &[String]) -> Result<Command, UsageError> {
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "--key-file" => key_file = Some(PathBuf::from(it.next().ok_or_else(|| UsageError("--key-file needs a file".into()))?)),
+            "--key-file" => {
+                key_file = Some(PathBuf::from(it.next().ok_or_else(|| UsageError("--key-file needs a file".into()))?))
+            }
             // The configuration plays no part in verifying files.
             "-c" | "--config" => {
                 let _config = it.next();
@@ -267,7 +269,11 @@ fn parse_flags(args: &[String]) -> Result<Command, UsageError> {
         return Ok(Command::Doctor { config, json });
     }
     if detach {
-        return if status { Err(UsageError("detach takes no --status".into())) } else { Ok(Command::Detach { config }) };
+        return if status {
+            Err(UsageError("detach takes no --status".into()))
+        } else {
+            Ok(Command::Detach { config })
+        };
     }
     Ok(if status { Command::Status { config, wait_secs: wait.unwrap_or(0) } } else { Command::Run { config } })
 }
@@ -318,9 +324,15 @@ pub fn status(listen: SocketAddrV4, wait_secs: u64) -> StatusOutcome {
         {
             {
                 return if p.error_message.is_empty() {
-                    StatusOutcome { exit_code: 0, message: "Provisioning finished: the guest proxy agent is ready.".into() }
+                    StatusOutcome {
+                        exit_code: 0,
+                        message: "Provisioning finished: the guest proxy agent is ready.".into(),
+                    }
                 } else {
-                    StatusOutcome { exit_code: 2, message: format!("Provisioning finished with errors: {}", p.error_message.trim_end()) }
+                    StatusOutcome {
+                        exit_code: 2,
+                        message: format!("Provisioning finished with errors: {}", p.error_message.trim_end()),
+                    }
                 };
             }
         }
@@ -347,10 +359,21 @@ mod tests {
             Command::AuditVerify { key_file: Some("/k".into()), files: vec!["a.1".into(), "a".into()] }
         );
         assert!(parse(&args(&["audit", "verify"])).is_err());
-        let Command::PolicyExplain(e) =
-            parse(&args(&["policy", "explain", "--rules", "r.json", "--endpoint", "imds", "--url", "/x", "--uid", "7", "--group", "g"]))
-                .unwrap()
-        else {
+        let Command::PolicyExplain(e) = parse(&args(&[
+            "policy",
+            "explain",
+            "--rules",
+            "r.json",
+            "--endpoint",
+            "imds",
+            "--url",
+            "/x",
+            "--uid",
+            "7",
+            "--group",
+            "g",
+        ]))
+        .unwrap() else {
             panic!("not explain")
         };
         assert_eq!((e.uid, e.groups.as_slice(), e.method.as_str()), (7, &["g".to_owned()][..], "GET"));
@@ -362,7 +385,10 @@ mod tests {
     fn parses_the_documented_forms() {
         assert_eq!(parse(&args(&[])).unwrap(), Command::Run { config: DEFAULT_CONFIG_PATH.into() });
         assert_eq!(parse(&args(&["--config", "/x.json"])).unwrap(), Command::Run { config: "/x.json".into() });
-        assert_eq!(parse(&args(&["-s", "-w", "5"])).unwrap(), Command::Status { config: DEFAULT_CONFIG_PATH.into(), wait_secs: 5 });
+        assert_eq!(
+            parse(&args(&["-s", "-w", "5"])).unwrap(),
+            Command::Status { config: DEFAULT_CONFIG_PATH.into(), wait_secs: 5 }
+        );
         assert_eq!(parse(&args(&["--version"])).unwrap(), Command::Version);
         assert!(parse(&args(&["--wait", "5"])).is_err());
         assert!(parse(&args(&["--bogus"])).is_err());

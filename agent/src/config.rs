@@ -136,7 +136,9 @@ impl fmt::Display for ConfigError {
         match self {
             Self::Read(p, e) => write!(f, "cannot read config {}: {e}", p.display()),
             Self::TooLarge(p) => write!(f, "config {} is larger than {CONFIG_MAX_BYTES} bytes", p.display()),
-            Self::Parse(p, e) => write!(f, "config {} is invalid (unknown key, wrong type or value too long): {e}", p.display()),
+            Self::Parse(p, e) => {
+                write!(f, "config {} is invalid (unknown key, wrong type or value too long): {e}", p.display())
+            }
             Self::Invalid(key, why) => write!(f, "config key {key}: {why}"),
         }
     }
@@ -172,7 +174,10 @@ impl ValidatedConfig {
         };
         let listen = addr("listenAddress", &raw.listen_address)?;
         if !listen.ip().is_loopback() {
-            return Err(ConfigError::Invalid("listenAddress", "must be a loopback address (the proxy must not be reachable from outside)"));
+            return Err(ConfigError::Invalid(
+                "listenAddress",
+                "must be a loopback address (the proxy must not be reachable from outside)",
+            ));
         }
         let max_connections = usize::try_from(raw.max_connections).unwrap_or(usize::MAX);
         if !(1..=MAX_CONNECTIONS_LIMIT).contains(&max_connections) {
@@ -208,7 +213,11 @@ impl ValidatedConfig {
             _ => return Err(ConfigError::Invalid("redirect", "expected hostModes or all")),
         };
         let dir = |key: &'static str, v: &str| {
-            if v.starts_with('/') { Ok(PathBuf::from(v)) } else { Err(ConfigError::Invalid(key, "must be an absolute path")) }
+            if v.starts_with('/') {
+                Ok(PathBuf::from(v))
+            } else {
+                Err(ConfigError::Invalid(key, "must be an absolute path"))
+            }
         };
         Ok(Self {
             listen,

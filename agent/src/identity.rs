@@ -223,7 +223,9 @@ fn user_from_databases(uid: u32, gid: u32, passwd: &[u8], group: &[u8]) -> UserE
     // Primary group first, then every group that lists the user as a member.
     for line in group.split(|b| *b == b'\n') {
         let mut f = line.split(|b| *b == b':');
-        let (Some(name), _, Some(g), members) = (f.next(), f.next(), f.next(), f.next().unwrap_or(b"")) else { continue };
+        let (Some(name), _, Some(g), members) = (f.next(), f.next(), f.next(), f.next().unwrap_or(b"")) else {
+            continue;
+        };
         let is_primary = parse_u32(g) == Some(primary_gid);
         let is_member = entry.user.as_ref().is_some_and(|u| members.split(|b| *b == b',').any(|m| m == u.as_bytes()));
         if let (true, Some(n)) = (is_primary || is_member, to_name(name)) {
@@ -257,7 +259,8 @@ pub fn is_file(path: &Path) -> bool {
 mod tests {
     use super::*;
 
-    const PASSWD: &[u8] = b"root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\nbob:x:1001:100::/home/bob:/bin/sh\n";
+    const PASSWD: &[u8] =
+        b"root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\nbob:x:1001:100::/home/bob:/bin/sh\n";
     const GROUP: &[u8] = b"root:x:0:\nusers:x:100:alice\nalice:x:1000:\nadm:x:4:alice,bob\n";
 
     #[test]

@@ -28,8 +28,7 @@ pub const UPSTREAM_HEAD_MAX_BYTES: usize = REQUEST_HEAD_MAX_BYTES + 1024;
 /// (a bigger head gets `502`).
 pub const RESPONSE_BUFFER_BYTES: usize = 16 * 1024;
 /// All buffers one connection slot owns, allocated on first use of the slot and reused.
-pub const CONNECTION_BUFFER_BYTES: usize =
-    REQUEST_HEAD_MAX_BYTES + UPSTREAM_HEAD_MAX_BYTES + RESPONSE_BUFFER_BYTES;
+pub const CONNECTION_BUFFER_BYTES: usize = REQUEST_HEAD_MAX_BYTES + UPSTREAM_HEAD_MAX_BYTES + RESPONSE_BUFFER_BYTES;
 
 /// Time a client has to send a complete request head (slow-loris bound).
 pub const CLIENT_HEAD_TIMEOUT_MS: u64 = 10_000;

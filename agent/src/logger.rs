@@ -59,7 +59,13 @@ impl Log for Logger {
         let mut err = std::io::stderr().lock();
         // A failing stderr cannot be reported anywhere; the agent keeps working.
         let written = if dropped > 0 {
-            writeln!(err, "{} {}: {} (rate limit dropped {dropped} lines)", record.level(), record.target(), record.args())
+            writeln!(
+                err,
+                "{} {}: {} (rate limit dropped {dropped} lines)",
+                record.level(),
+                record.target(),
+                record.args()
+            )
         } else {
             writeln!(err, "{} {}: {}", record.level(), record.target(), record.args())
         };

@@ -43,7 +43,10 @@ fn main() -> ExitCode {
         eprintln!("guest-proxy-agent: cannot block signals: {e}");
         return ExitCode::from(70);
     }
-    let worker = std::thread::Builder::new().name("gpa".into()).stack_size(MAIN_STACK_BYTES).spawn(move || run_and_report(&args));
+    let worker = std::thread::Builder::new()
+        .name("gpa".into())
+        .stack_size(MAIN_STACK_BYTES)
+        .spawn(move || run_and_report(&args));
     match worker.map(std::thread::JoinHandle::join) {
         Ok(Ok(code)) => code,
         _ => ExitCode::from(70),

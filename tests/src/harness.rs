@@ -38,7 +38,12 @@ pub fn skip_reason() -> Option<String> {
         return Some("no cgroup v2 mount".into());
     }
     for tool in ["ip", "nsenter", "curl", "setpriv", "python3"] {
-        if Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map(|o| !o.status.success()).unwrap_or(true) {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
             return Some(format!("{tool} not installed"));
         }
     }
@@ -64,7 +69,9 @@ pub fn cgroup2_root() -> Option<PathBuf> {
     let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
     info.lines().find_map(|l| {
         let (left, right) = l.split_once(" - ")?;
-        if right.split(' ').next()? != "cgroup2" { return None; }
+        if right.split(' ').next()? != "cgroup2" {
+            return None;
+        }
         left.split(' ').nth(4).map(PathBuf::from)
     })
 }
@@ -286,12 +293,21 @@ impl FakeHost {
     /// GET on the control API.
     pub fn get(&self, ns: &Netns, path: &str) -> Value {
         let body = http(ns, self.control, "GET", path, &[], b"").1;
-        serde_json::from_slice(&body).unwrap_or_else(|e| panic!("control {path}: {e}: {}", String::from_utf8_lossy(&body)))
+        serde_json::from_slice(&body)
+            .unwrap_or_else(|e| panic!("control {path}: {e}: {}", String::from_utf8_lossy(&body)))
     }
 
     /// POST /control with a JSON patch.
     pub fn control(&self, ns: &Netns, patch: &Value) -> Value {
-        let body = http(ns, self.control, "POST", "/control", &[("content-type", "application/json")], patch.to_string().as_bytes()).1;
+        let body = http(
+            ns,
+            self.control,
+            "POST",
+            "/control",
+            &[("content-type", "application/json")],
+            patch.to_string().as_bytes(),
+        )
+        .1;
         serde_json::from_slice(&body).expect("control answer")
     }
 
@@ -308,14 +324,24 @@ impl FakeHost {
 
 /// One blocking HTTP/1.1 request from inside `ns` (no redirect: the test process is not in
 /// the agent's cgroup). Returns (status, body).
-pub fn http(ns: &Netns, addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<u8>) {
+pub fn http(
+    ns: &Netns,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
     let (method, path) = (method.to_owned(), path.to_owned());
     let headers: Vec<(String, String)> = headers.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect();
     let body = body.to_vec();
     ns.within(move || {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
         for (n, v) in &headers {
             req.push_str(&format!("{n}: {v}\r\n"));
         }
@@ -412,7 +438,9 @@ impl Agent {
     fn wait_listening(&self, ns: &Netns) {
         let end = Instant::now() + Duration::from_secs(20);
         while Instant::now() < end {
-            let up = ns.within(|| TcpStream::connect_timeout(&"127.0.0.1:3080".parse().expect("addr"), Duration::from_millis(200)).is_ok());
+            let up = ns.within(|| {
+                TcpStream::connect_timeout(&"127.0.0.1:3080".parse().expect("addr"), Duration::from_millis(200)).is_ok()
+            });
             if up && self.log().contains("started, version") {
                 return;
             }
@@ -425,7 +453,8 @@ impl Agent {
     pub fn wait_ready(&self, ns: &Netns) {
         let end = Instant::now() + Duration::from_secs(20);
         while Instant::now() < end {
-            let (status, body) = http(ns, "127.0.0.1:3080".parse().expect("addr"), "GET", "/provision", &[("Metadata", "true")], b"");
+            let (status, body) =
+                http(ns, "127.0.0.1:3080".parse().expect("addr"), "GET", "/provision", &[("Metadata", "true")], b"");
             if status == 200 && String::from_utf8_lossy(&body).contains("\"finished\":true") {
                 return;
             }
@@ -515,14 +544,7 @@ pub fn client(ns: &Netns, who: As<'_>, argv: &[&str]) -> Output {
         script.push_str(&format!("setpriv --reuid={uid} --regid={gid} --clear-groups "));
     }
     script.push_str("\"$@\"");
-    let out = ns
-        .command("sh")
-        .arg("-c")
-        .arg(script)
-        .arg("sh")
-        .args(argv)
-        .output()
-        .expect("spawn client");
+    let out = ns.command("sh").arg("-c").arg(script).arg("sh").args(argv).output().expect("spawn client");
     assert_ne!(out.status.code(), Some(99), "could not join the cgroup");
     out
 }

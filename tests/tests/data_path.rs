@@ -6,7 +6,7 @@
 #![allow(clippy::tests_outside_test_module, reason = "integration test crate: every function here is a test")]
 #![allow(clippy::disallowed_methods, reason = "tests measure real time")]
 
-use gpa_system_tests::harness::{As, Agent, Cgroup, FakeHost, NO_EXTRA, Netns, client, curl, python, root_in};
+use gpa_system_tests::harness::{Agent, As, Cgroup, FakeHost, NO_EXTRA, Netns, client, curl, python, root_in};
 use gpa_system_tests::require_privileged;
 
 const IMDS: &str = "http://169.254.169.254/metadata/instance?api-version=2021-02-01";
@@ -59,9 +59,13 @@ fn agent_knows_pid_exe_uid_and_gid_of_a_non_root_caller() {
         &e.ns,
         As { ids: Some((65534, 65533)), cgroup: Some(&e.cg) },
         // Debian's interpreter: a root-only one (pyenv under /root) is not executable by nobody.
-        &["/usr/bin/python3", "-c", &format!(
-            "import os,urllib.request as u; r=u.urlopen(u.Request('{IMDS}',headers={{'Metadata':'true'}})); print(os.getpid(), r.status)"
-        )],
+        &[
+            "/usr/bin/python3",
+            "-c",
+            &format!(
+                "import os,urllib.request as u; r=u.urlopen(u.Request('{IMDS}',headers={{'Metadata':'true'}})); print(os.getpid(), r.status)"
+            ),
+        ],
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "client failed: {}\n{}", String::from_utf8_lossy(&out.stderr), e.agent.log());
@@ -79,7 +83,15 @@ fn agent_knows_pid_exe_uid_and_gid_of_a_non_root_caller() {
     assert_eq!(record["uid"], 65534, "{record}");
     assert_eq!(record["gid"], 65533, "{record}");
     let python = std::fs::canonicalize(
-        String::from_utf8_lossy(&client(&e.ns, As { ids: None, cgroup: None }, &["/usr/bin/python3", "-c", "import sys;print(sys.executable)"]).stdout).trim(),
+        String::from_utf8_lossy(
+            &client(
+                &e.ns,
+                As { ids: None, cgroup: None },
+                &["/usr/bin/python3", "-c", "import sys;print(sys.executable)"],
+            )
+            .stdout,
+        )
+        .trim(),
     )
     .expect("python path");
     assert_eq!(record["exe"].as_str(), python.to_str(), "{record}");
@@ -101,7 +113,11 @@ fn a_process_outside_the_cgroup_is_not_redirected_and_the_host_refuses_it() {
 fn v4_mapped_ipv6_and_tcp_fast_open_are_redirected() {
     require_privileged!();
     let e = env("v6tfo", "enforce");
-    let (status, text) = curl(&e.ns, root_in(&e.cg), &["-g", "-H", "Metadata: true", "http://[::ffff:169.254.169.254]/metadata/instance?api-version=2021-02-01"]);
+    let (status, text) = curl(
+        &e.ns,
+        root_in(&e.cg),
+        &["-g", "-H", "Metadata: true", "http://[::ffff:169.254.169.254]/metadata/instance?api-version=2021-02-01"],
+    );
     assert_eq!(status, 200, "v4-mapped connect: {text}\n{}", e.agent.log());
     assert!(text.contains("x-ms-azure-host-authorization: value"));
     assert_eq!(last_data_request(&e)["signature"], "valid");
@@ -156,7 +172,12 @@ fn keep_alive_pipelining_chunked_bodies_and_http_1_0_work() {
     assert_eq!(lines.first(), Some(&"200 value"), "{out}\n{}", e.agent.log());
     assert!(lines.get(1).is_some_and(|l| l.starts_with("200 ")), "{out}");
     assert_eq!(lines.get(2), Some(&"200"), "{out}");
-    let post = e.host.requests(&e.ns).into_iter().find(|r| r["method"] == "POST" && r["target"] == "/machine?comp=health").expect("POST seen");
+    let post = e
+        .host
+        .requests(&e.ns)
+        .into_iter()
+        .find(|r| r["method"] == "POST" && r["target"] == "/machine?comp=health")
+        .expect("POST seen");
     assert_eq!(post["signature"], "valid", "{post}");
     assert_eq!(post["body"], "{\"a\":1}");
     let headers = post["headers"].to_string().to_ascii_lowercase();
@@ -205,7 +226,21 @@ fn the_proxy_answers_its_documented_error_codes() {
     assert_eq!(s, 403, "{t}");
     let (s, t) = curl(&e.ns, root, &["-H", "Content-Length: 102401", "-X", "POST", "http://169.254.169.254/x"]);
     assert_eq!(s, 413, "{t}");
-    let (s, t) = curl(&e.ns, root, &["-H", "Content-Length: 3", "-H", "Transfer-Encoding: chunked", "-X", "POST", "--data-binary", "abc", "http://169.254.169.254/x"]);
+    let (s, t) = curl(
+        &e.ns,
+        root,
+        &[
+            "-H",
+            "Content-Length: 3",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "-X",
+            "POST",
+            "--data-binary",
+            "abc",
+            "http://169.254.169.254/x",
+        ],
+    );
     assert_eq!(s, 400, "{t}");
     // The fake host is told to be down: the upstream refuses or drops → 502.
     e.host.control(&e.ns, &serde_json::json!({"down": true}));
@@ -224,7 +259,8 @@ fn non_root_callers_are_refused_by_wireserver_but_served_by_imds() {
     let (s, t) = curl(&e.ns, nobody, &["-H", "Metadata: true", IMDS]);
     assert_eq!(s, 200, "{t}");
     let imds = last_data_request(&e);
-    let claims = imds["headers"].as_array().expect("headers").iter().find(|h| h[0] == "x-ms-azure-host-claims").cloned();
+    let claims =
+        imds["headers"].as_array().expect("headers").iter().find(|h| h[0] == "x-ms-azure-host-claims").cloned();
     assert_eq!(claims.expect("claims header")[1], "{ \"isRoot\": \"false\"}");
 }
 
@@ -245,7 +281,8 @@ fn a_silent_upstream_gets_504_after_the_configured_timeout() {
     let agent = Agent::start(&ns, &cg, &["\"imdsAddress\":\"169.254.169.254:81\"", "\"upstreamTimeoutMs\":500"]);
     agent.wait_ready(&ns);
     let started = std::time::Instant::now();
-    let (status, text) = curl(&ns, root_in(&cg), &["-H", "Metadata: true", "http://169.254.169.254:81/metadata/instance"]);
+    let (status, text) =
+        curl(&ns, root_in(&cg), &["-H", "Metadata: true", "http://169.254.169.254:81/metadata/instance"]);
     assert_eq!(status, 504, "{text}\n{}", agent.log());
     assert!(started.elapsed() < std::time::Duration::from_secs(5), "the timeout is the configured one");
 }

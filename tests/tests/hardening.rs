@@ -42,7 +42,8 @@ fn the_running_event_loop_thread_is_hardened() {
 #[test]
 fn a_forbidden_syscall_is_refused_under_the_filter() {
     require_privileged!();
-    let out = std::process::Command::new(binary("guest-proxy-agent")).arg("--self-test-hardening").output().expect("run");
+    let out =
+        std::process::Command::new(binary("guest-proxy-agent")).arg("--self-test-hardening").output().expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("forbidden syscall refused"), "{text}");

@@ -13,7 +13,10 @@ use gpa_system_tests::require_privileged;
 const IMDS: &str = "http://169.254.169.254/metadata/instance?api-version=2021-02-01";
 
 fn data_requests(host: &FakeHost, ns: &Netns) -> Vec<serde_json::Value> {
-    host.requests(ns).into_iter().filter(|r| !r["target"].as_str().unwrap_or("").starts_with("/secure-channel")).collect()
+    host.requests(ns)
+        .into_iter()
+        .filter(|r| !r["target"].as_str().unwrap_or("").starts_with("/secure-channel"))
+        .collect()
 }
 
 #[test]
@@ -136,8 +139,15 @@ fn no_request_bypasses_the_agent_while_it_is_killed_in_a_loop() {
         out
     });
     let counts: Vec<&str> = client.split_whitespace().collect();
-    let unsigned: Vec<_> = data_requests(&host, &ns).into_iter().filter(|r| r["signature"] != "valid").map(|r| format!("{} {} {}", r["signature"], r["status"], r["headers"])).collect();
-    assert!(client.contains("other 0"), "a caller saw an answer that did not come through the agent: {client} {unsigned:?}");
+    let unsigned: Vec<_> = data_requests(&host, &ns)
+        .into_iter()
+        .filter(|r| r["signature"] != "valid")
+        .map(|r| format!("{} {} {}", r["signature"], r["status"], r["headers"]))
+        .collect();
+    assert!(
+        client.contains("other 0"),
+        "a caller saw an answer that did not come through the agent: {client} {unsigned:?}"
+    );
     assert!(counts.get(1).and_then(|n| n.parse::<u32>().ok()).unwrap_or(0) > 0, "no request succeeded: {client}");
     for r in data_requests(&host, &ns) {
         assert_eq!(r["signature"], "valid", "an unsigned request reached the host: {r}");

@@ -16,9 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use gpa_system_tests::harness::{
-    As, Agent, Cgroup, FakeHost, Netns, binary, curl, http, python, root_in, unique,
-};
+use gpa_system_tests::harness::{Agent, As, Cgroup, FakeHost, Netns, binary, curl, http, python, root_in, unique};
 use gpa_system_tests::require_privileged;
 use serde_json::{Value, json};
 
@@ -108,7 +106,8 @@ impl Env {
     fn agent_state(&self) -> String {
         let (status, text) = curl(&self.ns, root_in(&self.cg), &["-H", "Metadata: true", AGGREGATED_STATUS]);
         assert_eq!(status, 200, "aggregated status: {text}");
-        let doc: Value = serde_json::from_str(body_of(&text)).unwrap_or_else(|err| panic!("aggregated status JSON: {err}: {text}"));
+        let doc: Value =
+            serde_json::from_str(body_of(&text)).unwrap_or_else(|err| panic!("aggregated status JSON: {err}: {text}"));
         doc["proxyAgentStatus"]["keyLatchStatus"]["states"]["secureChannelState"]
             .as_str()
             .unwrap_or_else(|| panic!("no secureChannelState in {doc}"))
@@ -128,9 +127,11 @@ impl Env {
 }
 
 fn provision(ns: &Netns) -> Value {
-    let (status, body) = http(ns, "127.0.0.1:3080".parse().expect("addr"), "GET", "/provision", &[("Metadata", "true")], b"");
+    let (status, body) =
+        http(ns, "127.0.0.1:3080".parse().expect("addr"), "GET", "/provision", &[("Metadata", "true")], b"");
     assert_eq!(status, 200, "/provision: {}", String::from_utf8_lossy(&body));
-    serde_json::from_slice(&body).unwrap_or_else(|err| panic!("/provision JSON: {err}: {}", String::from_utf8_lossy(&body)))
+    serde_json::from_slice(&body)
+        .unwrap_or_else(|err| panic!("/provision JSON: {err}: {}", String::from_utf8_lossy(&body)))
 }
 
 fn status_cli(ns: &Netns, config: &Path, wait: Option<u64>) -> (Output, Duration) {
@@ -231,11 +232,25 @@ fn enforce_signs_cgroup_traffic_and_the_host_refuses_everything_else() {
     // The test process is outside the agent's cgroup: not redirected, so unsigned, and the host
     // (not the guest) refuses it.
     let imds = "169.254.169.254:80".parse().expect("addr");
-    let (status, body) = http(&e.ns, imds, "GET", "/metadata/instance?api-version=2021-02-01", &[("Metadata", "true"), ("x-gpa-test", "outside")], b"");
+    let (status, body) = http(
+        &e.ns,
+        imds,
+        "GET",
+        "/metadata/instance?api-version=2021-02-01",
+        &[("Metadata", "true"), ("x-gpa-test", "outside")],
+        b"",
+    );
     assert_eq!(status, 401, "default-closed at the host: {}", String::from_utf8_lossy(&body));
     assert_eq!(e.record("outside")["signature"], "missing");
     let ws = "168.63.129.16:80".parse().expect("addr");
-    let (status, _) = http(&e.ns, ws, "GET", "/machine?comp=goalstate", &[("x-ms-version", "2012-11-30"), ("x-gpa-test", "outside-ws")], b"");
+    let (status, _) = http(
+        &e.ns,
+        ws,
+        "GET",
+        "/machine?comp=goalstate",
+        &[("x-ms-version", "2012-11-30"), ("x-gpa-test", "outside-ws")],
+        b"",
+    );
     assert_eq!(status, 401);
     assert_eq!(e.record("outside-ws")["signature"], "missing");
 }
@@ -252,10 +267,17 @@ fn assert_only_agent_headers(seen: &Value, signed: bool, guid: &Value) {
         assert!(auth.is_empty(), "skip-listed: no authorization header at all upstream: {seen}");
         assert_eq!(seen["signature"], "missing", "{seen}");
     }
-    assert_eq!(header_values(seen, "x-ms-azure-host-claims"), vec![ROOT_CLAIMS.to_owned()], "the agent's claims only: {seen}");
+    assert_eq!(
+        header_values(seen, "x-ms-azure-host-claims"),
+        vec![ROOT_CLAIMS.to_owned()],
+        "the agent's claims only: {seen}"
+    );
     let dates = header_values(seen, "x-ms-azure-host-date");
     assert_eq!(dates.len(), 1, "one date header: {seen}");
-    assert!(dates[0].ends_with(" GMT") && !dates[0].contains("2001"), "the agent's host date, not the forged one: {seen}");
+    assert!(
+        dates[0].ends_with(" GMT") && !dates[0].contains("2001"),
+        "the agent's host date, not the forged one: {seen}"
+    );
     assert!(!seen["headers"].to_string().contains("forged"), "a forged value reached the host: {seen}");
 }
 
@@ -296,7 +318,11 @@ fn client_supplied_host_headers_never_reach_the_host() {
     assert_only_agent_headers(&e.record("enforce-ws"), true, &guid);
     // Two authorization headers (a repeated name, differently spelt) are refused outright and
     // never forwarded.
-    let (status, text) = run("repeated", LOWER, &["-H", "X-MS-Azure-Host-Authorization: Azure-HMAC-SHA256 forged 00", "-H", "Metadata: true", IMDS]);
+    let (status, text) = run(
+        "repeated",
+        LOWER,
+        &["-H", "X-MS-Azure-Host-Authorization: Azure-HMAC-SHA256 forged 00", "-H", "Metadata: true", IMDS],
+    );
     assert_eq!(status, 400, "{text}");
     assert!(
         !e.host.requests(&e.ns).iter().any(|r| header_values(r, "x-gpa-test").iter().any(|v| v == "repeated")),
@@ -315,7 +341,8 @@ fn client_supplied_host_headers_never_reach_the_host() {
     // Skip-listed (root `PUT /vmAgentLog`): forwarded unsigned, and the forged authorization
     // must not ride along in place of the missing signature (MSP §11 item 4).
     for (tag, names) in [("skip", LOWER), ("skip-mixed", MIXED)] {
-        let (status, text) = run(tag, names, &["-X", "PUT", "--data-binary", "log line", "http://168.63.129.16/vmAgentLog"]);
+        let (status, text) =
+            run(tag, names, &["-X", "PUT", "--data-binary", "log line", "http://168.63.129.16/vmAgentLog"]);
         assert_eq!(status, 200, "{tag}: {text}");
         assert!(text.contains(MARKER), "{tag}: went through the proxy: {text}");
         let seen = e.record(tag);
@@ -433,7 +460,11 @@ fn key_rotation_under_traffic_switches_to_the_new_key_at_once() {
         assert_eq!(r["signature"], "valid", "{r}");
         assert_eq!(r["status"], 200, "{r}");
     }
-    assert!(data.len() - first_new >= 10, "enough traffic after the switch to mean something: {}", data.len() - first_new);
+    assert!(
+        data.len() - first_new >= 10,
+        "enough traffic after the switch to mean something: {}",
+        data.len() - first_new
+    );
     // The window is bounded by one poll interval (1 s) plus the acquire and attest calls.
     assert!(rotated_in < Duration::from_secs(3), "rotation took {rotated_in:?}");
     assert!(unauthorized <= 60, "{unauthorized} refusals during a switch of {rotated_in:?}");
@@ -446,7 +477,9 @@ fn an_agent_started_while_the_host_is_down_becomes_ready_when_it_comes_up() {
     w.control(&json!({"down": true}));
     let e = w.with_agent(FAST_POLL);
 
-    eventually(Duration::from_secs(5), "a failed status poll", || e.agent.log().contains("Failed to get key status").then_some(()));
+    eventually(Duration::from_secs(5), "a failed status poll", || {
+        e.agent.log().contains("Failed to get key status").then_some(())
+    });
     let (out, _) = e.status_cli(None);
     assert_eq!(out.status.code(), Some(1), "not finished while the host is down: {}", stdout(&out));
     assert!(stdout(&out).contains("not finished"), "{}", stdout(&out));
@@ -492,7 +525,10 @@ fn disabling_the_secure_channel_removes_interception_and_enabling_restores_it() 
     let (status, text) = e.root_curl("on-again", &["-H", "Metadata: true", IMDS]);
     assert_redirected_and_signed(&e, "on-again", status, &text);
     let stats = e.stats();
-    assert_eq!(stats["acquireCalls"], 1, "the host still reports the latched key, so the key on disk is reused: {stats}");
+    assert_eq!(
+        stats["acquireCalls"], 1,
+        "the host still reports the latched key, so the key on disk is reused: {stats}"
+    );
     assert!(e.agent.log().contains("Found key details from local and ready to use."), "{}", e.agent.log());
 }
 
@@ -532,7 +568,9 @@ fn status_cli_exits_0_when_ready_and_1_while_the_key_cannot_be_acquired() {
     let w = World::new("cli-403", &["--mode", "enforce"]);
     w.control(&json!({"acquireHttpStatus": 403}));
     let e = w.with_agent(FAST_POLL);
-    eventually(Duration::from_secs(5), "a refused acquire", || e.agent.log().contains("Failed to acquire key details").then_some(()));
+    eventually(Duration::from_secs(5), "a refused acquire", || {
+        e.agent.log().contains("Failed to acquire key details").then_some(())
+    });
     let (out, took) = e.status_cli(Some(2));
     assert_eq!(out.status.code(), Some(1), "not finished: {}", stdout(&out));
     assert!(took >= Duration::from_secs(2), "--wait 2 kept asking for 2 s, took {took:?}");
@@ -569,7 +607,10 @@ fn status_cli_exits_2_when_the_channel_is_on_but_no_key_can_be_latched() {
     e.agent.wait_ready(&e.ns);
     e.control(&json!({"secureChannelEnabled": true, "acquireHttpStatus": 403}));
     eventually(Duration::from_secs(8), "the refused acquire to show in /provision", || {
-        e.provision()["errorMessage"].as_str().is_some_and(|m| m.contains("Failed to acquire key details")).then_some(())
+        e.provision()["errorMessage"]
+            .as_str()
+            .is_some_and(|m| m.contains("Failed to acquire key details"))
+            .then_some(())
     });
     let (out, _) = e.status_cli(Some(5));
     assert_eq!(out.status.code(), Some(2), "finished with error: {}", stdout(&out));
@@ -600,7 +641,9 @@ fn a_refused_attestation_keeps_the_agent_unready_until_the_host_accepts_it() {
     let w = World::new("attest", &["--mode", "enforce"]);
     w.control(&json!({"attestHttpStatus": 403}));
     let e = w.with_agent(FAST_POLL);
-    eventually(Duration::from_secs(5), "a refused attestation", || e.agent.log().contains("Failed to attest the key").then_some(()));
+    eventually(Duration::from_secs(5), "a refused attestation", || {
+        e.agent.log().contains("Failed to attest the key").then_some(())
+    });
     assert!(e.agent.log().contains("Failed to attest the key: Key(KeyResponse(\"attest\", 403))"), "{}", e.agent.log());
     let p = e.provision();
     assert_eq!(p["finished"], false, "{p}");

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Output;
 use std::time::Duration;
 
-use gpa_system_tests::harness::{As, Agent, Bpffs, Cgroup, FakeHost, Netns, binary, curl, root_in};
+use gpa_system_tests::harness::{Agent, As, Bpffs, Cgroup, FakeHost, Netns, binary, curl, root_in};
 use gpa_system_tests::require_privileged;
 
 const IMDS: &str = "http://169.254.169.254/metadata/instance?api-version=2021-02-01";
@@ -39,7 +39,11 @@ fn status_file_status_doctor_audit_verify_and_explain_on_a_live_agent() {
         let (status, body) = curl(&ns, root_in(&cg), &["-H", "Metadata: true", IMDS]);
         assert_eq!(status, 200, "{body}");
     }
-    let (status, _) = curl(&ns, As { ids: Some((65534, 65534)), cgroup: Some(&cg) }, &["http://168.63.129.16/machine?comp=goalstate"]);
+    let (status, _) = curl(
+        &ns,
+        As { ids: Some((65534, 65534)), cgroup: Some(&cg) },
+        &["http://168.63.129.16/machine?comp=goalstate"],
+    );
     assert_eq!(status, 403);
 
     // status.json: rewritten every second while traffic flows.
@@ -55,16 +59,25 @@ fn status_file_status_doctor_audit_verify_and_explain_on_a_live_agent() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(!doc.is_null(), "status.json never showed the traffic: {}", std::fs::read_to_string(&path).unwrap_or_default());
+    assert!(
+        !doc.is_null(),
+        "status.json never showed the traffic: {}",
+        std::fs::read_to_string(&path).unwrap_or_default()
+    );
     eprintln!("sample status.json:\n{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     let p = &doc["proxyAgentStatus"];
     assert_eq!(p["status"], "SUCCESS", "{doc}");
-    assert_eq!(p["keyLatchStatus"]["states"]["secureChannelState"], "WireServer Enforce -  IMDS Enforce - HostGA Enforce");
+    assert_eq!(
+        p["keyLatchStatus"]["states"]["secureChannelState"],
+        "WireServer Enforce -  IMDS Enforce - HostGA Enforce"
+    );
     assert_eq!(p["ebpfProgramStatus"]["status"], "RUNNING");
     assert_eq!(p["proxyListenerStatus"]["status"], "RUNNING");
     let summaries = doc["proxyConnectionSummary"].as_array().expect("summaries");
     assert!(
-        summaries.iter().any(|s| s["responseStatus"] == "200 OK" && s["count"].as_u64().unwrap_or(0) >= 3 && s["processFullPath"] == "/usr/bin/curl"),
+        summaries.iter().any(|s| s["responseStatus"] == "200 OK"
+            && s["count"].as_u64().unwrap_or(0) >= 3
+            && s["processFullPath"] == "/usr/bin/curl"),
         "{summaries:?}"
     );
     let failed = doc["failedAuthenticateSummary"].as_array().expect("failed summaries");
@@ -74,7 +87,10 @@ fn status_file_status_doctor_audit_verify_and_explain_on_a_live_agent() {
     let raw = std::fs::read_to_string(&path).expect("status file");
     let keys = host.get(&ns, "/keys");
     for (_, hex) in keys.as_object().expect("keys") {
-        assert!(!raw.to_ascii_lowercase().contains(&hex.as_str().unwrap_or("-").to_ascii_lowercase()), "key in status.json");
+        assert!(
+            !raw.to_ascii_lowercase().contains(&hex.as_str().unwrap_or("-").to_ascii_lowercase()),
+            "key in status.json"
+        );
     }
 
     let out = cli(&ns, &agent, &["status"]);
@@ -95,7 +111,11 @@ fn status_file_status_doctor_audit_verify_and_explain_on_a_live_agent() {
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "key"))
         .expect("key file");
-    let out = cli(&ns, &agent, &["audit", "verify", "--key-file", key_file.to_str().expect("utf-8"), audit.to_str().expect("utf-8")]);
+    let out = cli(
+        &ns,
+        &agent,
+        &["audit", "verify", "--key-file", key_file.to_str().expect("utf-8"), audit.to_str().expect("utf-8")],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let copy = agent.log_dir.join("tampered.ndjson");
     let mut bytes = std::fs::read(&audit).expect("audit");
@@ -107,7 +127,21 @@ fn status_file_status_doctor_audit_verify_and_explain_on_a_live_agent() {
     assert!(text(&out).contains(":2:"), "names line 2: {}", text(&out));
 
     // policy explain on the live rules (the snapshot the agent wrote).
-    let out = cli(&ns, &agent, &["policy", "explain", "--live", "--endpoint", "wireserver", "--url", "/machine?comp=goalstate", "--uid", "65534"]);
+    let out = cli(
+        &ns,
+        &agent,
+        &[
+            "policy",
+            "explain",
+            "--live",
+            "--endpoint",
+            "wireserver",
+            "--url",
+            "/machine?comp=goalstate",
+            "--uid",
+            "65534",
+        ],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).to_ascii_lowercase().contains("forbidden"), "{}", text(&out));
 }

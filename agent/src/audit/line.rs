@@ -24,11 +24,7 @@ pub(super) struct LineWriter<'a> {
 
 impl<'a> LineWriter<'a> {
     pub(super) fn new(out: &'a mut [u8]) -> Self {
-        Self {
-            out,
-            len: 0,
-            overflow: false,
-        }
+        Self { out, len: 0, overflow: false }
     }
 
     /// Bytes copied verbatim: only ever our own ASCII punctuation and key names.
@@ -36,10 +32,7 @@ impl<'a> LineWriter<'a> {
         if self.overflow {
             return;
         }
-        let dst = self
-            .len
-            .checked_add(bytes.len())
-            .and_then(|end| self.out.get_mut(self.len..end));
+        let dst = self.len.checked_add(bytes.len()).and_then(|end| self.out.get_mut(self.len..end));
         match dst {
             Some(dst) => {
                 dst.copy_from_slice(bytes);
@@ -177,12 +170,8 @@ pub(super) fn parse_record(line: &[u8]) -> Option<Header> {
     core::str::from_utf8(line).ok()?;
     let fields = parse_flat(line)?;
     let (head, rest) = fields.split_at_checked(4)?;
-    let [
-        (b"seq", Value::Num(seq)),
-        (b"ts", Value::Num(ts)),
-        (b"prev", Value::Str(prev)),
-        (b"kind", Value::Str(kind)),
-    ] = head
+    let [(b"seq", Value::Num(seq)), (b"ts", Value::Num(ts)), (b"prev", Value::Str(prev)), (b"kind", Value::Str(kind))] =
+        head
     else {
         return None;
     };
@@ -216,13 +205,7 @@ pub(super) fn parse_record(line: &[u8]) -> Option<Header> {
         },
         _ => return None,
     };
-    Some(Header {
-        seq: *seq,
-        ts: *ts,
-        prev,
-        kind,
-        mac,
-    })
+    Some(Header { seq: *seq, ts: *ts, prev, kind, mac })
 }
 
 /// 64 lowercase hex digits → 32 bytes.
@@ -375,15 +358,9 @@ mod tests {
     #[test]
     fn escapes_quotes_backslash_controls_and_invalid_utf8() {
         assert_eq!(written(b"a\"b\\c"), b"\"a\\\"b\\\\c\"");
-        assert_eq!(
-            written(b"\n{\r\t\x7f"),
-            b"\"\\u000a{\\u000d\\u0009\\u007f\""
-        );
+        assert_eq!(written(b"\n{\r\t\x7f"), b"\"\\u000a{\\u000d\\u0009\\u007f\"");
         assert_eq!(written(b"\xff\xc3"), b"\"\\u00ff\\u00c3\"");
-        assert_eq!(
-            written("é\u{202e}\u{9b}".as_bytes()),
-            "\"é\\u202e\\u009b\"".as_bytes()
-        );
+        assert_eq!(written("é\u{202e}\u{9b}".as_bytes()), "\"é\\u202e\\u009b\"".as_bytes());
     }
 
     #[test]

@@ -190,11 +190,7 @@ impl fmt::Display for AuditError {
 impl std::error::Error for AuditError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::CreateDir(e)
-            | Self::OpenFile(e)
-            | Self::ReadTail(e)
-            | Self::Write(e)
-            | Self::Rotate(e) => Some(e),
+            Self::CreateDir(e) | Self::OpenFile(e) | Self::ReadTail(e) | Self::Write(e) | Self::Rotate(e) => Some(e),
             Self::Limits | Self::UnsafeDir(_) | Self::Symlink | Self::UnsafeFile(_) => None,
         }
     }
@@ -254,16 +250,8 @@ impl Drop for AuditLog {
 /// What the end of the existing trail says about where to continue.
 enum Tail {
     Empty,
-    Resume {
-        seq: u64,
-        hash: [u8; 32],
-        ts: u64,
-        need_newline: bool,
-    },
-    Restart {
-        reason: &'static str,
-        need_newline: bool,
-    },
+    Resume { seq: u64, hash: [u8; 32], ts: u64, need_newline: bool },
+    Restart { reason: &'static str, need_newline: bool },
 }
 
 impl AuditLog {
@@ -275,11 +263,7 @@ impl AuditLog {
         if max_files == 0 || max_file_bytes < MIN_FILE_BYTES {
             return Err(AuditError::Limits);
         }
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(AuditError::CreateDir)?;
+        DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(AuditError::CreateDir)?;
         check_dir(dir)?;
         let active = dir.join(ACTIVE_FILE_NAME);
         let mut file = open_active(&active, false)?;
@@ -313,21 +297,13 @@ impl AuditLog {
         };
         let need_newline = match tail {
             Tail::Empty => false,
-            Tail::Resume {
-                seq,
-                hash,
-                ts,
-                need_newline,
-            } => {
+            Tail::Resume { seq, hash, ts, need_newline } => {
                 log.next_seq = seq.saturating_add(1);
                 log.prev = hash;
                 log.last_ts = ts;
                 need_newline
             }
-            Tail::Restart {
-                reason,
-                need_newline,
-            } => {
+            Tail::Restart { reason, need_newline } => {
                 log.last_ts = u64::try_from(crate::clock::wall_now().as_millis()).unwrap_or(0);
                 log.append(0, log.last_ts, Kind::ChainRestart, |w| {
                     w.raw(b",\"reason\":");
@@ -357,11 +333,7 @@ impl AuditLog {
         }
         let mut cmdline: heapless::Vec<u8, CMDLINE_OUT_MAX_BYTES> = heapless::Vec::new();
         redact(cap(rec.cmdline, CMDLINE_IN_MAX_BYTES), &mut cmdline);
-        let path = rec
-            .path
-            .iter()
-            .position(|b| *b == b'?' || *b == b'#')
-            .map_or(rec.path, |query| &rec.path[..query]);
+        let path = rec.path.iter().position(|b| *b == b'?' || *b == b'#').map_or(rec.path, |query| &rec.path[..query]);
         let appended = self.append(REQUEST_RESERVE_BYTES, rec.unix_ms, Kind::Request, |w| {
             w.raw(b",\"pid\":");
             w.u64(rec.pid.into());
@@ -414,9 +386,7 @@ impl AuditLog {
             return Ok(());
         }
         let pending = u64::try_from(self.len).unwrap_or(u64::MAX);
-        let rotated = if self.file_bytes > 0
-            && self.file_bytes.saturating_add(pending) > self.max_file_bytes
-        {
+        let rotated = if self.file_bytes > 0 && self.file_bytes.saturating_add(pending) > self.max_file_bytes {
             self.rotate()
         } else {
             Ok(())
@@ -494,13 +464,7 @@ impl AuditLog {
     /// Formats one line (header, then `fields`, then `}` and newline) into the buffer, leaving
     /// `reserve` bytes free, and advances the chain; false (and nothing changed) if it does
     /// not fit.
-    fn append(
-        &mut self,
-        reserve: usize,
-        ts: u64,
-        kind: Kind,
-        fields: impl FnOnce(&mut LineWriter<'_>),
-    ) -> bool {
+    fn append(&mut self, reserve: usize, ts: u64, kind: Kind, fields: impl FnOnce(&mut LineWriter<'_>)) -> bool {
         let limit = self.buf.len().saturating_sub(reserve);
         let Some(space) = self.buf.get_mut(self.len..limit) else {
             return false;
@@ -588,22 +552,14 @@ fn check_dir(dir: &Path) -> Result<(), AuditError> {
 /// failing on a file we do not own).
 fn open_active(path: &Path, fresh: bool) -> Result<File, AuditError> {
     let mut options = OpenOptions::new();
-    options
-        .read(true)
-        .append(true)
-        .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    options.read(true).append(true).mode(0o640).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
     if fresh {
         options.create_new(true);
     } else {
         options.create(true);
     }
     let file = options.open(path).map_err(|e| {
-        if e.raw_os_error() == Some(libc::ELOOP) {
-            AuditError::Symlink
-        } else {
-            AuditError::OpenFile(e)
-        }
+        if e.raw_os_error() == Some(libc::ELOOP) { AuditError::Symlink } else { AuditError::OpenFile(e) }
     })?;
     let meta = file.metadata().map_err(AuditError::OpenFile)?;
     if !meta.is_file() {
@@ -612,8 +568,7 @@ fn open_active(path: &Path, fresh: bool) -> Result<File, AuditError> {
     if meta.nlink() > 1 {
         return Err(AuditError::UnsafeFile("it has other hard links"));
     }
-    file.set_permissions(Permissions::from_mode(0o640))
-        .map_err(AuditError::OpenFile)?;
+    file.set_permissions(Permissions::from_mode(0o640)).map_err(AuditError::OpenFile)?;
     Ok(file)
 }
 
@@ -631,69 +586,38 @@ fn read_tail(file: &mut File, size: u64, window: &mut [u8]) -> io::Result<Tail> 
         Some(newline) => newline + 1,
         None if want == size => 0,
         None => {
-            return Ok(Tail::Restart {
-                reason: "last line too long",
-                need_newline,
-            });
+            return Ok(Tail::Restart { reason: "last line too long", need_newline });
         }
     };
     let line = &body[start..];
     Ok(match parse_record(line) {
-        Some(head) => Tail::Resume {
-            seq: head.seq,
-            hash: Sha256::digest(line).into(),
-            ts: head.ts,
-            need_newline,
-        },
-        None if need_newline => Tail::Restart {
-            reason: "torn last line",
-            need_newline,
-        },
-        None => Tail::Restart {
-            reason: "unparsable last line",
-            need_newline,
-        },
+        Some(head) => Tail::Resume { seq: head.seq, hash: Sha256::digest(line).into(), ts: head.ts, need_newline },
+        None if need_newline => Tail::Restart { reason: "torn last line", need_newline },
+        None => Tail::Restart { reason: "unparsable last line", need_newline },
     })
 }
 
 /// The active file is empty (rotation just happened, or first start): continue from `.1`.
 fn read_rotated_tail(path: &Path, window: &mut [u8]) -> io::Result<Tail> {
-    let opened = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path);
+    let opened = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path);
     let mut file = match opened {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Tail::Empty),
         Err(_unusable) => {
-            return Ok(Tail::Restart {
-                reason: "previous file unreadable",
-                need_newline: false,
-            });
+            return Ok(Tail::Restart { reason: "previous file unreadable", need_newline: false });
         }
     };
     let meta = file.metadata()?;
     if !meta.is_file() {
-        return Ok(Tail::Restart {
-            reason: "previous file not a regular file",
-            need_newline: false,
-        });
+        return Ok(Tail::Restart { reason: "previous file not a regular file", need_newline: false });
     }
     if meta.len() == 0 {
         return Ok(Tail::Empty);
     }
     Ok(match read_tail(&mut file, meta.len(), window)? {
         // That file is closed for writing: its torn line stays as it is.
-        Tail::Resume { seq, hash, ts, .. } => Tail::Resume {
-            seq,
-            hash,
-            ts,
-            need_newline: false,
-        },
-        Tail::Restart { reason, .. } => Tail::Restart {
-            reason,
-            need_newline: false,
-        },
+        Tail::Resume { seq, hash, ts, .. } => Tail::Resume { seq, hash, ts, need_newline: false },
+        Tail::Restart { reason, .. } => Tail::Restart { reason, need_newline: false },
         Tail::Empty => Tail::Empty,
     })
 }
@@ -705,10 +629,8 @@ fn remove_rotated_from(dir: &Path, from: u32) -> Result<(), AuditError> {
     for entry in std::fs::read_dir(dir).map_err(AuditError::Rotate)? {
         let entry = entry.map_err(AuditError::Rotate)?;
         let name = entry.file_name();
-        let number = name
-            .to_str()
-            .and_then(|name| name.strip_prefix(prefix.as_str()))
-            .and_then(|n| n.parse::<u32>().ok());
+        let number =
+            name.to_str().and_then(|name| name.strip_prefix(prefix.as_str())).and_then(|n| n.parse::<u32>().ok());
         if number.is_some_and(|n| n >= from) {
             match std::fs::remove_file(entry.path()) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {

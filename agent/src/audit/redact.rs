@@ -31,17 +31,8 @@ pub const REDACTED: &[u8] = b"[REDACTED]";
 const MAX_SPANS: usize = 16;
 
 /// Name suffixes whose value is a secret (compared ASCII case-insensitively).
-const SECRET_NAME_SUFFIXES: [&[u8]; 9] = [
-    b"pwd",
-    b"passwd",
-    b"password",
-    b"key",
-    b"sig",
-    b"token",
-    b"secret",
-    b"credential",
-    b"credentials",
-];
+const SECRET_NAME_SUFFIXES: [&[u8]; 9] =
+    [b"pwd", b"passwd", b"password", b"key", b"sig", b"token", b"secret", b"credential", b"credentials"];
 
 /// Of those, the names whose values may contain spaces (SQL connection strings).
 const SPACED_VALUE_SUFFIXES: [&[u8]; 3] = [b"pwd", b"passwd", b"password"];
@@ -50,10 +41,7 @@ const SPACED_VALUE_SUFFIXES: [&[u8]; 3] = [b"pwd", b"passwd", b"password"];
 /// (cleared first). Output beyond `out`'s capacity is cut off.
 pub fn redact<const N: usize>(input: &[u8], out: &mut Vec<u8, N>) {
     out.clear();
-    let mut spans = Spans {
-        list: Vec::new(),
-        rest_from: input.len(),
-    };
+    let mut spans = Spans { list: Vec::new(), rest_from: input.len() };
     assignments(input, &mut spans);
     flags(input, &mut spans);
     authorization(input, &mut spans);
@@ -107,8 +95,7 @@ impl Spans {
 
 fn push_capped<const N: usize>(out: &mut Vec<u8, N>, bytes: &[u8]) {
     let room = N - out.len();
-    out.extend_from_slice(&bytes[..bytes.len().min(room)])
-        .unwrap_or(());
+    out.extend_from_slice(&bytes[..bytes.len().min(room)]).unwrap_or(());
 }
 
 fn is_word(b: u8) -> bool {
@@ -121,33 +108,24 @@ fn is_quote(b: u8) -> bool {
 
 /// The secret-name suffix `name` ends with, if any.
 fn secret_suffix(name: &[u8]) -> Option<&'static [u8]> {
-    SECRET_NAME_SUFFIXES.into_iter().find(|suffix| {
-        name.len() >= suffix.len() && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-    })
+    SECRET_NAME_SUFFIXES
+        .into_iter()
+        .find(|suffix| name.len() >= suffix.len() && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix))
 }
 
 /// Start positions of `needle` in `hay`, ASCII case-insensitively.
 fn positions_ci<'h>(hay: &'h [u8], needle: &'h [u8]) -> impl Iterator<Item = usize> + 'h {
-    hay.windows(needle.len())
-        .enumerate()
-        .filter(move |(_, w)| w.eq_ignore_ascii_case(needle))
-        .map(|(i, _)| i)
+    hay.windows(needle.len()).enumerate().filter(move |(_, w)| w.eq_ignore_ascii_case(needle)).map(|(i, _)| i)
 }
 
 /// Start positions of `needle` in `hay`, case-sensitively.
 fn positions<'h>(hay: &'h [u8], needle: &'h [u8]) -> impl Iterator<Item = usize> + 'h {
-    hay.windows(needle.len())
-        .enumerate()
-        .filter(move |(_, w)| *w == needle)
-        .map(|(i, _)| i)
+    hay.windows(needle.len()).enumerate().filter(move |(_, w)| *w == needle).map(|(i, _)| i)
 }
 
 /// First index at or after `from` where `stop` holds, else the end.
 fn run_end(input: &[u8], from: usize, stop: impl Fn(u8) -> bool) -> usize {
-    input
-        .get(from..)
-        .and_then(|tail| tail.iter().position(|&b| stop(b)))
-        .map_or(input.len(), |p| from + p)
+    input.get(from..).and_then(|tail| tail.iter().position(|&b| stop(b))).map_or(input.len(), |p| from + p)
 }
 
 /// `name=value`, `name: value`, `"name":"value"`.
@@ -160,10 +138,7 @@ fn assignments(input: &[u8], spans: &mut Spans) {
         if sep == b':' && at > 0 && is_quote(input[at - 1]) {
             name_end -= 1;
         }
-        let name_start = input[..name_end]
-            .iter()
-            .rposition(|&b| !is_word(b))
-            .map_or(0, |p| p + 1);
+        let name_start = input[..name_end].iter().rposition(|&b| !is_word(b)).map_or(0, |p| p + 1);
         let Some(suffix) = secret_suffix(&input[name_start..name_end]) else {
             continue;
         };
@@ -265,10 +240,7 @@ fn pem_blocks(input: &[u8], spans: &mut Spans) {
         let Some(begin) = positions(&input[..marker], b"-----BEGIN").last() else {
             continue;
         };
-        if positions(&input[begin + 5..marker], b"-----")
-            .next()
-            .is_some()
-        {
+        if positions(&input[begin + 5..marker], b"-----").next().is_some() {
             continue; // this marker closes an END line, not a BEGIN line
         }
         let body = marker + b"PRIVATE KEY-----".len();
@@ -285,9 +257,7 @@ fn pem_blocks(input: &[u8], spans: &mut Spans) {
 fn url_credentials(input: &[u8], spans: &mut Spans) {
     for sep in positions(input, b"://") {
         let start = sep + 3;
-        let end = run_end(input, start, |b| {
-            matches!(b, b'/' | b'?' | b'#') || is_quote(b) || b.is_ascii_whitespace()
-        });
+        let end = run_end(input, start, |b| matches!(b, b'/' | b'?' | b'#') || is_quote(b) || b.is_ascii_whitespace());
         if let Some(at) = input[start..end].iter().rposition(|&b| b == b'@') {
             spans.add(start, start + at);
         }
@@ -316,9 +286,7 @@ fn key_shapes(input: &[u8], spans: &mut Spans) {
             || (body.len() == 84 && contains(b"AZDO"))
             || (body.len() == 20
                 && body.starts_with(b"AKIA")
-                && body
-                    .iter()
-                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()));
+                && body.iter().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()));
         if secret {
             spans.add(start, padded);
         }
@@ -328,13 +296,9 @@ fn key_shapes(input: &[u8], spans: &mut Spans) {
 
 /// Entra client secrets: three characters, a digit, `Q~`, then at least 31 more.
 fn entra_secrets(input: &[u8], spans: &mut Spans) {
-    let is_secret_char =
-        |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'~' | b'.' | b'-');
+    let is_secret_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'~' | b'.' | b'-');
     for q in positions(input, b"Q~") {
-        if q < 4
-            || !input[q - 1].is_ascii_digit()
-            || !input[q - 4..q].iter().all(|b| is_secret_char(*b))
-        {
+        if q < 4 || !input[q - 1].is_ascii_digit() || !input[q - 4..q].iter().all(|b| is_secret_char(*b)) {
             continue;
         }
         let end = run_end(input, q + 2, |b| !is_secret_char(b));
@@ -357,10 +321,7 @@ mod tests {
     #[test]
     fn spec_examples_hold() {
         assert_eq!(redacted("pwd=secret123;"), "[REDACTED];");
-        assert_eq!(
-            redacted("https://x/blob?sig=abc&o=v"),
-            "https://x/blob?[REDACTED]&o=v"
-        );
+        assert_eq!(redacted("https://x/blob?sig=abc&o=v"), "https://x/blob?[REDACTED]&o=v");
         assert_eq!(redacted("Authorization: Bearer abc"), "[REDACTED]");
         assert_eq!(
             redacted("-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY-----"),
@@ -375,33 +336,19 @@ mod tests {
             "sqlcmd Server=db;[REDACTED];Database=x"
         );
         assert_eq!(
-            redacted(
-                "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=abc+/==;EndpointSuffix=x"
-            ),
+            redacted("DefaultEndpointsProtocol=https;AccountName=a;AccountKey=abc+/==;EndpointSuffix=x"),
             "DefaultEndpointsProtocol=https;AccountName=a;[REDACTED];EndpointSuffix=x"
         );
-        assert_eq!(
-            redacted("app token=abc key=def secret=ghi"),
-            "app [REDACTED] [REDACTED] [REDACTED]"
-        );
-        assert_eq!(
-            redacted(r#"{"password":"hunter2","user":"u"}"#),
-            r#"{"[REDACTED]","user":"u"}"#
-        );
+        assert_eq!(redacted("app token=abc key=def secret=ghi"), "app [REDACTED] [REDACTED] [REDACTED]");
+        assert_eq!(redacted(r#"{"password":"hunter2","user":"u"}"#), r#"{"[REDACTED]","user":"u"}"#);
         assert_eq!(redacted("--client-secret=abc x"), "--client-[REDACTED] x");
         assert_eq!(redacted("name=value key="), "name=value key=");
     }
 
     #[test]
     fn flags_keep_their_name() {
-        assert_eq!(
-            redacted("login --password hunter2 -u bob"),
-            "login --password [REDACTED] -u bob"
-        );
-        assert_eq!(
-            redacted("az --account-key abc"),
-            "az --account-key [REDACTED]"
-        );
+        assert_eq!(redacted("login --password hunter2 -u bob"), "login --password [REDACTED] -u bob");
+        assert_eq!(redacted("az --account-key abc"), "az --account-key [REDACTED]");
         assert_eq!(redacted("ls --key-file /x"), "ls --key-file /x");
     }
 
@@ -410,10 +357,7 @@ mod tests {
         assert_eq!(redacted("curl -H Bearer abc.def"), "curl -H [REDACTED]");
         let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl";
         assert_eq!(redacted(&format!("tool {jwt} --x")), "tool [REDACTED] --x");
-        assert_eq!(
-            redacted("git clone https://user:pa55@github.com/x"),
-            "git clone https://[REDACTED]@github.com/x"
-        );
+        assert_eq!(redacted("git clone https://user:pa55@github.com/x"), "git clone https://[REDACTED]@github.com/x");
     }
 
     #[test]

@@ -69,10 +69,7 @@ fn write_records(dir: &TempDir, count: u64) -> Vec<Vec<u8>> {
 fn lines_of(path: &Path) -> Vec<Vec<u8>> {
     let content = fs::read(path).expect("read audit file");
     assert!(content.ends_with(b"\n"), "file ends with a newline");
-    content[..content.len() - 1]
-        .split(|b| *b == b'\n')
-        .map(<[u8]>::to_vec)
-        .collect()
+    content[..content.len() - 1].split(|b| *b == b'\n').map(<[u8]>::to_vec).collect()
 }
 
 fn joined(lines: &[Vec<u8>]) -> Vec<u8> {
@@ -91,10 +88,7 @@ fn verify_lines(lines: &[Vec<u8>], key: Option<&[u8; 32]>) -> VerifyReport {
 }
 
 fn broken_at(report: &VerifyReport) -> Option<(u64, &'static str)> {
-    report
-        .first_break
-        .as_ref()
-        .map(|(_, line, why)| (*line, *why))
+    report.first_break.as_ref().map(|(_, line, why)| (*line, *why))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -166,20 +160,12 @@ fn inserted_forged_line_is_detected() {
     let mut tampered = lines.clone();
     tampered.insert(4, twin.into_bytes());
     let report = verify_lines(&tampered, None);
-    assert_eq!(
-        broken_at(&report),
-        Some((5, why::SEQUENCE_OUT_OF_ORDER)),
-        "{report}"
-    );
+    assert_eq!(broken_at(&report), Some((5, why::SEQUENCE_OUT_OF_ORDER)), "{report}");
     // A replayed copy of an earlier line.
     let mut tampered = lines.clone();
     tampered.insert(6, lines[2].clone());
     let report = verify_lines(&tampered, None);
-    assert_eq!(
-        broken_at(&report),
-        Some((7, why::SEQUENCE_OUT_OF_ORDER)),
-        "{report}"
-    );
+    assert_eq!(broken_at(&report), Some((7, why::SEQUENCE_OUT_OF_ORDER)), "{report}");
     // A forgery continuing from line 5 with seq 6: the genuine line 6 no longer links.
     let mut forged = genuine.replacen("\"seq\":5", "\"seq\":6", 1);
     let at = forged.find("\"prev\":\"").expect("prev") + 8;
@@ -187,11 +173,7 @@ fn inserted_forged_line_is_detected() {
     let mut tampered = lines.clone();
     tampered.insert(5, forged.into_bytes());
     let report = verify_lines(&tampered, None);
-    assert_eq!(
-        broken_at(&report),
-        Some((6, why::SEQUENCE_OUT_OF_ORDER)),
-        "{report}"
-    );
+    assert_eq!(broken_at(&report), Some((6, why::SEQUENCE_OUT_OF_ORDER)), "{report}");
 }
 
 #[test]
@@ -257,16 +239,9 @@ fn checkpoints_verify_with_the_right_key_only() {
     assert_eq!(report.to_string(), "ok: 70 records, 2 checkpoints");
     let wrong = derive_checkpoint_key_from_raw(b"another key");
     let report = verify_files(&[dir.audit()], Some(&wrong));
-    assert_eq!(
-        broken_at(&report),
-        Some((65, why::BAD_CHECKPOINT_MAC)),
-        "{report}"
-    );
+    assert_eq!(broken_at(&report), Some((65, why::BAD_CHECKPOINT_MAC)), "{report}");
     let report = verify_files(&[dir.audit()], None);
-    assert_eq!(
-        report.to_string(),
-        "ok: 70 records, 2 checkpoints (checkpoint macs not checked: no key)"
-    );
+    assert_eq!(report.to_string(), "ok: 70 records, 2 checkpoints (checkpoint macs not checked: no key)");
     // A forger who edits line 3 and re-chains everything after it fools the chain, not the MAC.
     let mut forged: Vec<Vec<u8>> = Vec::new();
     for (i, line) in lines.iter().enumerate() {
@@ -281,10 +256,7 @@ fn checkpoints_verify_with_the_right_key_only() {
         forged.push(text.into_bytes());
     }
     assert!(verify_lines(&forged, None).is_ok());
-    assert_eq!(
-        broken_at(&verify_lines(&forged, Some(&key))),
-        Some((65, why::BAD_CHECKPOINT_MAC))
-    );
+    assert_eq!(broken_at(&verify_lines(&forged, Some(&key))), Some((65, why::BAD_CHECKPOINT_MAC)));
 }
 
 #[test]
@@ -305,9 +277,8 @@ fn control_bytes_and_newlines_cannot_forge_a_record() {
     let dir = TempDir::new("injection");
     let mut log = AuditLog::open(&dir.0, 1 << 20, 4).expect("open");
     let zeros = "0".repeat(64);
-    let forged = format!(
-        "x\n{{\"seq\":1,\"ts\":0,\"prev\":\"{zeros}\",\"kind\":\"dropped\",\"count\":0}}\r\n\x1b[2K\u{202e}"
-    );
+    let forged =
+        format!("x\n{{\"seq\":1,\"ts\":0,\"prev\":\"{zeros}\",\"kind\":\"dropped\",\"count\":0}}\r\n\x1b[2K\u{202e}");
     let mut rec = request(0);
     rec.cmdline = forged.as_bytes();
     rec.exe = Some(b"/tmp/\n{\"seq\":2}\xff\x00\x7f");
@@ -318,16 +289,9 @@ fn control_bytes_and_newlines_cannot_forge_a_record() {
     log.flush().expect("flush");
     let content = fs::read(dir.audit()).expect("read");
     assert_eq!(content.iter().filter(|b| **b == b'\n').count(), 1);
-    assert!(
-        !content[..content.len() - 1]
-            .iter()
-            .any(|b| *b < 0x20 || *b == 0x7f)
-    );
+    assert!(!content[..content.len() - 1].iter().any(|b| *b < 0x20 || *b == 0x7f));
     let text = String::from_utf8(content).expect("always valid utf-8");
-    assert!(
-        text.contains(r#""exe":"/tmp/\u000a{\"seq\":2}\u00ff\u0000\u007f""#),
-        "{text}"
-    );
+    assert!(text.contains(r#""exe":"/tmp/\u000a{\"seq\":2}\u00ff\u0000\u007f""#), "{text}");
     assert!(text.contains(r#"\u000d\u000a\u001b[2K\u202e""#), "{text}");
     assert!(verify_files(&[dir.audit()], None).is_ok());
 }
@@ -342,14 +306,8 @@ fn secrets_are_redacted_and_queries_dropped() {
     log.record(&rec);
     log.flush().expect("flush");
     let text = String::from_utf8(fs::read(dir.audit()).expect("read")).expect("utf-8");
-    assert!(
-        text.contains(r#""cmdline":"sqlcmd -S db [REDACTED]; --token [REDACTED]""#),
-        "{text}"
-    );
-    assert!(
-        text.contains(r#""path":"/metadata/identity/oauth2/token","#),
-        "{text}"
-    );
+    assert!(text.contains(r#""cmdline":"sqlcmd -S db [REDACTED]; --token [REDACTED]""#), "{text}");
+    assert!(text.contains(r#""path":"/metadata/identity/oauth2/token","#), "{text}");
     for secret in ["secret123", "eyJ", "sig=", "resource"] {
         assert!(!text.contains(secret), "{secret} leaked: {text}");
     }
@@ -359,48 +317,30 @@ fn secrets_are_redacted_and_queries_dropped() {
 fn file_is_0640_and_symlinks_are_refused() {
     let dir = TempDir::new("symlink");
     drop(AuditLog::open(&dir.0, 1 << 20, 4).expect("open"));
-    let mode = fs::metadata(dir.audit())
-        .expect("meta")
-        .permissions()
-        .mode();
+    let mode = fs::metadata(dir.audit()).expect("meta").permissions().mode();
     assert_eq!(mode & 0o777, 0o640);
     fs::remove_file(dir.audit()).expect("remove");
     let victim = dir.0.join("victim");
     fs::write(&victim, b"precious").expect("victim");
     symlink(&victim, dir.audit()).expect("plant");
-    assert!(matches!(
-        AuditLog::open(&dir.0, 1 << 20, 4),
-        Err(AuditError::Symlink)
-    ));
+    assert!(matches!(AuditLog::open(&dir.0, 1 << 20, 4), Err(AuditError::Symlink)));
     assert_eq!(fs::read(&victim).expect("victim"), b"precious");
     // A dangling symlink is refused too (nothing gets created at its target).
     fs::remove_file(dir.audit()).expect("remove");
     let target = dir.0.join("not-yet");
     symlink(&target, dir.audit()).expect("plant dangling");
-    assert!(matches!(
-        AuditLog::open(&dir.0, 1 << 20, 4),
-        Err(AuditError::Symlink)
-    ));
+    assert!(matches!(AuditLog::open(&dir.0, 1 << 20, 4), Err(AuditError::Symlink)));
     assert!(!target.exists());
     // A hard link to another file is refused.
     fs::remove_file(dir.audit()).expect("remove");
     fs::hard_link(&victim, dir.audit()).expect("hard link");
-    assert!(matches!(
-        AuditLog::open(&dir.0, 1 << 20, 4),
-        Err(AuditError::UnsafeFile(_))
-    ));
+    assert!(matches!(AuditLog::open(&dir.0, 1 << 20, 4), Err(AuditError::UnsafeFile(_))));
     // So is a directory others can write to.
     let open_dir = dir.0.join("open");
     fs::create_dir(&open_dir).expect("mkdir");
     fs::set_permissions(&open_dir, Permissions::from_mode(0o777)).expect("chmod");
-    assert!(matches!(
-        AuditLog::open(&open_dir, 1 << 20, 4),
-        Err(AuditError::UnsafeDir(_))
-    ));
-    assert!(matches!(
-        AuditLog::open(&dir.0, 10, 4),
-        Err(AuditError::Limits)
-    ));
+    assert!(matches!(AuditLog::open(&open_dir, 1 << 20, 4), Err(AuditError::UnsafeDir(_))));
+    assert!(matches!(AuditLog::open(&dir.0, 10, 4), Err(AuditError::Limits)));
 }
 
 #[test]
@@ -410,11 +350,7 @@ fn record_does_no_io_and_counts_drops_past_capacity() {
     for n in 0..1000 {
         log.record(&request(n));
     }
-    assert_eq!(
-        fs::metadata(dir.audit()).expect("meta").len(),
-        0,
-        "record() wrote"
-    );
+    assert_eq!(fs::metadata(dir.audit()).expect("meta").len(), 0, "record() wrote");
     let (written, dropped) = log.counts();
     assert_eq!(written, 0);
     assert!(dropped > 0 && dropped < 1000, "dropped {dropped}");
@@ -423,10 +359,7 @@ fn record_does_no_io_and_counts_drops_past_capacity() {
     assert_eq!((written + dropped_after, dropped_after), (1000, dropped));
     let lines = lines_of(&dir.audit());
     let last = String::from_utf8(lines.last().expect("lines").clone()).expect("utf-8");
-    assert!(
-        last.contains(&format!("\"kind\":\"dropped\",\"count\":{dropped}}}")),
-        "{last}"
-    );
+    assert!(last.contains(&format!("\"kind\":\"dropped\",\"count\":{dropped}}}")), "{last}");
     let report = verify_files(&[dir.audit()], None);
     assert!(report.is_ok(), "{report}");
     assert_eq!(report.records, written + 1);
@@ -440,10 +373,7 @@ fn reopen_resumes_the_chain_and_a_torn_tail_restarts_it() {
     let report = verify_files(&[dir.audit()], None);
     assert_eq!(report.to_string(), "ok: 5 records, 0 checkpoints");
     // A crash mid-write leaves a torn line: the next open ends it and restarts the chain.
-    let mut file = OpenOptions::new()
-        .append(true)
-        .open(dir.audit())
-        .expect("open");
+    let mut file = OpenOptions::new().append(true).open(dir.audit()).expect("open");
     file.write_all(b"{\"seq\":6,\"ts\":17").expect("tear");
     drop(file);
     let lines = write_records(&dir, 1);

@@ -57,11 +57,7 @@ impl VerifyReport {
 impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let Some((path, line, reason)) = &self.first_break else {
-            write!(
-                f,
-                "ok: {} records, {} checkpoints",
-                self.records, self.checkpoints
-            )?;
+            write!(f, "ok: {} records, {} checkpoints", self.records, self.checkpoints)?;
             if !self.macs_checked && self.checkpoints > 0 {
                 f.write_str(" (checkpoint macs not checked: no key)")?;
             }
@@ -78,11 +74,7 @@ impl fmt::Display for VerifyReport {
             why::UNREADABLE => "file cannot be read",
             _ => "record edited, deleted or inserted before this line",
         };
-        write!(
-            f,
-            "{}:{line}: chain broken ({reason}): {explanation}",
-            path.display()
-        )
+        write!(f, "{}:{line}: chain broken ({reason}): {explanation}", path.display())
     }
 }
 
@@ -105,11 +97,8 @@ pub fn verify_files(paths: &[PathBuf], key: Option<&[u8; 32]>) -> VerifyReport {
             }
         }
     }
-    let files: Vec<(&Path, &[u8])> = paths
-        .iter()
-        .map(PathBuf::as_path)
-        .zip(contents.iter().map(Vec::as_slice))
-        .collect();
+    let files: Vec<(&Path, &[u8])> =
+        paths.iter().map(PathBuf::as_path).zip(contents.iter().map(Vec::as_slice)).collect();
     verify_contents(&files, key)
 }
 
@@ -129,19 +118,10 @@ pub(super) fn verify_contents(files: &[(&Path, &[u8])], key: Option<&[u8; 32]>) 
         }
         let body = content.strip_suffix(b"\n").unwrap_or(content);
         for (number, bytes) in (1..).zip(body.split(|b| *b == b'\n')) {
-            lines.push(Line {
-                file,
-                number,
-                bytes,
-            });
+            lines.push(Line { file, number, bytes });
         }
     }
-    let mut report = VerifyReport {
-        records: 0,
-        checkpoints: 0,
-        macs_checked: key.is_some(),
-        first_break: None,
-    };
+    let mut report = VerifyReport { records: 0, checkpoints: 0, macs_checked: key.is_some(), first_break: None };
     if let Some((index, reason)) = first_break(&lines, key, &mut report) {
         let line = &lines[index];
         report.first_break = Some((files[line.file].0.to_path_buf(), line.number, reason));
@@ -158,11 +138,7 @@ fn header(lines: &[Line<'_>], index: usize) -> Option<Header> {
 }
 
 /// Walks the chain; returns the index of the first broken line and why.
-fn first_break(
-    lines: &[Line<'_>],
-    key: Option<&[u8; 32]>,
-    report: &mut VerifyReport,
-) -> Option<(usize, &'static str)> {
+fn first_break(lines: &[Line<'_>], key: Option<&[u8; 32]>, report: &mut VerifyReport) -> Option<(usize, &'static str)> {
     // (seq, prev) the next line must carry; None before the first line.
     let mut expected: Option<(u64, [u8; 32])> = None;
     for (index, line) in lines.iter().enumerate() {
@@ -203,13 +179,8 @@ fn intruder(lines: &[Line<'_>], index: usize, head: &Header) -> usize {
         return index;
     };
     let twin = before.seq == head.seq && before.prev == head.prev;
-    let continues_from_this =
-        header(lines, index + 1).is_none_or(|next| next.prev == hash(&lines[index]));
-    if twin && continues_from_this {
-        index - 1
-    } else {
-        index
-    }
+    let continues_from_this = header(lines, index + 1).is_none_or(|next| next.prev == hash(&lines[index]));
+    if twin && continues_from_this { index - 1 } else { index }
 }
 
 /// `seq` is right at `index` but `prev` does not match the line before: decide from the line

@@ -203,7 +203,8 @@ impl RequestHead {
 mod tests {
     use super::*;
 
-    static GET: &[u8] = b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n";
+    static GET: &[u8] =
+        b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n";
 
     #[test]
     fn parses_a_metadata_get_in_place() {
@@ -232,7 +233,12 @@ mod tests {
             b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
         ];
         for c in cases {
-            assert_eq!(RequestHead::parse(c).unwrap_err(), HeadError::AmbiguousFraming, "{}", String::from_utf8_lossy(c));
+            assert_eq!(
+                RequestHead::parse(c).unwrap_err(),
+                HeadError::AmbiguousFraming,
+                "{}",
+                String::from_utf8_lossy(c)
+            );
         }
         assert_eq!(
             RequestHead::parse(b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n").unwrap_err(),
@@ -253,7 +259,9 @@ mod tests {
     fn framing_and_connection_semantics() {
         let h = RequestHead::parse(b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n").unwrap().unwrap();
         assert_eq!(h.framing, BodyFraming::Chunked);
-        let h = RequestHead::parse(b"POST / HTTP/1.1\r\nContent-Length: 7\r\nExpect: 100-continue\r\n\r\n").unwrap().unwrap();
+        let h = RequestHead::parse(b"POST / HTTP/1.1\r\nContent-Length: 7\r\nExpect: 100-continue\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(h.framing, BodyFraming::Length(7));
         assert!(h.expect_continue);
         let h = RequestHead::parse(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();

@@ -116,9 +116,13 @@ mod tests {
         assert_eq!((r.framing, r.keep_alive), (ResponseFraming::UntilClose, false));
         let r = ResponseHead::parse(b"HTTP/1.1 204 No Content\r\n\r\n", false).unwrap().unwrap();
         assert_eq!(r.framing, ResponseFraming::None);
-        let r = ResponseHead::parse(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n", false).unwrap().unwrap();
+        let r = ResponseHead::parse(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
         assert!(!r.keep_alive);
-        assert!(ResponseHead::parse(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", false).is_err());
+        assert!(
+            ResponseHead::parse(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", false).is_err()
+        );
         assert!(ResponseHead::parse(b"HTTP/1.1 200 OK\r\n", false).unwrap().is_none());
     }
 }

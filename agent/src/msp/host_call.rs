@@ -94,7 +94,8 @@ pub fn build_request(
         out.extend_from_slice(b"\r\n");
     }
     if let Some(key) = key {
-        let mac = signing::sign(key, method.as_bytes(), body, &headers, target.as_bytes()).map_err(HostCallError::Sign)?;
+        let mac =
+            signing::sign(key, method.as_bytes(), body, &headers, target.as_bytes()).map_err(HostCallError::Sign)?;
         let value = signing::authorization_value(key, &mac);
         out.extend_from_slice(format!("{}: {}\r\n", signing::AUTHORIZATION_HEADER, value.as_str()).as_bytes());
     }
@@ -131,7 +132,14 @@ impl HostCall {
         registry
             .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
             .map_err(|e| HostCallError::Io(e.kind()))?;
-        Ok(Self { stream, out: request, sent: 0, input: Vec::new(), connected: false, deadline: clock::after(now, timeout_ms) })
+        Ok(Self {
+            stream,
+            out: request,
+            sent: 0,
+            input: Vec::new(),
+            connected: false,
+            deadline: clock::after(now, timeout_ms),
+        })
     }
 
     /// Deregisters the socket (the call is over or abandoned).
@@ -243,13 +251,18 @@ mod tests {
 
     #[test]
     fn parses_length_chunked_and_close_delimited_responses() {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-ms-azure-host-date: Wed, 23 Apr 2025 12:00:00 GMT\r\n\r\nok", false)
-            .unwrap()
-            .unwrap();
+        let r = parse_response(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-ms-azure-host-date: Wed, 23 Apr 2025 12:00:00 GMT\r\n\r\nok",
+            false,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
         assert_eq!(r.date.unwrap(), (heapless::String::try_from("Wed, 23 Apr 2025 12:00:00 GMT").unwrap(), true));
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nok", false).is_none());
-        let r = parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", false).unwrap().unwrap();
+        let r = parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
         assert_eq!(r.body, b"ok");
         let r = parse_response(b"HTTP/1.0 403 Forbidden\r\nDate: x\r\n\r\nno", true).unwrap().unwrap();
         assert_eq!((r.status, r.body.as_slice()), (403, &b"no"[..]));

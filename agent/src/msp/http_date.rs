@@ -25,9 +25,8 @@ pub const MAX_UNIX_SECS: u64 = 253_402_300_799;
 
 const SECS_PER_DAY: u64 = 86_400;
 const WEEKDAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
-const MONTHS: [&[u8; 3]; 12] = [
-    b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec",
-];
+const MONTHS: [&[u8; 3]; 12] =
+    [b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec"];
 
 /// Why a date header could not be parsed.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -86,29 +85,13 @@ pub fn parse_http_date(text: &[u8]) -> Result<u64, HttpDateError> {
     if !separators_ok {
         return Err(HttpDateError::Syntax);
     }
-    let weekday = WEEKDAYS
-        .iter()
-        .position(|w| w[..] == text[..3])
-        .ok_or(HttpDateError::Syntax)?;
-    let month = MONTHS
-        .iter()
-        .position(|m| m[..] == text[8..11])
-        .ok_or(HttpDateError::Syntax)?;
+    let weekday = WEEKDAYS.iter().position(|w| w[..] == text[..3]).ok_or(HttpDateError::Syntax)?;
+    let month = MONTHS.iter().position(|m| m[..] == text[8..11]).ok_or(HttpDateError::Syntax)?;
     let month = u64::try_from(month).map_err(|_overflow| HttpDateError::Syntax)? + 1;
     let day = digits(&text[5..7])?;
     let year = digits(&text[12..16])?;
-    let (hour, minute, second) = (
-        digits(&text[17..19])?,
-        digits(&text[20..22])?,
-        digits(&text[23..25])?,
-    );
-    if year < 1970
-        || day == 0
-        || day > days_in_month(year, month)
-        || hour > 23
-        || minute > 59
-        || second > 59
-    {
+    let (hour, minute, second) = (digits(&text[17..19])?, digits(&text[20..22])?, digits(&text[23..25])?);
+    if year < 1970 || day == 0 || day > days_in_month(year, month) || hour > 23 || minute > 59 || second > 59 {
         return Err(HttpDateError::OutOfRange);
     }
     let days = days_from_civil(year, month, day);
@@ -122,11 +105,7 @@ pub fn parse_http_date(text: &[u8]) -> Result<u64, HttpDateError> {
 /// and `provisioned.tag` format of §2.1 and §6), saturating at [`MAX_UNIX_SECS`].
 pub fn format_timestamp_millis(unix_ms: u64) -> String<TIMESTAMP_BYTES> {
     let secs = (unix_ms / 1000).min(MAX_UNIX_SECS);
-    let millis = if unix_ms / 1000 > MAX_UNIX_SECS {
-        999
-    } else {
-        unix_ms % 1000
-    };
+    let millis = if unix_ms / 1000 > MAX_UNIX_SECS { 999 } else { unix_ms % 1000 };
     let (year, month, day) = civil_from_days(secs / SECS_PER_DAY);
     let mut out = [0_u8; TIMESTAMP_BYTES];
     put_digits(&mut out[..4], year);
@@ -175,9 +154,9 @@ impl HostClock {
     pub fn needs_sync(&self, local_now: Duration) -> bool {
         match self.synced {
             None => true,
-            Some((_, at)) => local_now
-                .checked_sub(at)
-                .is_none_or(|elapsed| elapsed.as_secs() >= HOST_SYNC_MAX_AGE_SECS),
+            Some((_, at)) => {
+                local_now.checked_sub(at).is_none_or(|elapsed| elapsed.as_secs() >= HOST_SYNC_MAX_AGE_SECS)
+            }
         }
     }
 
@@ -201,16 +180,11 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let z = days + 719_468;
     let era = z / 146_097;
     let day_of_era = z % 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let shifted_month = (5 * day_of_year + 2) / 153; // 0 = March
     let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
-    let month = if shifted_month < 10 {
-        shifted_month + 3
-    } else {
-        shifted_month - 9
-    };
+    let month = if shifted_month < 10 { shifted_month + 3 } else { shifted_month - 9 };
     let year = era * 400 + year_of_era + u64::from(month <= 2);
     (year, month, day)
 }
@@ -229,9 +203,7 @@ fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
 
 fn days_in_month(year: u64, month: u64) -> u64 {
     match month {
-        2 if year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400)) => {
-            29
-        }
+        2 if year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400)) => 29,
         2 => 28,
         4 | 6 | 9 | 11 => 30,
         _ => 31,
@@ -258,11 +230,7 @@ fn put_digits(out: &mut [u8], mut value: u64) {
 /// Reads exactly `text.len()` ASCII digits.
 fn digits(text: &[u8]) -> Result<u64, HttpDateError> {
     text.iter().try_fold(0, |acc, &b| {
-        if b.is_ascii_digit() {
-            Ok(acc * 10 + u64::from(b - b'0'))
-        } else {
-            Err(HttpDateError::Syntax)
-        }
+        if b.is_ascii_digit() { Ok(acc * 10 + u64::from(b - b'0')) } else { Err(HttpDateError::Syntax) }
     })
 }
 
@@ -299,22 +267,10 @@ mod tests {
     #[test]
     fn formats_epoch_leap_days_and_padding() {
         assert_eq!(format_http_date(0), "Thu, 01 Jan 1970 00:00:00 GMT");
-        assert_eq!(
-            format_http_date(951_782_400),
-            "Tue, 29 Feb 2000 00:00:00 GMT"
-        );
-        assert_eq!(
-            format_http_date(1_709_251_199),
-            "Thu, 29 Feb 2024 23:59:59 GMT"
-        );
-        assert_eq!(
-            format_http_date(4_107_542_400),
-            "Mon, 01 Mar 2100 00:00:00 GMT"
-        );
-        assert_eq!(
-            format_http_date(MAX_UNIX_SECS),
-            "Fri, 31 Dec 9999 23:59:59 GMT"
-        );
+        assert_eq!(format_http_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 GMT");
+        assert_eq!(format_http_date(1_709_251_199), "Thu, 29 Feb 2024 23:59:59 GMT");
+        assert_eq!(format_http_date(4_107_542_400), "Mon, 01 Mar 2100 00:00:00 GMT");
+        assert_eq!(format_http_date(MAX_UNIX_SECS), "Fri, 31 Dec 9999 23:59:59 GMT");
         assert_eq!(format_http_date(u64::MAX), "Fri, 31 Dec 9999 23:59:59 GMT");
     }
 
@@ -359,24 +315,14 @@ mod tests {
             b"Wed, 23 Apr 2025 12:00:60 GMT",
             b"Wed, 31 Dec 1969 23:59:59 GMT",
         ] {
-            assert_eq!(
-                parse_http_date(bad),
-                Err(HttpDateError::OutOfRange),
-                "{bad:?}"
-            );
+            assert_eq!(parse_http_date(bad), Err(HttpDateError::OutOfRange), "{bad:?}");
         }
-        assert_eq!(
-            parse_http_date(b"Thu, 23 Apr 2025 12:00:00 GMT"),
-            Err(HttpDateError::WeekdayMismatch)
-        );
+        assert_eq!(parse_http_date(b"Thu, 23 Apr 2025 12:00:00 GMT"), Err(HttpDateError::WeekdayMismatch));
     }
 
     #[test]
     fn formats_status_timestamps_with_millis() {
-        assert_eq!(
-            format_timestamp_millis(SPEC_SECS * 1000 + 7),
-            "2025-04-23T12:00:00.007"
-        );
+        assert_eq!(format_timestamp_millis(SPEC_SECS * 1000 + 7), "2025-04-23T12:00:00.007");
         assert_eq!(format_timestamp_millis(0), "1970-01-01T00:00:00.000");
         assert_eq!(format_timestamp_millis(u64::MAX), "9999-12-31T23:59:59.999");
     }
@@ -384,18 +330,9 @@ mod tests {
     #[test]
     fn host_date_header_is_preferred_and_invalid_disables_fallback() {
         let other: &[u8] = b"Thu, 01 Jan 1970 00:00:00 GMT";
-        assert_eq!(
-            host_time_from_headers(Some(SPEC_DATE), Some(other)),
-            Some(SPEC_SECS)
-        );
-        assert_eq!(
-            host_time_from_headers(None, Some(SPEC_DATE)),
-            Some(SPEC_SECS)
-        );
-        assert_eq!(
-            host_time_from_headers(Some(b"garbage"), Some(SPEC_DATE)),
-            None
-        );
+        assert_eq!(host_time_from_headers(Some(SPEC_DATE), Some(other)), Some(SPEC_SECS));
+        assert_eq!(host_time_from_headers(None, Some(SPEC_DATE)), Some(SPEC_SECS));
+        assert_eq!(host_time_from_headers(Some(b"garbage"), Some(SPEC_DATE)), None);
         assert_eq!(host_time_from_headers(None, Some(b"garbage")), None);
         assert_eq!(host_time_from_headers(None, None), None);
     }
@@ -408,10 +345,7 @@ mod tests {
         assert_eq!(clock.now_unix(local), 1_000_000);
         clock.sync(SPEC_SECS, local);
         assert!(!clock.needs_sync(local));
-        assert_eq!(
-            clock.now_unix(local + Duration::from_millis(90_500)),
-            SPEC_SECS + 90
-        );
+        assert_eq!(clock.now_unix(local + Duration::from_millis(90_500)), SPEC_SECS + 90);
         assert!(!clock.needs_sync(local + Duration::from_secs(HOST_SYNC_MAX_AGE_SECS - 1)));
         assert!(clock.needs_sync(local + Duration::from_secs(HOST_SYNC_MAX_AGE_SECS)));
         // Local time going backwards never moves host time before the sync.

@@ -60,11 +60,7 @@ pub struct KeyDoc {
     #[serde(rename = "authorizationScheme")]
     pub authorization_scheme: String<SCHEME_MAX_BYTES>,
     /// Surfaced as `keyIncarnationId` in the status.
-    #[serde(
-        rename = "incarnationId",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "incarnationId", default, skip_serializing_if = "Option::is_none")]
     pub incarnation_id: Option<u32>,
     /// Key identifier; names the file and goes into the authorization header.
     pub guid: String<GUID_MAX_BYTES>,
@@ -128,10 +124,7 @@ mod tests {
     #[test]
     fn acquire_body_is_the_exact_44_bytes() {
         assert_eq!(ACQUIRE_BODY.len(), 44);
-        assert_eq!(
-            ACQUIRE_BODY,
-            b"{\"authorizationScheme\": \"Azure-HMAC-SHA256\"}"
-        );
+        assert_eq!(ACQUIRE_BODY, b"{\"authorizationScheme\": \"Azure-HMAC-SHA256\"}");
     }
 
     #[test]
@@ -156,7 +149,8 @@ mod tests {
         assert_eq!(again.incarnation_id, Some(3));
         assert_eq!(again.issued, doc.issued);
 
-        let without: &[u8] = b"{\"authorizationScheme\":\"Azure-HMAC-SHA256\",\"guid\":\"g\",\"issued\":\"i\",\"key\":\"00\"}";
+        let without: &[u8] =
+            b"{\"authorizationScheme\":\"Azure-HMAC-SHA256\",\"guid\":\"g\",\"issued\":\"i\",\"key\":\"00\"}";
         let doc = KeyDoc::parse(without).expect("incarnationId is optional");
         let len = doc.to_json(&mut buf).expect("fits");
         assert_eq!(&buf[..len], without);
@@ -196,23 +190,15 @@ mod tests {
             "{{\"authorizationScheme\":\"s\",\"guid\":\"g\",\"issued\":\"i\",\"key\":\"{}\"}}",
             "0".repeat(KEY_HEX_MAX_BYTES + 2)
         );
-        assert_eq!(
-            KeyDoc::parse(long_key.as_bytes()).map(|_| ()),
-            Err(KeyDocError::ParseJson)
-        );
+        assert_eq!(KeyDoc::parse(long_key.as_bytes()).map(|_| ()), Err(KeyDocError::ParseJson));
     }
 
     #[test]
     fn reports_unusable_key_and_small_buffer() {
-        let json = format!(
-            "{{\"authorizationScheme\":\"s\",\"guid\":\"g\",\"issued\":\"i\",\"key\":\"{}\"}}",
-            "z".repeat(64)
-        );
+        let json =
+            format!("{{\"authorizationScheme\":\"s\",\"guid\":\"g\",\"issued\":\"i\",\"key\":\"{}\"}}", "z".repeat(64));
         let doc = KeyDoc::parse(json.as_bytes()).expect("hex is checked later");
-        assert_eq!(
-            doc.signing_key().map(|_| ()),
-            Err(KeyDocError::SigningKey(SignError::DecodeKeyHex))
-        );
+        assert_eq!(doc.signing_key().map(|_| ()), Err(KeyDocError::SigningKey(SignError::DecodeKeyHex)));
         assert_eq!(doc.to_json(&mut [0_u8; 8]), Err(KeyDocError::SerializeJson));
     }
 

@@ -261,7 +261,15 @@ impl KeyKeeper {
         let request = match &purpose {
             Purpose::Status => {
                 self.calls.status += 1;
-                host_call::build_request("GET", "/secure-channel/status", host, &[("metadata", "True ")], b"", &date, None)
+                host_call::build_request(
+                    "GET",
+                    "/secure-channel/status",
+                    host,
+                    &[("metadata", "True ")],
+                    b"",
+                    &date,
+                    None,
+                )
             }
             Purpose::Acquire => {
                 self.calls.acquire += 1;
@@ -279,14 +287,22 @@ impl KeyKeeper {
                 self.calls.attest += 1;
                 let target = format!("/secure-channel/key/{}/key-attestation", doc.guid);
                 match doc.signing_key() {
-                    Ok(key) => host_call::build_request("POST", &target, host, &[("metadata", "True ")], b"", &date, Some(&key)),
+                    Ok(key) => host_call::build_request(
+                        "POST",
+                        &target,
+                        host,
+                        &[("metadata", "True ")],
+                        b"",
+                        &date,
+                        Some(&key),
+                    ),
                     Err(_) => Err(HostCallError::BadResponse),
                 }
             }
         };
-        let started = match request.and_then(|r| {
-            HostCall::start(registry, token, host, self.config.mark, r, now, self.config.timeout_ms)
-        }) {
+        let started = match request
+            .and_then(|r| HostCall::start(registry, token, host, self.config.mark, r, now, self.config.timeout_ms))
+        {
             Ok(call) => {
                 self.phase = Phase::Calling { call, purpose, started: now };
                 return;
@@ -346,7 +362,10 @@ impl KeyKeeper {
                 if let Err(e) = self.store.save(&doc) {
                     self.failures = self.failures.saturating_add(1);
                     if matches!(e, super::key_store::KeyStoreError::Mismatch) {
-                        self.set_message(format_args!("Failed to check the key '{}' details saved locally: {e}", doc.guid));
+                        self.set_message(format_args!(
+                            "Failed to check the key '{}' details saved locally: {e}",
+                            doc.guid
+                        ));
                     } else {
                         self.set_message(format_args!("Failed to save key details to file: {e}"));
                     }

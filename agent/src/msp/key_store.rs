@@ -70,7 +70,11 @@ impl KeyStore {
     /// Creates the directory 0700 if needed and checks it is safe to use.
     pub fn ensure_dir(&self) -> Result<(), KeyStoreError> {
         if let Some(parent) = self.dir.parent() {
-            fs::DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(|_io| KeyStoreError::UnsafeDirectory)?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(parent)
+                .map_err(|_io| KeyStoreError::UnsafeDirectory)?;
         }
         match fs::DirBuilder::new().mode(0o700).create(&self.dir) {
             Ok(()) => {}
@@ -82,7 +86,8 @@ impl KeyStore {
             return Err(KeyStoreError::UnsafeDirectory);
         }
         if meta.mode() & 0o077 != 0 {
-            fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(|_io| KeyStoreError::UnsafeDirectory)?;
+            fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
+                .map_err(|_io| KeyStoreError::UnsafeDirectory)?;
         }
         Ok(())
     }
@@ -130,7 +135,8 @@ impl KeyStore {
     /// Loads `<guid>.key`, refusing anything unsafe or naming another key.
     pub fn load(&self, guid: &str) -> Result<KeyDoc, KeyStoreError> {
         let path = self.path(guid, "key")?;
-        let mut file = match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(&path) {
+        let mut file = match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(&path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(KeyStoreError::Missing),
             // ELOOP: the final component is a symlink.
@@ -167,7 +173,8 @@ mod tests {
     const DOC: &[u8] = br#"{"authorizationScheme":"Azure-HMAC-SHA256","guid":"9cf81e97-0316-4ad3-94a7-8ccbdee8ccbf","issued":"x","key":"4A404E635266556A586E3272357538782F413F4428472B4B6250645367566B59"}"#;
 
     fn temp_state() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("gpa-keystore-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let dir =
+            std::env::temp_dir().join(format!("gpa-keystore-{}-{:?}", std::process::id(), std::thread::current().id()));
         drop(fs::remove_dir_all(&dir));
         dir
     }

@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: MIT
 //! The Metadata Security Protocol: status document, key, request signing, key keeper.
 //! Spec: `../shared/spec/msp-protocol.md` §1–§3.
-pub mod signing;
+pub mod host_call;
 pub mod http_date;
 pub mod key_doc;
-pub mod status_doc;
-pub mod host_call;
 pub mod key_keeper;
 pub mod key_store;
+pub mod signing;
+pub mod status_doc;

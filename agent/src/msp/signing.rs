@@ -46,10 +46,8 @@ pub const MAC_BYTES: usize = 32;
 /// Capacity of an authorization header value: scheme, space, GUID, space, 64 hex digits.
 pub const AUTHORIZATION_VALUE_MAX_BYTES: usize = 160;
 
-const _: () = assert!(
-    AUTHORIZATION_SCHEME.len() + 1 + GUID_MAX_BYTES + 1 + 2 * MAC_BYTES
-        <= AUTHORIZATION_VALUE_MAX_BYTES
-);
+const _: () =
+    assert!(AUTHORIZATION_SCHEME.len() + 1 + GUID_MAX_BYTES + 1 + 2 * MAC_BYTES <= AUTHORIZATION_VALUE_MAX_BYTES);
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -106,9 +104,7 @@ impl SigningKey {
     /// Builds a key from its GUID and the hex `key` of the key document (upper or lower case).
     pub fn from_hex(guid: &str, hex_key: &str) -> Result<Self, SignError> {
         let guid_ok = !guid.is_empty()
-            && guid
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'{' | b'}'));
+            && guid.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'{' | b'}'));
         if !guid_ok {
             return Err(SignError::KeyGuid);
         }
@@ -149,10 +145,7 @@ impl SigningKey {
 
 impl fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SigningKey")
-            .field("guid", &self.guid.as_str())
-            .field("key", &"<redacted>")
-            .finish()
+        f.debug_struct("SigningKey").field("guid", &self.guid.as_str()).field("key", &"<redacted>").finish()
     }
 }
 
@@ -181,16 +174,11 @@ pub fn verify(
     target: &[u8],
     mac: &[u8; MAC_BYTES],
 ) -> Result<(), SignError> {
-    mac_request(key, method, body, headers, target)?
-        .verify_slice(mac)
-        .map_err(|_mismatch| SignError::SignatureMismatch)
+    mac_request(key, method, body, headers, target)?.verify_slice(mac).map_err(|_mismatch| SignError::SignatureMismatch)
 }
 
 /// The `x-ms-azure-host-authorization` value: `Azure-HMAC-SHA256 <guid> <64 lower-case hex>`.
-pub fn authorization_value(
-    key: &SigningKey,
-    mac: &[u8; MAC_BYTES],
-) -> String<AUTHORIZATION_VALUE_MAX_BYTES> {
+pub fn authorization_value(key: &SigningKey, mac: &[u8; MAC_BYTES]) -> String<AUTHORIZATION_VALUE_MAX_BYTES> {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut hex = [0_u8; 2 * MAC_BYTES];
     for (pair, byte) in hex.chunks_exact_mut(2).zip(mac) {
@@ -199,13 +187,7 @@ pub fn authorization_value(
     }
     let mut out = String::new();
     // Capacity is checked by the const assertion above; pushes of ASCII cannot fail.
-    for part in [
-        AUTHORIZATION_SCHEME.as_bytes(),
-        b" ",
-        key.guid.as_bytes(),
-        b" ",
-        &hex,
-    ] {
+    for part in [AUTHORIZATION_SCHEME.as_bytes(), b" ", key.guid.as_bytes(), b" ", &hex] {
         for &b in part {
             if out.push(char::from(b)).is_err() {
                 break;
@@ -222,10 +204,7 @@ pub fn parse_authorization_value(value: &[u8]) -> Result<(&[u8], [u8; MAC_BYTES]
         .strip_prefix(AUTHORIZATION_SCHEME.as_bytes())
         .and_then(|rest| rest.strip_prefix(b" "))
         .ok_or(SignError::AuthorizationMalformed)?;
-    let space = rest
-        .iter()
-        .position(|&b| b == b' ')
-        .ok_or(SignError::AuthorizationMalformed)?;
+    let space = rest.iter().position(|&b| b == b' ').ok_or(SignError::AuthorizationMalformed)?;
     let (guid, hex) = (&rest[..space], &rest[space + 1..]);
     if guid.is_empty() || hex.len() != 2 * MAC_BYTES {
         return Err(SignError::AuthorizationMalformed);
@@ -243,13 +222,10 @@ pub fn parse_authorization_value(value: &[u8]) -> Result<(&[u8], [u8; MAC_BYTES]
 /// True for the two requests that are never signed (§3.7): exact method, and the whole
 /// request-target compared case-insensitively.
 pub fn is_skip_listed(method: &[u8], target: &[u8]) -> bool {
-    const SKIP_LIST: [(&[u8], &[u8]); 2] = [
-        (b"PUT", b"/vmagentlog"),
-        (b"POST", b"/machine/?comp=telemetrydata"),
-    ];
-    SKIP_LIST.iter().any(|&(skip_method, skip_target)| {
-        method == skip_method && target.eq_ignore_ascii_case(skip_target)
-    })
+    const SKIP_LIST: [(&[u8], &[u8]); 2] = [(b"PUT", b"/vmagentlog"), (b"POST", b"/machine/?comp=telemetrydata")];
+    SKIP_LIST
+        .iter()
+        .any(|&(skip_method, skip_target)| method == skip_method && target.eq_ignore_ascii_case(skip_target))
 }
 
 /// Streams the canonical form (§3.3) of `raw_query` (the part after `?`) to `out`.
@@ -278,9 +254,7 @@ pub fn canonical_query(raw_query: &[u8], out: &mut impl FnMut(&[u8])) -> Result<
     pieces.sort_unstable_by(|a, b| a.sort_key_cmp(b).then(a.order.cmp(&b.order)));
     let mut first = true;
     for (i, piece) in pieces.iter().enumerate() {
-        let superseded = pieces
-            .get(i + 1)
-            .is_some_and(|next| next.sort_key_cmp(piece) == Ordering::Equal);
+        let superseded = pieces.get(i + 1).is_some_and(|next| next.sort_key_cmp(piece) == Ordering::Equal);
         if superseded {
             continue;
         }
@@ -309,12 +283,7 @@ struct QueryPiece<'a> {
 impl QueryPiece<'_> {
     /// Compares the sort keys (lower-cased key immediately followed by the raw value).
     fn sort_key_cmp(&self, other: &Self) -> Ordering {
-        let sort_key = |p: &Self| {
-            p.key
-                .iter()
-                .map(u8::to_ascii_lowercase)
-                .chain(p.value.iter().copied())
-        };
+        let sort_key = |p: &Self| p.key.iter().map(u8::to_ascii_lowercase).chain(p.value.iter().copied());
         sort_key(self).cmp(sort_key(other))
     }
 }
@@ -340,10 +309,7 @@ fn mac_request(
         if name.eq_ignore_ascii_case(AUTHORIZATION_HEADER.as_bytes()) {
             continue;
         }
-        if !value
-            .iter()
-            .all(|&b| b == b'\t' || b == b' ' || b.is_ascii_graphic())
-        {
+        if !value.iter().all(|&b| b == b'\t' || b == b' ' || b.is_ascii_graphic()) {
             return Err(SignError::HeaderValueNotAscii);
         }
         signed[count] = index;
@@ -368,10 +334,7 @@ fn mac_request(
     mac.update(b"\n");
     for (i, &index) in signed.iter().enumerate() {
         // A repeated name is signed once, with its last value.
-        if signed
-            .get(i + 1)
-            .is_some_and(|&next| name_cmp(next, index) == Ordering::Equal)
-        {
+        if signed.get(i + 1).is_some_and(|&next| name_cmp(next, index) == Ordering::Equal) {
             continue;
         }
         let (name, value) = headers[index];
@@ -435,17 +398,13 @@ mod tests {
     fn hmac_primitive_matches_hello_world_vector() {
         // The key as literal bytes, so the vector does not depend on our hex decoder.
         let raw = [
-            0x4A, 0x40, 0x4E, 0x63, 0x52, 0x66, 0x55, 0x6A, 0x58, 0x6E, 0x32, 0x72, 0x35, 0x75,
-            0x38, 0x78, 0x2F, 0x41, 0x3F, 0x44, 0x28, 0x47, 0x2B, 0x4B, 0x62, 0x50, 0x64, 0x53,
-            0x67, 0x56, 0x6B, 0x59,
+            0x4A, 0x40, 0x4E, 0x63, 0x52, 0x66, 0x55, 0x6A, 0x58, 0x6E, 0x32, 0x72, 0x35, 0x75, 0x38, 0x78, 0x2F, 0x41,
+            0x3F, 0x44, 0x28, 0x47, 0x2B, 0x4B, 0x62, 0x50, 0x64, 0x53, 0x67, 0x56, 0x6B, 0x59,
         ];
         let mut mac = HmacSha256::new_from_slice(&raw).expect("any length is a valid hmac key");
         mac.update(b"Hello world");
         let tag: [u8; 32] = mac.finalize().into_bytes().into();
-        assert_eq!(
-            hex(&tag),
-            "a15b46f621193876a6d3121b836dc2af4180e2786642e55235ef916fc5b082a3"
-        );
+        assert_eq!(hex(&tag), "a15b46f621193876a6d3121b836dc2af4180e2786642e55235ef916fc5b082a3");
         // And the decoded key behaves identically.
         let mut keyed = key().mac;
         keyed.update(b"Hello world");
@@ -456,10 +415,7 @@ mod tests {
     #[test]
     fn canonical_query_matches_repository_vector() {
         let target: &[u8] = b"/machine/a8016240-7286-49ef-8981-63520cb8f6d0/49c242ba%2Dc18a%2D4f6c%2D8cf8%2D85ff790b6431.%5Fzpeng%2Debpf%2Dvm2?comp=config&keyOnly&comp=again&type=hostingEnvironmentConfig&incarnation=1&resource=https%3a%2f%2fstorage.azure.com%2f";
-        let q = target
-            .iter()
-            .position(|&b| b == b'?')
-            .expect("vector has a query");
+        let q = target.iter().position(|&b| b == b'?').expect("vector has a query");
         assert_eq!(
             &target[..q],
             b"/machine/a8016240-7286-49ef-8981-63520cb8f6d0/49c242ba%2Dc18a%2D4f6c%2D8cf8%2D85ff790b6431.%5Fzpeng%2Debpf%2Dvm2"
@@ -520,10 +476,7 @@ mod tests {
         ];
         let mac = sign(&key(), b"GET", b"", &headers, b"/machine?comp=goalstate");
         let mac = mac.expect("signable");
-        assert_eq!(
-            hex(&mac),
-            "35d027d96fb783dcbd427dfbd3a0b81fb463cdd5cd43542e5f5dcb5db9786537"
-        );
+        assert_eq!(hex(&mac), "35d027d96fb783dcbd427dfbd3a0b81fb463cdd5cd43542e5f5dcb5db9786537");
     }
 
     #[test]
@@ -537,10 +490,7 @@ mod tests {
             (b"content-length", b"0"),
         ];
         let mac = sign(&key(), b"POST", b"", &headers, target.as_bytes()).expect("signable");
-        assert_eq!(
-            hex(&mac),
-            "71a091e6c9e21a0e3972a3b5a481c4d7a578f4d4f28c810636f7e43387bfb8e0"
-        );
+        assert_eq!(hex(&mac), "71a091e6c9e21a0e3972a3b5a481c4d7a578f4d4f28c810636f7e43387bfb8e0");
         assert_eq!(
             authorization_value(&key(), &mac),
             "Azure-HMAC-SHA256 9cf81e97-0316-4ad3-94a7-8ccbdee8ccbf 71a091e6c9e21a0e3972a3b5a481c4d7a578f4d4f28c810636f7e43387bfb8e0"
@@ -560,10 +510,7 @@ mod tests {
         ];
         let target: &[u8] = b"/metadata/instance?api-version=2021-02-01";
         let mac = sign(&key(), b"GET", b"", &headers, target).expect("signable");
-        assert_eq!(
-            hex(&mac),
-            "75afe2e9a612e6be0caaac7d967c639ab0b1141a193212de74ab4cce3657a6a6"
-        );
+        assert_eq!(hex(&mac), "75afe2e9a612e6be0caaac7d967c639ab0b1141a193212de74ab4cce3657a6a6");
     }
 
     #[test]
@@ -578,30 +525,10 @@ mod tests {
         let body: &[u8] = b"{\"a\":1}";
         let mac = sign(&key(), b"POST", body, &headers, b"/machine?comp=health");
         let mac = mac.expect("signable");
+        assert_eq!(hex(&mac), "ee5d7beb3802e34afb744e7f4c224bb24747c4052e76f802a4a623bd9c20917e");
+        assert_eq!(verify(&key(), b"POST", body, &headers, b"/machine?comp=health", &mac), Ok(()));
         assert_eq!(
-            hex(&mac),
-            "ee5d7beb3802e34afb744e7f4c224bb24747c4052e76f802a4a623bd9c20917e"
-        );
-        assert_eq!(
-            verify(
-                &key(),
-                b"POST",
-                body,
-                &headers,
-                b"/machine?comp=health",
-                &mac
-            ),
-            Ok(())
-        );
-        assert_eq!(
-            verify(
-                &key(),
-                b"POST",
-                b"{\"a\":2}",
-                &headers,
-                b"/machine?comp=health",
-                &mac
-            ),
+            verify(&key(), b"POST", b"{\"a\":2}", &headers, b"/machine?comp=health", &mac),
             Err(SignError::SignatureMismatch)
         );
     }
@@ -613,39 +540,27 @@ mod tests {
         let mac = sign(&key(), b"GET", b"", &headers, b"/").expect("signable");
         let mac_other = sign(&other, b"GET", b"", &headers, b"/").expect("signable");
         assert_ne!(mac, mac_other);
-        assert_eq!(
-            verify(&other, b"GET", b"", &headers, b"/", &mac),
-            Err(SignError::SignatureMismatch)
-        );
+        assert_eq!(verify(&other, b"GET", b"", &headers, b"/", &mac), Err(SignError::SignatureMismatch));
     }
 
     #[test]
     fn duplicate_header_signs_last_value_only() {
         let dup: [(&[u8], &[u8]); 3] = [(b"X-A", b"first"), (b"host", b"h"), (b"x-a", b" second ")];
         let single: [(&[u8], &[u8]); 2] = [(b"host", b"h"), (b"x-a", b"second")];
-        assert_eq!(
-            sign(&key(), b"GET", b"", &dup, b"/p"),
-            sign(&key(), b"GET", b"", &single, b"/p")
-        );
+        assert_eq!(sign(&key(), b"GET", b"", &dup, b"/p"), sign(&key(), b"GET", b"", &single, b"/p"));
     }
 
     #[test]
     fn no_query_and_empty_query_sign_the_same() {
         let headers: [(&[u8], &[u8]); 0] = [];
-        assert_eq!(
-            sign(&key(), b"GET", b"", &headers, b"/p"),
-            sign(&key(), b"GET", b"", &headers, b"/p?")
-        );
+        assert_eq!(sign(&key(), b"GET", b"", &headers, b"/p"), sign(&key(), b"GET", b"", &headers, b"/p?"));
     }
 
     #[test]
     fn rejects_non_ascii_and_control_header_values() {
         for value in [&b"caf\xc3\xa9"[..], b"a\rb", b"\x7f", b"\x00"] {
             let headers: [(&[u8], &[u8]); 1] = [(b"x-a", value)];
-            assert_eq!(
-                sign(&key(), b"GET", b"", &headers, b"/"),
-                Err(SignError::HeaderValueNotAscii)
-            );
+            assert_eq!(sign(&key(), b"GET", b"", &headers, b"/"), Err(SignError::HeaderValueNotAscii));
         }
         let tab: [(&[u8], &[u8]); 1] = [(b"x-a", b"a\tb")];
         assert!(sign(&key(), b"GET", b"", &tab, b"/").is_ok());
@@ -654,20 +569,11 @@ mod tests {
     #[test]
     fn rejects_invalid_header_names_and_too_many_headers() {
         let colon: [(&[u8], &[u8]); 1] = [(b"x:a", b"v")];
-        assert_eq!(
-            sign(&key(), b"GET", b"", &colon, b"/"),
-            Err(SignError::HeaderNameInvalid)
-        );
+        assert_eq!(sign(&key(), b"GET", b"", &colon, b"/"), Err(SignError::HeaderNameInvalid));
         let empty: [(&[u8], &[u8]); 1] = [(b"", b"v")];
-        assert_eq!(
-            sign(&key(), b"GET", b"", &empty, b"/"),
-            Err(SignError::HeaderNameInvalid)
-        );
+        assert_eq!(sign(&key(), b"GET", b"", &empty, b"/"), Err(SignError::HeaderNameInvalid));
         let many: Vec<(&[u8], &[u8])> = vec![(b"x", b"v"); MAX_HEADERS + 1];
-        assert_eq!(
-            sign(&key(), b"GET", b"", &many, b"/"),
-            Err(SignError::TooManyHeaders)
-        );
+        assert_eq!(sign(&key(), b"GET", b"", &many, b"/"), Err(SignError::TooManyHeaders));
         assert!(sign(&key(), b"GET", b"", &many[..MAX_HEADERS], b"/").is_ok());
     }
 
@@ -675,37 +581,16 @@ mod tests {
     fn key_from_hex_accepts_either_case_and_rejects_bad_input() {
         let lower = SigningKey::from_hex(GUID, &KEY_HEX.to_ascii_lowercase()).expect("valid");
         let headers: [(&[u8], &[u8]); 0] = [];
-        assert_eq!(
-            sign(&lower, b"GET", b"", &headers, b"/"),
-            sign(&key(), b"GET", b"", &headers, b"/")
-        );
+        assert_eq!(sign(&lower, b"GET", b"", &headers, b"/"), sign(&key(), b"GET", b"", &headers, b"/"));
         let bad_digit = KEY_HEX.replace('4', "g");
-        assert_eq!(
-            SigningKey::from_hex(GUID, &bad_digit).map(|_| ()),
-            Err(SignError::DecodeKeyHex)
-        );
-        assert_eq!(
-            SigningKey::from_hex(GUID, "abc").map(|_| ()),
-            Err(SignError::DecodeKeyHex)
-        );
-        assert_eq!(
-            SigningKey::from_hex(GUID, "").map(|_| ()),
-            Err(SignError::KeyLength)
-        );
-        assert_eq!(
-            SigningKey::from_hex(GUID, &"ab".repeat(15)).map(|_| ()),
-            Err(SignError::KeyLength)
-        );
-        assert_eq!(
-            SigningKey::from_hex(GUID, &"ab".repeat(65)).map(|_| ()),
-            Err(SignError::KeyLength)
-        );
+        assert_eq!(SigningKey::from_hex(GUID, &bad_digit).map(|_| ()), Err(SignError::DecodeKeyHex));
+        assert_eq!(SigningKey::from_hex(GUID, "abc").map(|_| ()), Err(SignError::DecodeKeyHex));
+        assert_eq!(SigningKey::from_hex(GUID, "").map(|_| ()), Err(SignError::KeyLength));
+        assert_eq!(SigningKey::from_hex(GUID, &"ab".repeat(15)).map(|_| ()), Err(SignError::KeyLength));
+        assert_eq!(SigningKey::from_hex(GUID, &"ab".repeat(65)).map(|_| ()), Err(SignError::KeyLength));
         assert!(SigningKey::from_hex(GUID, &"ab".repeat(64)).is_ok());
         for guid in ["", "../etc/passwd", "a b", &"a".repeat(65)] {
-            assert_eq!(
-                SigningKey::from_hex(guid, KEY_HEX).map(|_| ()),
-                Err(SignError::KeyGuid)
-            );
+            assert_eq!(SigningKey::from_hex(guid, KEY_HEX).map(|_| ()), Err(SignError::KeyGuid));
         }
     }
 
@@ -722,27 +607,11 @@ mod tests {
     fn parses_authorization_value_round_trip_and_rejects_malformed() {
         let mac = [0xAB_u8; MAC_BYTES];
         let value = authorization_value(&key(), &mac);
-        assert_eq!(
-            parse_authorization_value(value.as_bytes()),
-            Ok((GUID.as_bytes(), mac))
-        );
-        let upper = value
-            .to_ascii_uppercase()
-            .replace("AZURE-HMAC-SHA256", AUTHORIZATION_SCHEME);
-        assert_eq!(
-            parse_authorization_value(upper.as_bytes()).map(|(_, m)| m),
-            Ok(mac)
-        );
-        for bad in [
-            &b""[..],
-            b"Azure-HMAC-SHA256 guid",
-            b"Basic g ab",
-            b"Azure-HMAC-SHA256  ab",
-        ] {
-            assert_eq!(
-                parse_authorization_value(bad),
-                Err(SignError::AuthorizationMalformed)
-            );
+        assert_eq!(parse_authorization_value(value.as_bytes()), Ok((GUID.as_bytes(), mac)));
+        let upper = value.to_ascii_uppercase().replace("AZURE-HMAC-SHA256", AUTHORIZATION_SCHEME);
+        assert_eq!(parse_authorization_value(upper.as_bytes()).map(|(_, m)| m), Ok(mac));
+        for bad in [&b""[..], b"Azure-HMAC-SHA256 guid", b"Basic g ab", b"Azure-HMAC-SHA256  ab"] {
+            assert_eq!(parse_authorization_value(bad), Err(SignError::AuthorizationMalformed));
         }
     }
 

@@ -72,9 +72,7 @@ impl fmt::Display for StatusError {
         f.write_str(match self {
             Self::TooLarge => "status document is too large",
             Self::ParseJson => "status document is not valid status json",
-            Self::SwitchesMissing => {
-                "status document has neither secureChannelEnabled nor secureChannelState"
-            }
+            Self::SwitchesMissing => "status document has neither secureChannelEnabled nor secureChannelState",
             Self::UnknownSecureChannelState => "status document has an unknown secureChannelState",
             Self::StateMissingForV1 => "status document version 1.0 has no secureChannelState",
             Self::EnabledMissingForV2 => "status document version 2.0 has no secureChannelEnabled",
@@ -158,9 +156,7 @@ impl<'de> Visitor<'de> for StatusRulesVisitor {
                 return Err(de::Error::duplicate_field(name));
             }
             seen[index] = true;
-            *slot = access
-                .next_value::<Option<AuthorizationItem>>()?
-                .map(Box::new);
+            *slot = access.next_value::<Option<AuthorizationItem>>()?.map(Box::new);
         }
         Ok(rules)
     }
@@ -319,9 +315,8 @@ impl StatusDocument {
             return Err(StatusError::SwitchesMissing);
         }
         if let Some(state) = &self.secure_channel_state {
-            let known = ["disabled", "wireserver", "wireserverandimds"]
-                .iter()
-                .any(|word| state.eq_ignore_ascii_case(word));
+            let known =
+                ["disabled", "wireserver", "wireserverandimds"].iter().any(|word| state.eq_ignore_ascii_case(word));
             if !known {
                 return Err(StatusError::UnknownSecureChannelState);
             }
@@ -349,29 +344,19 @@ impl StatusDocument {
         let imds_rule_id = rule_id(imds_item);
 
         let (state, ws_mode, imds_mode) = if self.version == "2.0" {
-            let item_mode = |item: Option<&AuthorizationItem>| {
-                item.map_or(Mode::Disabled, |item| Mode::from_word(&item.mode))
-            };
+            let item_mode =
+                |item: Option<&AuthorizationItem>| item.map_or(Mode::Disabled, |item| Mode::from_word(&item.mode));
             let enabled = self.secure_channel_enabled == Some(true);
             if !enabled || rules.is_none() {
-                (
-                    String::try_from(STATE_DISABLED).unwrap_or_default(),
-                    Mode::Disabled,
-                    Mode::Disabled,
-                )
+                (String::try_from(STATE_DISABLED).unwrap_or_default(), Mode::Disabled, Mode::Disabled)
             } else {
                 let (ws, imds) = (item_mode(ws_item), item_mode(imds_item));
                 let mut state = String::new();
                 // The leading space of " IMDS" is the reference's: two spaces after the first
                 // dash. HostGA shows the WireServer mode.
-                for part in [
-                    "WireServer ",
-                    ws.state_word(),
-                    " -  IMDS ",
-                    imds.state_word(),
-                    " - HostGA ",
-                    ws.state_word(),
-                ] {
+                for part in
+                    ["WireServer ", ws.state_word(), " -  IMDS ", imds.state_word(), " - HostGA ", ws.state_word()]
+                {
                     // At most 54 bytes into 96.
                     if state.push_str(part).is_err() {
                         break;
@@ -380,10 +365,7 @@ impl StatusDocument {
                 (state, ws, imds)
             }
         } else {
-            let state = self
-                .secure_channel_state
-                .as_ref()
-                .map_or(STATE_DISABLED, |s| s.as_str());
+            let state = self.secure_channel_state.as_ref().map_or(STATE_DISABLED, |s| s.as_str());
             let mut lowered = String::new();
             for c in state.chars() {
                 // STATE_MAX_BYTES into STATE_STRING_MAX_BYTES.
@@ -488,22 +470,9 @@ mod tests {
     fn v1_wireserver_enforces_ws_and_audits_imds() {
         let s = summary(V1_WIRESERVER);
         assert_eq!(s.state, "wireserver");
-        assert_eq!(
-            (s.ws_mode, s.imds_mode, s.hgap_mode),
-            (Mode::Enforce, Mode::Audit, Mode::Enforce)
-        );
-        assert_eq!(
-            (
-                s.ws_rule_id.as_str(),
-                s.imds_rule_id.as_str(),
-                s.hgap_rule_id.as_str()
-            ),
-            ("", "", "")
-        );
-        assert_eq!(
-            (s.key_guid.as_deref(), s.key_incarnation_id),
-            (None, Some(1))
-        );
+        assert_eq!((s.ws_mode, s.imds_mode, s.hgap_mode), (Mode::Enforce, Mode::Audit, Mode::Enforce));
+        assert_eq!((s.ws_rule_id.as_str(), s.imds_rule_id.as_str(), s.hgap_rule_id.as_str()), ("", "", ""));
+        assert_eq!((s.key_guid.as_deref(), s.key_incarnation_id), (None, Some(1)));
         assert!(!s.is_disabled());
     }
 
@@ -512,10 +481,7 @@ mod tests {
         let json = br#"{"authorizationScheme":"Azure-HMAC-SHA256","keyDeliveryMethod":"vtpm","secureChannelState":"WIRESERVERandImds","version":"1.0"}"#;
         let s = summary(json);
         assert_eq!(s.state, "wireserverandimds");
-        assert_eq!(
-            (s.ws_mode, s.imds_mode, s.hgap_mode),
-            (Mode::Enforce, Mode::Enforce, Mode::Enforce)
-        );
+        assert_eq!((s.ws_mode, s.imds_mode, s.hgap_mode), (Mode::Enforce, Mode::Enforce, Mode::Enforce));
     }
 
     #[test]
@@ -524,10 +490,7 @@ mod tests {
         let s = summary(json);
         assert_eq!(s.state, "disabled");
         assert!(s.is_disabled());
-        assert_eq!(
-            (s.ws_mode, s.imds_mode, s.hgap_mode),
-            (Mode::Disabled, Mode::Disabled, Mode::Disabled)
-        );
+        assert_eq!((s.ws_mode, s.imds_mode, s.hgap_mode), (Mode::Disabled, Mode::Disabled, Mode::Disabled));
     }
 
     #[test]
@@ -535,10 +498,7 @@ mod tests {
         let json = br#"{"authorizationScheme":"Azure-HMAC-SHA256","keyDeliveryMethod":"http","secureChannelEnabled":false,"authorizationRules":null,"version":"2.0"}"#;
         let s = summary(json);
         assert!(s.is_disabled());
-        assert_eq!(
-            (s.ws_mode, s.imds_mode, s.hgap_mode),
-            (Mode::Disabled, Mode::Disabled, Mode::Disabled)
-        );
+        assert_eq!((s.ws_mode, s.imds_mode, s.hgap_mode), (Mode::Disabled, Mode::Disabled, Mode::Disabled));
     }
 
     #[test]
@@ -551,10 +511,7 @@ mod tests {
     fn v2_switched_off_with_rules_never_asks_for_a_redirect() {
         let s = summary(v2("false", "enforce", "").as_bytes());
         assert!(s.is_disabled());
-        assert_eq!(
-            (s.ws_mode, s.imds_mode, s.hgap_mode),
-            (Mode::Disabled, Mode::Disabled, Mode::Disabled)
-        );
+        assert_eq!((s.ws_mode, s.imds_mode, s.hgap_mode), (Mode::Disabled, Mode::Disabled, Mode::Disabled));
         assert_eq!(s.ws_rule_id, "w");
     }
 
@@ -562,17 +519,11 @@ mod tests {
     fn v2_rules_parse_and_hgap_mirrors_wireserver() {
         let (doc, s) = parse(V2_RULES).expect("valid status document");
         assert_eq!(s.state, "WireServer Enforce -  IMDS Audit - HostGA Enforce");
-        assert_eq!(
-            (s.ws_mode, s.imds_mode, s.hgap_mode),
-            (Mode::Enforce, Mode::Audit, Mode::Enforce)
-        );
+        assert_eq!((s.ws_mode, s.imds_mode, s.hgap_mode), (Mode::Enforce, Mode::Audit, Mode::Enforce));
         assert_eq!(s.ws_rule_id, "ws-rules-1");
         assert_eq!(s.imds_rule_id, "imds-rules-2");
         assert_eq!(s.hgap_rule_id, "ws-rules-1");
-        assert_eq!(
-            s.key_guid.as_deref(),
-            Some("9cf81e97-0316-4ad3-94a7-8ccbdee8ccbf")
-        );
+        assert_eq!(s.key_guid.as_deref(), Some("9cf81e97-0316-4ad3-94a7-8ccbdee8ccbf"));
         assert_eq!(s.key_incarnation_id, Some(7));
 
         let rules = doc.authorization_rules.as_ref().expect("rules present");
@@ -584,89 +535,50 @@ mod tests {
         let privileges = acl.privileges.as_ref().expect("privileges");
         assert_eq!(privileges.len(), 2);
         assert_eq!(privileges[0].path, "/machine");
-        let query = privileges[0]
-            .query_parameters
-            .as_ref()
-            .expect("query parameters");
-        assert_eq!(
-            query
-                .get(&String::try_from("comp").expect("fits"))
-                .map(String::as_str),
-            Some("goalstate")
-        );
+        let query = privileges[0].query_parameters.as_ref().expect("query parameters");
+        assert_eq!(query.get(&String::try_from("comp").expect("fits")).map(String::as_str), Some("goalstate"));
         assert!(privileges[1].query_parameters.is_none());
         assert_eq!(acl.roles.as_ref().expect("roles")[0].privileges.len(), 2);
         let identities = acl.identities.as_ref().expect("identities");
         assert_eq!(identities[0].exe_path.as_deref(), Some("/usr/sbin/waagent"));
         assert_eq!(identities[1].process_name.as_deref(), Some("python3"));
         assert_eq!(identities[1].group_name.as_deref(), Some("adm"));
-        assert_eq!(
-            acl.role_assignments.as_ref().expect("assignments")[0]
-                .identities
-                .len(),
-            2
-        );
+        assert_eq!(acl.role_assignments.as_ref().expect("assignments")[0].identities.len(), 2);
         let imds = rules.imds.as_ref().expect("imds item");
         assert!(imds.rules.is_none());
-        assert_eq!(
-            doc.required_claims_header_pairs
-                .as_ref()
-                .map(|claims| claims.len()),
-            Some(1)
-        );
+        assert_eq!(doc.required_claims_header_pairs.as_ref().map(|claims| claims.len()), Some(1));
     }
 
     #[test]
     fn v2_fully_on_gives_the_e2e_state_string_with_two_spaces() {
         let imds = r#","imds":{"defaultAccess":"allow","mode":"ENFORCE","id":"i"}"#;
         let s = summary(v2("true", "enforce", imds).as_bytes());
-        assert_eq!(
-            s.state,
-            "WireServer Enforce -  IMDS Enforce - HostGA Enforce"
-        );
-        assert_eq!(
-            (
-                s.ws_rule_id.as_str(),
-                s.imds_rule_id.as_str(),
-                s.hgap_rule_id.as_str()
-            ),
-            ("w", "i", "w")
-        );
+        assert_eq!(s.state, "WireServer Enforce -  IMDS Enforce - HostGA Enforce");
+        assert_eq!((s.ws_rule_id.as_str(), s.imds_rule_id.as_str(), s.hgap_rule_id.as_str()), ("w", "i", "w"));
     }
 
     #[test]
     fn v2_all_disabled_modes_are_not_msp_off() {
         let imds = r#","imds":{"defaultAccess":"allow","mode":"disabled","id":"i"}"#;
         let s = summary(v2("true", "Disabled", imds).as_bytes());
-        assert_eq!(
-            s.state,
-            "WireServer Disabled -  IMDS Disabled - HostGA Disabled"
-        );
+        assert_eq!(s.state, "WireServer Disabled -  IMDS Disabled - HostGA Disabled");
         assert!(!s.is_disabled());
-        assert_eq!(
-            (s.ws_mode, s.imds_mode, s.hgap_mode),
-            (Mode::Disabled, Mode::Disabled, Mode::Disabled)
-        );
+        assert_eq!((s.ws_mode, s.imds_mode, s.hgap_mode), (Mode::Disabled, Mode::Disabled, Mode::Disabled));
     }
 
     #[test]
     fn v2_unknown_mode_word_shows_disabled_but_is_not_disabled() {
         let s = summary(v2("true", "foo", "").as_bytes());
-        assert_eq!(
-            s.state,
-            "WireServer Disabled -  IMDS Disabled - HostGA Disabled"
-        );
-        assert_eq!(
-            (s.ws_mode, s.imds_mode, s.hgap_mode),
-            (Mode::Unknown, Mode::Disabled, Mode::Unknown)
-        );
+        assert_eq!(s.state, "WireServer Disabled -  IMDS Disabled - HostGA Disabled");
+        assert_eq!((s.ws_mode, s.imds_mode, s.hgap_mode), (Mode::Unknown, Mode::Disabled, Mode::Unknown));
         assert!(!s.ws_mode.is_disabled());
         assert_eq!(s.imds_rule_id, "");
     }
 
     #[test]
     fn other_versions_use_the_v1_mapping() {
-        let json = br#"{"authorizationScheme":"x","keyDeliveryMethod":"y","secureChannelEnabled":true,"version":"3.0"}"#;
+        let json =
+            br#"{"authorizationScheme":"x","keyDeliveryMethod":"y","secureChannelEnabled":true,"version":"3.0"}"#;
         let s = summary(json);
         assert!(s.is_disabled());
         assert_eq!(s.imds_mode, Mode::Disabled);
@@ -689,12 +601,7 @@ mod tests {
             (br#"{"authorizationScheme":"a","keyDeliveryMethod":"http","secureChannelState":"Wireserver","version":"2.0"}"#, StatusError::EnabledMissingForV2),
         ];
         for (json, error) in cases {
-            assert_eq!(
-                parse(json).map(|_| ()),
-                Err(error),
-                "{}",
-                std::string::String::from_utf8_lossy(json)
-            );
+            assert_eq!(parse(json).map(|_| ()), Err(error), "{}", std::string::String::from_utf8_lossy(json));
         }
     }
 
@@ -734,9 +641,6 @@ mod tests {
         let s = summary(v2("true", "audit", &unknown).as_bytes());
         assert_eq!((s.ws_mode, s.imds_mode), (Mode::Audit, Mode::Disabled));
         let repeated = format!(r#","wireserver":{item}"#);
-        assert_eq!(
-            parse(v2("true", "audit", &repeated).as_bytes()).map(|_| ()),
-            Err(StatusError::ParseJson)
-        );
+        assert_eq!(parse(v2("true", "audit", &repeated).as_bytes()).map(|_| ()), Err(StatusError::ParseJson));
     }
 }

@@ -33,10 +33,7 @@ const PAIR_END: u8 = 0xFE;
 
 /// The methods MSP §5.4 forwards, case-sensitive (RFC 9110 methods are).
 pub fn method_allowed(method: &[u8]) -> bool {
-    matches!(
-        method,
-        b"GET" | b"POST" | b"PUT" | b"DELETE" | b"HEAD" | b"OPTIONS" | b"PATCH"
-    )
+    matches!(method, b"GET" | b"POST" | b"PUT" | b"DELETE" | b"HEAD" | b"OPTIONS" | b"PATCH")
 }
 
 /// Why the traversal guard refused a path.
@@ -111,35 +108,21 @@ pub fn split_target(target: &[u8]) -> Result<TargetParts<'_>, TargetError> {
     let (scheme, authority, rest) = if rest.first() == Some(&b'/') {
         (None, None, rest)
     } else {
-        let colon = rest
-            .iter()
-            .position(|b| *b == b':')
-            .ok_or(TargetError::Form)?;
+        let colon = rest.iter().position(|b| *b == b':').ok_or(TargetError::Form)?;
         let (scheme, after) = rest.split_at(colon);
         let valid_scheme = scheme.first().is_some_and(u8::is_ascii_alphabetic)
-            && scheme
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+            && scheme.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
         let after = after.strip_prefix(b"://").ok_or(TargetError::Form)?;
         if !valid_scheme {
             return Err(TargetError::Form);
         }
-        let end = after
-            .iter()
-            .position(|b| matches!(b, b'/' | b'?'))
-            .unwrap_or(after.len());
+        let end = after.iter().position(|b| matches!(b, b'/' | b'?')).unwrap_or(after.len());
         let (authority, rest) = after.split_at(end);
         (Some(scheme), Some(authority), rest)
     };
     let (path, query) = split_once(rest, b'?');
     let path: &[u8] = if path.is_empty() { b"/" } else { path };
-    Ok(TargetParts {
-        scheme,
-        authority,
-        path,
-        query,
-        fragment,
-    })
+    Ok(TargetParts { scheme, authority, path, query, fragment })
 }
 
 fn split_once(bytes: &[u8], separator: u8) -> (&[u8], Option<&[u8]>) {
@@ -206,10 +189,7 @@ impl Default for DecodeScratch {
 impl DecodeScratch {
     /// Zeroed scratch.
     pub fn new() -> Self {
-        Self {
-            raw: [0; TARGET_MAX_BYTES],
-            out: [0; DECODED_MAX_BYTES],
-        }
+        Self { raw: [0; TARGET_MAX_BYTES], out: [0; DECODED_MAX_BYTES] }
     }
 }
 
@@ -233,10 +213,7 @@ impl Writer<'_> {
 
     fn push_slice(&mut self, bytes: &[u8]) -> Result<(), Overflow> {
         let end = self.len.checked_add(bytes.len()).ok_or(Overflow)?;
-        self.buf
-            .get_mut(self.len..end)
-            .ok_or(Overflow)?
-            .copy_from_slice(bytes);
+        self.buf.get_mut(self.len..end).ok_or(Overflow)?.copy_from_slice(bytes);
         self.len = end;
         Ok(())
     }
@@ -300,10 +277,7 @@ impl<'b> Iterator for EncodedPairs<'b> {
             let (key, value) = split_once(pair, KEY_END);
             // Both halves were written from `str`s, so this never skips; if it ever did, a
             // missing pair can only make a privilege fail to match.
-            if let (Ok(key), Ok(value)) = (
-                core::str::from_utf8(key),
-                core::str::from_utf8(value.unwrap_or(&[])),
-            ) {
+            if let (Ok(key), Ok(value)) = (core::str::from_utf8(key), core::str::from_utf8(value.unwrap_or(&[]))) {
                 return Some((key, value));
             }
         }
@@ -347,9 +321,7 @@ pub struct LegacyRequest<'b> {
 impl<'b> LegacyRequest<'b> {
     /// Query pairs in matching order: the real query, then pairs after a decoded `%3F`.
     pub fn pairs(&self) -> impl Iterator<Item = (&'b str, &'b str)> + use<'b> {
-        EncodedPairs { rest: self.query }.chain(TextPairs {
-            rest: self.path_query,
-        })
+        EncodedPairs { rest: self.query }.chain(TextPairs { rest: self.path_query })
     }
 
     /// The value of the first pair whose key is `key` (already lower-cased).
@@ -360,22 +332,14 @@ impl<'b> LegacyRequest<'b> {
 
 /// Decodes a target the legacy way: path and each query key and value percent-decoded once
 /// (lenient), lossy UTF-8, per-character lower-cased; `+` stays `+`.
-pub fn legacy_decode<'b>(
-    target: &[u8],
-    scratch: &'b mut DecodeScratch,
-) -> Result<LegacyRequest<'b>, TargetError> {
+pub fn legacy_decode<'b>(target: &[u8], scratch: &'b mut DecodeScratch) -> Result<LegacyRequest<'b>, TargetError> {
     let parts = split_target(target)?;
     let DecodeScratch { raw, out } = scratch;
     let mut w = Writer { buf: out, len: 0 };
     let raw_len = decode_lenient_into(parts.path, raw);
     w.push_lossy_lower(&raw[..raw_len]).map_err(too_long)?;
     let path_end = w.len;
-    for piece in parts
-        .query
-        .unwrap_or(&[])
-        .split(|b| *b == b'&')
-        .filter(|p| !p.is_empty())
-    {
+    for piece in parts.query.unwrap_or(&[]).split(|b| *b == b'&').filter(|p| !p.is_empty()) {
         let (key, value) = split_once(piece, b'=');
         let n = decode_lenient_into(key, raw);
         w.push_lossy_lower(&raw[..n]).map_err(too_long)?;
@@ -393,11 +357,7 @@ pub fn legacy_decode<'b>(
         Some((path, rest)) => (path, Some(rest)),
         None => (full_path, None),
     };
-    Ok(LegacyRequest {
-        path,
-        query: &out[path_end..query_end],
-        path_query,
-    })
+    Ok(LegacyRequest { path, query: &out[path_end..query_end], path_query })
 }
 
 fn too_long(_: Overflow) -> TargetError {
@@ -523,10 +483,7 @@ pub fn canonical_rule_path<const N: usize>(rule_path: &str) -> Option<heapless::
     if bytes.iter().any(|b| !b.is_ascii() || is_ctrl(*b)) {
         return None;
     }
-    let mut w = Writer {
-        buf: &mut buf,
-        len: 0,
-    };
+    let mut w = Writer { buf: &mut buf, len: 0 };
     push_segments(&mut w, bytes).ok()?;
     let len = w.len;
     let text = core::str::from_utf8(&buf[..len]).ok()?;
@@ -544,10 +501,7 @@ fn push_segments(w: &mut Writer<'_>, path: &[u8]) -> Result<(), CanonError> {
         match segment {
             b"" | b"." => {}
             b".." => {
-                let parent = w.buf[..w.len]
-                    .iter()
-                    .rposition(|b| *b == b'/')
-                    .ok_or(CanonError::Underflow)?;
+                let parent = w.buf[..w.len].iter().rposition(|b| *b == b'/').ok_or(CanonError::Underflow)?;
                 w.len = parent;
             }
             _ => {
@@ -566,26 +520,14 @@ fn length(_: Overflow) -> CanonError {
 }
 
 /// Strict percent-decoding into `raw`; `+` becomes a space first when `plus_is_space`.
-fn decode_strict_into(
-    input: &[u8],
-    raw: &mut [u8],
-    plus_is_space: bool,
-) -> Result<usize, CanonError> {
+fn decode_strict_into(input: &[u8], raw: &mut [u8], plus_is_space: bool) -> Result<usize, CanonError> {
     let mut n = 0;
     let mut i = 0;
     while let Some(&byte) = input.get(i) {
         let decoded = match byte {
             b'%' => {
-                let high = input
-                    .get(i + 1)
-                    .copied()
-                    .and_then(hex_value)
-                    .ok_or(CanonError::Pct)?;
-                let low = input
-                    .get(i + 2)
-                    .copied()
-                    .and_then(hex_value)
-                    .ok_or(CanonError::Pct)?;
+                let high = input.get(i + 1).copied().and_then(hex_value).ok_or(CanonError::Pct)?;
+                let low = input.get(i + 2).copied().and_then(hex_value).ok_or(CanonError::Pct)?;
                 i += 3;
                 high << 4 | low
             }
@@ -630,16 +572,9 @@ fn check_authority(scheme: &[u8], authority: &[u8]) -> Result<(), CanonError> {
         return Err(CanonError::Userinfo);
     }
     let port = if authority.first() == Some(&b'[') {
-        let close = authority
-            .iter()
-            .position(|b| *b == b']')
-            .ok_or(CanonError::Host)?;
+        let close = authority.iter().position(|b| *b == b']').ok_or(CanonError::Host)?;
         let inner = &authority[1..close];
-        if inner.is_empty()
-            || !inner
-                .iter()
-                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
-        {
+        if inner.is_empty() || !inner.iter().all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.')) {
             return Err(CanonError::Host);
         }
         match &authority[close + 1..] {
@@ -649,20 +584,14 @@ fn check_authority(scheme: &[u8], authority: &[u8]) -> Result<(), CanonError> {
         }
     } else {
         let (host, port) = split_once(authority, b':');
-        if host.is_empty()
-            || !host
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
-        {
+        if host.is_empty() || !host.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-')) {
             return Err(CanonError::Host);
         }
         port
     };
     if let Some(port) = port {
         let digits_ok = !port.is_empty() && port.len() <= 5 && port.iter().all(u8::is_ascii_digit);
-        let value = port
-            .iter()
-            .fold(0u32, |acc, d| acc * 10 + u32::from(d - b'0'));
+        let value = port.iter().fold(0u32, |acc, d| acc * 10 + u32::from(d - b'0'));
         if !digits_ok || value == 0 || value > 65_535 {
             return Err(CanonError::Port);
         }
@@ -699,12 +628,7 @@ pub fn canonicalize<'b>(
     let mut w = Writer { buf: out, len: 0 };
     push_segments(&mut w, path.as_bytes())?;
     let path_end = w.len;
-    for piece in parts
-        .query
-        .unwrap_or(&[])
-        .split(|b| *b == b'&')
-        .filter(|p| !p.is_empty())
-    {
+    for piece in parts.query.unwrap_or(&[]).split(|b| *b == b'&').filter(|p| !p.is_empty()) {
         let (key, value) = split_once(piece, b'=');
         let n = decode_strict_into(key, raw, true)?;
         w.push_lower(check_text(&raw[..n])?).map_err(length)?;
@@ -715,13 +639,8 @@ pub fn canonicalize<'b>(
     }
     let query_end = w.len;
     let out: &'b [u8] = out;
-    let path = core::str::from_utf8(&out[..path_end])
-        .ok()
-        .ok_or(CanonError::Utf8)?;
-    Ok(CanonRequest {
-        path,
-        query: &out[path_end..query_end],
-    })
+    let path = core::str::from_utf8(&out[..path_end]).ok().ok_or(CanonError::Utf8)?;
+    Ok(CanonRequest { path, query: &out[path_end..query_end] })
 }
 
 /// Writes bytes for a log line or report: printable ASCII as-is, `"` and `\` escaped, anything
@@ -745,20 +664,13 @@ mod tests {
     fn legacy(target: &str) -> (String, Vec<(String, String)>) {
         let mut scratch = Box::new(DecodeScratch::new());
         let request = legacy_decode(target.as_bytes(), &mut scratch).expect("decodable target");
-        (
-            request.path.into(),
-            request.pairs().map(|(k, v)| (k.into(), v.into())).collect(),
-        )
+        (request.path.into(), request.pairs().map(|(k, v)| (k.into(), v.into())).collect())
     }
 
     fn canon(target: &str) -> Result<(String, Vec<(String, String)>), CanonError> {
         let mut scratch = Box::new(DecodeScratch::new());
-        canonicalize(b"GET", target.as_bytes(), &mut scratch).map(|c| {
-            (
-                c.path().into(),
-                c.pairs().map(|(k, v)| (k.into(), v.into())).collect(),
-            )
-        })
+        canonicalize(b"GET", target.as_bytes(), &mut scratch)
+            .map(|c| (c.path().into(), c.pairs().map(|(k, v)| (k.into(), v.into())).collect()))
     }
 
     fn pair(k: &str, v: &str) -> (String, String) {
@@ -777,16 +689,7 @@ mod tests {
 
     #[test]
     fn guard_rejects_double_slash_and_decoded_dot_dot() {
-        for path in [
-            "//x",
-            "/a//b",
-            "/test/../",
-            "/%2e%2e/x",
-            "/.%2e/x",
-            "/%2E./x",
-            "/%2e%2E",
-            "/a..b",
-        ] {
+        for path in ["//x", "/a//b", "/test/../", "/%2e%2e/x", "/.%2e/x", "/%2E./x", "/%2e%2E", "/a..b"] {
             assert!(traversal_guard(path.as_bytes()).is_err(), "{path}");
         }
         assert_eq!(traversal_guard(b"//x"), Err(GuardError::DoubleSlash));
@@ -795,15 +698,7 @@ mod tests {
 
     #[test]
     fn guard_accepts_single_dots_matrix_params_and_non_ascii() {
-        for path in [
-            "/./x",
-            "/x;p=1",
-            "/.well-known/x",
-            "/metadata/\u{131}dentity",
-            "/a.b/.c",
-            "/%2e/x",
-            "/%zz",
-        ] {
+        for path in ["/./x", "/x;p=1", "/.well-known/x", "/metadata/\u{131}dentity", "/a.b/.c", "/%2e/x", "/%zz"] {
             assert_eq!(traversal_guard(path.as_bytes()), Ok(()), "{path}");
         }
     }
@@ -811,20 +706,14 @@ mod tests {
     #[test]
     fn splits_origin_and_absolute_targets() {
         let parts = split_target(b"/a/b?x=1#frag").expect("origin form");
-        assert_eq!(
-            (parts.path, parts.query, parts.fragment),
-            (&b"/a/b"[..], Some(&b"x=1"[..]), Some(&b"frag"[..]))
-        );
+        assert_eq!((parts.path, parts.query, parts.fragment), (&b"/a/b"[..], Some(&b"x=1"[..]), Some(&b"frag"[..])));
         let parts = split_target(b"http://169.254.169.254:80/metadata?x").expect("absolute form");
         assert_eq!(parts.authority, Some(&b"169.254.169.254:80"[..]));
         assert_eq!(parts.path, b"/metadata");
         assert_eq!(split_target(b"http://host").expect("no path").path, b"/");
         assert_eq!(split_target(b"*"), Err(TargetError::Form));
         assert_eq!(split_target(b"host:80"), Err(TargetError::Form));
-        assert_eq!(
-            split_target(&[b'/'; TARGET_MAX_BYTES + 1]),
-            Err(TargetError::TooLong)
-        );
+        assert_eq!(split_target(&[b'/'; TARGET_MAX_BYTES + 1]), Err(TargetError::TooLong));
     }
 
     #[test]
@@ -838,9 +727,7 @@ mod tests {
 
     #[test]
     fn legacy_query_decoded_and_plus_is_not_space() {
-        let (_, pairs) = legacy(
-            "/p?k%65y1=valu%651&A+B=C+D&&flag&resource=https%3A%2F%2Fmanagement.azure.com%2F",
-        );
+        let (_, pairs) = legacy("/p?k%65y1=valu%651&A+B=C+D&&flag&resource=https%3A%2F%2Fmanagement.azure.com%2F");
         assert_eq!(
             pairs,
             vec![
@@ -856,25 +743,15 @@ mod tests {
     fn legacy_encoded_question_mark_becomes_extra_pairs_after_the_real_query() {
         let (path, pairs) = legacy("/token%3Fresource=EVIL%26x=1?resource=good");
         assert_eq!(path, "/token");
-        assert_eq!(
-            pairs,
-            vec![
-                pair("resource", "good"),
-                pair("resource", "evil"),
-                pair("x", "1")
-            ]
-        );
+        assert_eq!(pairs, vec![pair("resource", "good"), pair("resource", "evil"), pair("x", "1")]);
         let mut scratch = Box::new(DecodeScratch::new());
-        let request =
-            legacy_decode(b"/token%3Fresource=EVIL?resource=good", &mut scratch).expect("decodes");
+        let request = legacy_decode(b"/token%3Fresource=EVIL?resource=good", &mut scratch).expect("decodes");
         assert_eq!(request.first_value("resource"), Some("good"));
     }
 
     #[test]
     fn legacy_worst_case_expansion_fits() {
-        let target: Vec<u8> = core::iter::once(b'/')
-            .chain(core::iter::repeat_n(0xFF, TARGET_MAX_BYTES - 1))
-            .collect();
+        let target: Vec<u8> = core::iter::once(b'/').chain(core::iter::repeat_n(0xFF, TARGET_MAX_BYTES - 1)).collect();
         let mut scratch = Box::new(DecodeScratch::new());
         let request = legacy_decode(&target, &mut scratch).expect("fits");
         assert_eq!(request.path.len(), 1 + 3 * (TARGET_MAX_BYTES - 1));
@@ -882,10 +759,7 @@ mod tests {
 
     #[test]
     fn canon_resolves_segments_and_strips_matrix_params() {
-        assert_eq!(
-            canon("/Metadata/./identity//oauth2/token/").expect("ok").0,
-            "/metadata/identity/oauth2/token"
-        );
+        assert_eq!(canon("/Metadata/./identity//oauth2/token/").expect("ok").0, "/metadata/identity/oauth2/token");
         assert_eq!(canon("/a/b/../c;x=1/%2e/").expect("ok").0, "/a/c");
         assert_eq!(canon("/a%2Fb").expect("ok").0, "/a/b");
         assert_eq!(canon("/").expect("ok").0, "/");
@@ -928,24 +802,15 @@ mod tests {
         assert_eq!(canon("http://h:/x").map(|_| ()), Err(CanonError::Port));
         assert_eq!(canon("*").map(|_| ()), Err(CanonError::Scheme));
         assert_eq!(canon("/p?k=%FF").map(|_| ()), Err(CanonError::Utf8));
-        assert_eq!(
-            canon("http://[::1]:8080/x").map(|(p, _)| p),
-            Ok("/x".into())
-        );
+        assert_eq!(canon("http://[::1]:8080/x").map(|(p, _)| p), Ok("/x".into()));
         let mut scratch = Box::new(DecodeScratch::new());
-        assert_eq!(
-            canonicalize(b"TRACE", b"/", &mut scratch).map(|_| ()),
-            Err(CanonError::Method)
-        );
+        assert_eq!(canonicalize(b"TRACE", b"/", &mut scratch).map(|_| ()), Err(CanonError::Method));
         assert_eq!(CanonError::EmbQ.code(), "CANON_EMBQ");
     }
 
     #[test]
     fn canon_query_allows_non_ascii() {
-        assert_eq!(
-            canon("/p?n=%C4%B1").expect("ok").1,
-            vec![pair("n", "\u{131}")]
-        );
+        assert_eq!(canon("/p?n=%C4%B1").expect("ok").1, vec![pair("n", "\u{131}")]);
     }
 
     #[test]
@@ -959,10 +824,7 @@ mod tests {
 
     #[test]
     fn canonical_rule_paths() {
-        assert_eq!(
-            canonical_rule_path::<64>("/Metadata/Identity/").as_deref(),
-            Some("/metadata/identity")
-        );
+        assert_eq!(canonical_rule_path::<64>("/Metadata/Identity/").as_deref(), Some("/metadata/identity"));
         assert_eq!(canonical_rule_path::<64>("").as_deref(), Some(""));
         assert_eq!(canonical_rule_path::<64>("/.."), None);
         assert_eq!(canonical_rule_path::<64>("/\u{e9}"), None);

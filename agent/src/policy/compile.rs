@@ -11,8 +11,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::canonical::{canonical_rule_path, lower};
 use super::rules::limits::{
-    ID_MAX_BYTES, MAX_IDENTITIES, MAX_PRIVILEGES, MAX_QUERY_PARAMETERS, PATH_MAX_BYTES,
-    QUERY_MAX_BYTES,
+    ID_MAX_BYTES, MAX_IDENTITIES, MAX_PRIVILEGES, MAX_QUERY_PARAMETERS, PATH_MAX_BYTES, QUERY_MAX_BYTES,
 };
 use super::rules::{AccessControlRules, AuthorizationItem, Identity, Name};
 
@@ -43,9 +42,7 @@ pub enum Mode {
 impl Mode {
     /// Case-insensitive parse of the wire value; `None` for anything unknown.
     pub fn parse(text: &str) -> Option<Self> {
-        [Self::Disabled, Self::Audit, Self::Enforce]
-            .into_iter()
-            .find(|m| text.eq_ignore_ascii_case(m.wire()))
+        [Self::Disabled, Self::Audit, Self::Enforce].into_iter().find(|m| text.eq_ignore_ascii_case(m.wire()))
     }
 
     /// The wire spelling (`disabled`, `audit`, `enforce`).
@@ -77,13 +74,7 @@ pub struct CompiledPrivilege {
     /// Canonical path for the shadow evaluator; `None` if it can never match canonically.
     pub canon_path: Option<String<PATH_MAX_BYTES>>,
     /// Lower-cased required query parameters, in document order.
-    pub query: Vec<
-        (
-            String<COMPILED_QUERY_MAX_BYTES>,
-            String<COMPILED_QUERY_MAX_BYTES>,
-        ),
-        MAX_QUERY_PARAMETERS,
-    >,
+    pub query: Vec<(String<COMPILED_QUERY_MAX_BYTES>, String<COMPILED_QUERY_MAX_BYTES>), MAX_QUERY_PARAMETERS>,
     assigned: IdentitySet,
 }
 
@@ -142,12 +133,9 @@ pub fn compile(item: &AuthorizationItem) -> Box<CompiledRules> {
 
 fn compile_rules(rules: &AccessControlRules, compiled: &mut CompiledRules) {
     // §4.2: only when all four arrays are present does any privilege count.
-    let (Some(privileges), Some(roles), Some(identities), Some(assignments)) = (
-        &rules.privileges,
-        &rules.roles,
-        &rules.identities,
-        &rules.role_assignments,
-    ) else {
+    let (Some(privileges), Some(roles), Some(identities), Some(assignments)) =
+        (&rules.privileges, &rules.roles, &rules.identities, &rules.role_assignments)
+    else {
         return;
     };
     for privilege in privileges {
@@ -159,11 +147,7 @@ fn compile_rules(rules: &AccessControlRules, compiled: &mut CompiledRules) {
             compiled.default_allowed = false;
             return;
         };
-        match compiled
-            .privileges
-            .iter_mut()
-            .find(|p| p.name == entry.name)
-        {
+        match compiled.privileges.iter_mut().find(|p| p.name == entry.name) {
             Some(existing) => *existing = entry,
             None => {
                 // Fits: both vectors have MAX_PRIVILEGES capacity.
@@ -172,11 +156,7 @@ fn compile_rules(rules: &AccessControlRules, compiled: &mut CompiledRules) {
         }
     }
     for identity in identities {
-        match compiled
-            .identities
-            .iter_mut()
-            .find(|i| i.name == identity.name)
-        {
+        match compiled.identities.iter_mut().find(|i| i.name == identity.name) {
             Some(existing) => *existing = identity.clone(),
             None => {
                 // Fits: both vectors have MAX_IDENTITIES capacity.
@@ -326,12 +306,7 @@ mod tests {
 
     #[test]
     fn default_access_allow_only_for_allow() {
-        assert!(
-            compile(&item(
-                r#"{"defaultAccess":"ALLOW","mode":"enforce","id":""}"#
-            ))
-            .default_allowed
-        );
+        assert!(compile(&item(r#"{"defaultAccess":"ALLOW","mode":"enforce","id":""}"#)).default_allowed);
         for access in ["deny", "allowed", " allow", ""] {
             let json = format!(r#"{{"defaultAccess":"{access}","mode":"enforce","id":""}}"#);
             assert!(!compile(&item(&json)).default_allowed, "{access}");
@@ -341,24 +316,15 @@ mod tests {
     #[test]
     fn compiles_lower_cased_paths_and_query_and_assignment_table() {
         let c = compile(&item(FULL));
-        assert_eq!(
-            (c.mode, c.default_allowed, c.id.as_str()),
-            (Mode::Enforce, true, "r1")
-        );
+        assert_eq!((c.mode, c.default_allowed, c.id.as_str()), (Mode::Enforce, true, "r1"));
         let p = &c.privileges[0];
         assert_eq!(p.path, "/metadata/identity");
         assert_eq!(p.canon_path.as_deref(), Some("/metadata/identity"));
-        assert_eq!(
-            (p.query[0].0.as_str(), p.query[0].1.as_str()),
-            ("api-version", "2018-02-01")
-        );
+        assert_eq!((p.query[0].0.as_str(), p.query[0].1.as_str()), ("api-version", "2018-02-01"));
         // Identity selectors keep their case; unknown role/privilege/identity names are skipped.
         assert_eq!(c.identities[0].user_name.as_deref(), Some("Root"));
         assert_eq!(p.assigned().collect::<std::vec::Vec<_>>(), [0]);
-        assert_eq!(
-            c.privileges[1].assigned().collect::<std::vec::Vec<_>>(),
-            [0]
-        );
+        assert_eq!(c.privileges[1].assigned().collect::<std::vec::Vec<_>>(), [0]);
     }
 
     #[test]
@@ -394,25 +360,12 @@ mod tests {
                     (false, _) => Some(format!(r#""{k}":{v}"#)),
                 })
                 .collect();
-            format!(
-                r#"{{"defaultAccess":"deny","mode":"enforce","id":"","rules":{{{}}}}}"#,
-                fields.join(",")
-            )
+            format!(r#"{{"defaultAccess":"deny","mode":"enforce","id":"","rules":{{{}}}}}"#, fields.join(","))
         };
         assert_eq!(compile(&item(&build(None, false))).privileges.len(), 1);
         for (missing, _) in arrays {
-            assert!(
-                compile(&item(&build(Some(missing), false)))
-                    .privileges
-                    .is_empty(),
-                "{missing} absent"
-            );
-            assert!(
-                compile(&item(&build(Some(missing), true)))
-                    .privileges
-                    .is_empty(),
-                "{missing} null"
-            );
+            assert!(compile(&item(&build(Some(missing), false))).privileges.is_empty(), "{missing} absent");
+            assert!(compile(&item(&build(Some(missing), true))).privileges.is_empty(), "{missing} null");
         }
     }
 
@@ -432,11 +385,8 @@ mod tests {
 
     #[test]
     fn digest_distinguishes_null_from_empty() {
-        let empty =
-            item(r#"{"defaultAccess":"deny","mode":"enforce","id":"","rules":{"privileges":[]}}"#);
-        let null = item(
-            r#"{"defaultAccess":"deny","mode":"enforce","id":"","rules":{"privileges":null}}"#,
-        );
+        let empty = item(r#"{"defaultAccess":"deny","mode":"enforce","id":"","rules":{"privileges":[]}}"#);
+        let null = item(r#"{"defaultAccess":"deny","mode":"enforce","id":"","rules":{"privileges":null}}"#);
         let none = item(r#"{"defaultAccess":"deny","mode":"enforce","id":""}"#);
         assert_ne!(content_digest(&empty), content_digest(&null));
         assert_ne!(content_digest(&null), content_digest(&none));

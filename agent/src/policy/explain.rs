@@ -16,8 +16,8 @@ use std::string::String;
 use std::vec::Vec;
 
 use super::canonical::{
-    self, CanonError, DecodeScratch, GuardError, TargetError, canonicalize, legacy_decode,
-    method_allowed, split_target, traversal_guard,
+    self, CanonError, DecodeScratch, GuardError, TargetError, canonicalize, legacy_decode, method_allowed,
+    split_target, traversal_guard,
 };
 use super::compile::{CompiledRules, compile};
 use super::decide::{CallerView, Decision, decide};
@@ -163,8 +163,7 @@ pub fn explain(
     url: &[u8],
 ) -> ExplainReport {
     let loaded = load_rules(rules_json, endpoint);
-    let compiled: Result<Option<Box<CompiledRules>>, String> =
-        loaded.map(|item| item.as_deref().map(compile));
+    let compiled: Result<Option<Box<CompiledRules>>, String> = loaded.map(|item| item.as_deref().map(compile));
     let rules = match &compiled {
         Ok(None) => RulesSummary::None,
         Ok(Some(c)) => RulesSummary::Loaded {
@@ -179,14 +178,11 @@ pub fn explain(
     };
     let mut scratch = Box::new(DecodeScratch::new());
     let split = split_target(url);
-    let legacy = legacy_decode(url, &mut scratch).ok().map(|r| RequestForm {
-        path: r.path.to_owned(),
-        query: owned_pairs(r.pairs()),
-    });
-    let canonical = canonicalize(method, url, &mut scratch).map(|r| RequestForm {
-        path: r.path().to_owned(),
-        query: owned_pairs(r.pairs()),
-    });
+    let legacy = legacy_decode(url, &mut scratch)
+        .ok()
+        .map(|r| RequestForm { path: r.path.to_owned(), query: owned_pairs(r.pairs()) });
+    let canonical = canonicalize(method, url, &mut scratch)
+        .map(|r| RequestForm { path: r.path().to_owned(), query: owned_pairs(r.pairs()) });
     ExplainReport {
         endpoint,
         caller: CallerSummary {
@@ -203,9 +199,7 @@ pub fn explain(
         guard: split.ok().map(|parts| traversal_guard(parts.path)),
         legacy,
         canonical,
-        decision: compiled
-            .ok()
-            .map(|c| decide(c.as_deref(), endpoint, caller, method, url)),
+        decision: compiled.ok().map(|c| decide(c.as_deref(), endpoint, caller, method, url)),
     }
 }
 
@@ -275,61 +269,25 @@ impl ExplainReport {
         out.write_char(' ')?;
         canonical::write_escaped(out, self.url.as_bytes())?;
         write!(out, "\ncaller:    uid={} user=", self.caller.uid)?;
-        canonical::write_escaped(
-            out,
-            self.caller
-                .user_name
-                .as_deref()
-                .unwrap_or("(unknown)")
-                .as_bytes(),
-        )?;
+        canonical::write_escaped(out, self.caller.user_name.as_deref().unwrap_or("(unknown)").as_bytes())?;
         out.write_str(" exe=")?;
-        canonical::write_escaped(
-            out,
-            self.caller
-                .exe_path
-                .as_deref()
-                .unwrap_or("(unknown)")
-                .as_bytes(),
-        )?;
+        canonical::write_escaped(out, self.caller.exe_path.as_deref().unwrap_or("(unknown)").as_bytes())?;
         out.write_str(" groups=")?;
         canonical::write_escaped(out, self.caller.groups.join(",").as_bytes())?;
         out.write_str("\nrules:     ")?;
         match &self.rules {
             RulesSummary::None => out.write_str("none (default policy)")?,
-            RulesSummary::Loaded {
-                id,
-                mode,
-                mode_recognised,
-                default_allowed,
-                privileges,
-                identities,
-            } => {
+            RulesSummary::Loaded { id, mode, mode_recognised, default_allowed, privileges, identities } => {
                 out.write_str("id=")?;
                 canonical::write_escaped(out, id.as_bytes())?;
-                let unknown = if *mode_recognised {
-                    ""
-                } else {
-                    " (unknown wire mode)"
-                };
+                let unknown = if *mode_recognised { "" } else { " (unknown wire mode)" };
                 let default = if *default_allowed { "allow" } else { "deny" };
-                write!(
-                    out,
-                    " mode={mode}{unknown} default={default} privileges={privileges} identities={identities}"
-                )?;
+                write!(out, " mode={mode}{unknown} default={default} privileges={privileges} identities={identities}")?;
             }
             RulesSummary::Invalid(e) => write!(out, "INVALID: {e}")?,
         }
-        let method = if self.method_allowed {
-            "allowed"
-        } else {
-            "not-allowed"
-        };
-        write!(
-            out,
-            "\nchecks:    method={method} guard={}",
-            guard_text(self.guard)
-        )?;
+        let method = if self.method_allowed { "allowed" } else { "not-allowed" };
+        write!(out, "\nchecks:    method={method} guard={}", guard_text(self.guard))?;
         if let Some(e) = self.target_error {
             write!(out, " target={e:?}")?;
         }
@@ -345,12 +303,7 @@ impl ExplainReport {
         let Some(d) = &self.decision else {
             return out.write_str("decision:  none (the agent would refuse these rules)\n");
         };
-        write!(
-            out,
-            "decision:  {} ({})",
-            d.outcome.as_str(),
-            d.reason.as_str()
-        )?;
+        write!(out, "decision:  {} ({})", d.outcome.as_str(), d.reason.as_str())?;
         if let Some(p) = &d.privilege {
             out.write_str(" privilege=")?;
             canonical::write_escaped(out, p.as_bytes())?;
@@ -362,11 +315,7 @@ impl ExplainReport {
         out.write_char('\n')?;
         if let Some(div) = &d.divergence {
             let legacy = if div.legacy_allowed { "allow" } else { "deny" };
-            writeln!(
-                out,
-                "shadow:    legacy={legacy} canon={} (diverges; the legacy verdict decides)",
-                div.canon
-            )?;
+            writeln!(out, "shadow:    legacy={legacy} canon={} (diverges; the legacy verdict decides)", div.canon)?;
         }
         Ok(())
     }
@@ -375,11 +324,7 @@ impl ExplainReport {
     pub fn write_json(&self, out: &mut impl Write) -> fmt::Result {
         out.write_str("{\"endpoint\":")?;
         json_str(out, self.endpoint.name())?;
-        write!(
-            out,
-            ",\"caller\":{{\"uid\":{},\"userName\":",
-            self.caller.uid
-        )?;
+        write!(out, ",\"caller\":{{\"uid\":{},\"userName\":", self.caller.uid)?;
         json_opt(out, self.caller.user_name.as_deref())?;
         out.write_str(",\"groups\":[")?;
         for (i, g) in self.caller.groups.iter().enumerate() {
@@ -397,14 +342,7 @@ impl ExplainReport {
         out.write_str(",\"rules\":")?;
         match &self.rules {
             RulesSummary::None => out.write_str("null")?,
-            RulesSummary::Loaded {
-                id,
-                mode,
-                mode_recognised,
-                default_allowed,
-                privileges,
-                identities,
-            } => {
+            RulesSummary::Loaded { id, mode, mode_recognised, default_allowed, privileges, identities } => {
                 out.write_str("{\"id\":")?;
                 json_str(out, id)?;
                 write!(
@@ -419,12 +357,7 @@ impl ExplainReport {
                 out.write_char('}')?;
             }
         }
-        write!(
-            out,
-            ",\"methodAllowed\":{},\"guard\":\"{}\",\"legacy\":",
-            self.method_allowed,
-            guard_text(self.guard)
-        )?;
+        write!(out, ",\"methodAllowed\":{},\"guard\":\"{}\",\"legacy\":", self.method_allowed, guard_text(self.guard))?;
         match &self.legacy {
             Some(form) => json_form(out, form)?,
             None => out.write_str("null")?,
@@ -438,22 +371,13 @@ impl ExplainReport {
         let Some(d) = &self.decision else {
             return out.write_str("null}");
         };
-        write!(
-            out,
-            "{{\"outcome\":\"{}\",\"reason\":\"{}\",\"privilege\":",
-            d.outcome.as_str(),
-            d.reason.as_str()
-        )?;
+        write!(out, "{{\"outcome\":\"{}\",\"reason\":\"{}\",\"privilege\":", d.outcome.as_str(), d.reason.as_str())?;
         json_opt(out, d.privilege.as_deref())?;
         out.write_str(",\"identity\":")?;
         json_opt(out, d.identity.as_deref())?;
         out.write_str(",\"divergence\":")?;
         match &d.divergence {
-            Some(div) => write!(
-                out,
-                "{{\"legacyAllowed\":{},\"canon\":\"{}\"}}",
-                div.legacy_allowed, div.canon
-            )?,
+            Some(div) => write!(out, "{{\"legacyAllowed\":{},\"canon\":\"{}\"}}", div.legacy_allowed, div.canon)?,
             None => out.write_str("null")?,
         }
         out.write_str("}}")
@@ -498,72 +422,35 @@ mod tests {
 
     #[test]
     fn explains_identity_mismatch_with_forms() {
-        let report = run(
-            ITEM,
-            Endpoint::Imds,
-            "/metadata/identity/oauth2%2Ftoken?Resource=X",
-        );
+        let report = run(ITEM, Endpoint::Imds, "/metadata/identity/oauth2%2Ftoken?Resource=X");
         let decision = report.decision.as_ref().expect("decided");
-        assert_eq!(
-            (decision.outcome, decision.reason),
-            (Outcome::Forbidden, Reason::IdentityMismatch)
-        );
+        assert_eq!((decision.outcome, decision.reason), (Outcome::Forbidden, Reason::IdentityMismatch));
         let legacy = report.legacy.as_ref().expect("legacy form");
         assert_eq!(legacy.path, "/metadata/identity/oauth2/token");
         assert_eq!(legacy.query, [("resource".to_owned(), "x".to_owned())]);
         let text = human(&report);
-        assert!(
-            text.contains("decision:  forbidden (privilege-without-identity) privilege=token"),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "rules:     id=rs-1 mode=Enforce default=allow privileges=1 identities=1"
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains("canonical: path=\"/metadata/identity/oauth2/token\""),
-            "{text}"
-        );
+        assert!(text.contains("decision:  forbidden (privilege-without-identity) privilege=token"), "{text}");
+        assert!(text.contains("rules:     id=rs-1 mode=Enforce default=allow privileges=1 identities=1"), "{text}");
+        assert!(text.contains("canonical: path=\"/metadata/identity/oauth2/token\""), "{text}");
     }
 
     #[test]
     fn explains_default_and_divergence() {
-        let report = run(
-            ITEM,
-            Endpoint::Imds,
-            "/metadata/\u{131}dentity/oauth2/token",
-        );
+        let report = run(ITEM, Endpoint::Imds, "/metadata/\u{131}dentity/oauth2/token");
         assert_eq!(report.canonical, Err(CanonError::NonAscii));
         let text = human(&report);
         assert!(text.contains("decision:  allow (default-access)"), "{text}");
-        assert!(
-            text.contains("shadow:    legacy=allow canon=error:CANON_NON_ASCII"),
-            "{text}"
-        );
-        assert!(
-            text.contains("\\xc4\\xb1"),
-            "non-ASCII escaped in human output: {text}"
-        );
+        assert!(text.contains("shadow:    legacy=allow canon=error:CANON_NON_ASCII"), "{text}");
+        assert!(text.contains("\\xc4\\xb1"), "non-ASCII escaped in human output: {text}");
     }
 
     #[test]
     fn accepts_authorization_rules_objects_per_endpoint() {
         let rules = format!(r#"{{"imds":{ITEM},"wireserver":null}}"#);
-        assert!(matches!(
-            run(&rules, Endpoint::Imds, "/x").rules,
-            RulesSummary::Loaded { .. }
-        ));
-        assert_eq!(
-            run(&rules, Endpoint::WireServer, "/x").rules,
-            RulesSummary::None
-        );
+        assert!(matches!(run(&rules, Endpoint::Imds, "/x").rules, RulesSummary::Loaded { .. }));
+        assert_eq!(run(&rules, Endpoint::WireServer, "/x").rules, RulesSummary::None);
         let ws = format!(r#"{{"wireserver":{ITEM}}}"#);
-        assert!(matches!(
-            run(&ws, Endpoint::HostGaPlugin, "/x").rules,
-            RulesSummary::Loaded { .. }
-        ));
+        assert!(matches!(run(&ws, Endpoint::HostGaPlugin, "/x").rules, RulesSummary::Loaded { .. }));
         let report = run("", Endpoint::WireServer, "/x");
         assert_eq!(report.decision.expect("decided").reason, Reason::RootOnly);
     }
@@ -581,36 +468,21 @@ mod tests {
     fn front_door_failures_are_reported() {
         let report = run(ITEM, Endpoint::Imds, "/a/%2e%2e/b");
         assert_eq!(report.guard, Some(Err(GuardError::DotDot)));
-        assert_eq!(
-            report.decision.as_ref().map(|d| d.reason),
-            Some(Reason::Traversal(GuardError::DotDot))
-        );
+        assert_eq!(report.decision.as_ref().map(|d| d.reason), Some(Reason::Traversal(GuardError::DotDot)));
         let report = run(ITEM, Endpoint::Imds, "*");
-        assert_eq!(
-            (report.target_error, report.guard),
-            (Some(TargetError::Form), None)
-        );
+        assert_eq!((report.target_error, report.guard), (Some(TargetError::Form), None));
     }
 
     #[test]
     fn json_output_is_escaped_and_complete() {
-        let report = run(
-            ITEM,
-            Endpoint::Imds,
-            "/metadata/identity/oauth2/token?q=%22%0A",
-        );
+        let report = run(ITEM, Endpoint::Imds, "/metadata/identity/oauth2/token?q=%22%0A");
         let out = json(&report);
         assert!(out.starts_with(r#"{"endpoint":"imds","caller":{"uid":1000,"userName":"alice","groups":["alice"],"exePath":"/usr/bin/python3"}"#), "{out}");
         assert!(
-            out.contains(
-                r#""legacy":{"path":"/metadata/identity/oauth2/token","query":[["q","\"\u000a"]]}"#
-            ),
+            out.contains(r#""legacy":{"path":"/metadata/identity/oauth2/token","query":[["q","\"\u000a"]]}"#),
             "{out}"
         );
-        assert!(
-            out.contains(r#""canonical":{"error":"CANON_CTRL"}"#),
-            "{out}"
-        );
+        assert!(out.contains(r#""canonical":{"error":"CANON_CTRL"}"#), "{out}");
         assert!(out.contains(r#""decision":{"outcome":"forbidden","reason":"privilege-without-identity","privilege":"token","identity":null,"divergence":{"legacyAllowed":false,"canon":"error:CANON_CTRL"}}"#), "{out}");
         assert_eq!(out.matches('{').count(), out.matches('}').count());
     }

@@ -105,8 +105,7 @@ pub fn base64_decode<'o>(input: &[u8], out: &'o mut [u8]) -> Option<&'o [u8]> {
             // Non-canonical: the unused bits of the last character are set.
             return None;
         }
-        out.get_mut(n..n + produced.len())?
-            .copy_from_slice(produced);
+        out.get_mut(n..n + produced.len())?.copy_from_slice(produced);
         n += produced.len();
     }
     Some(&out[..n])
@@ -128,9 +127,7 @@ pub fn parse_descriptor(raw_id: &str) -> Option<Descriptor> {
     let mut decoded = [0u8; ID_MAX_BYTES];
     let json = base64_decode(raw_id.as_bytes(), &mut decoded)?;
     let mut unescape = [0u8; UNESCAPE_BYTES];
-    serde_json_core::from_slice_escaped::<Descriptor>(json, &mut unescape)
-        .ok()
-        .map(|(d, _)| d)
+    serde_json_core::from_slice_escaped::<Descriptor>(json, &mut unescape).ok().map(|(d, _)| d)
 }
 
 /// A host item's id after descriptor handling.
@@ -144,26 +141,16 @@ pub struct HostId {
 
 /// Resolves a raw id: descriptor → rewritten id and flag; anything else → itself, flag off.
 pub fn resolve_id(raw_id: &str) -> HostId {
-    let plain = || HostId {
-        id: String::try_from(raw_id).unwrap_or_default(),
-        use_local_file_rules: false,
-    };
+    let plain = || HostId { id: String::try_from(raw_id).unwrap_or_default(), use_local_file_rules: false };
     let Some(descriptor) = parse_descriptor(raw_id) else {
         return plain();
     };
     let flag = descriptor.use_local_file_rules.unwrap_or(false);
-    let logical = descriptor
-        .id
-        .as_deref()
-        .filter(|id| !id.is_empty())
-        .unwrap_or("unknown");
+    let logical = descriptor.id.as_deref().filter(|id| !id.is_empty()).unwrap_or("unknown");
     let mut id = String::new();
     // Cannot fail (see the size assertion above); if it did, local files stay off.
     match write!(id, "{logical}-useLocalFileRules-{flag}") {
-        Ok(()) => HostId {
-            id,
-            use_local_file_rules: flag,
-        },
+        Ok(()) => HostId { id, use_local_file_rules: flag },
         Err(fmt::Error) => plain(),
     }
 }
@@ -285,9 +272,7 @@ pub fn parse_local_file(bytes: &[u8]) -> Result<Box<LocalRulesFile>, LocalRulesE
 
 /// Parses JSON into a `Box`, in a frame of its own so the value's stack copies stay here.
 #[inline(never)]
-pub(crate) fn parse_boxed<'de, T: Deserialize<'de>>(
-    json: &'de [u8],
-) -> Result<Box<T>, serde_json_core::de::Error> {
+pub(crate) fn parse_boxed<'de, T: Deserialize<'de>>(json: &'de [u8]) -> Result<Box<T>, serde_json_core::de::Error> {
     let mut unescape = [0u8; UNESCAPE_BYTES];
     serde_json_core::from_slice_escaped::<T>(json, &mut unescape).map(|(value, _)| Box::new(value))
 }
@@ -350,11 +335,7 @@ pub fn validate(file: &LocalRulesFile) -> Result<(), ValidationError> {
         if blank(&p.path) {
             return Err(E::BlankPath);
         }
-        if p.query_parameters
-            .iter()
-            .flatten()
-            .any(|(k, v)| blank(k) || blank(v))
-        {
+        if p.query_parameters.iter().flatten().any(|(k, v)| blank(k) || blank(v)) {
             return Err(E::BlankQueryParameter);
         }
     }
@@ -368,11 +349,7 @@ pub fn validate(file: &LocalRulesFile) -> Result<(), ValidationError> {
         if r.privileges.is_empty() {
             return Err(E::RoleWithoutPrivileges);
         }
-        check_references(
-            &r.privileges,
-            |n| privileges.iter().any(|p| p.name == n),
-            E::UnknownPrivilege,
-        )?;
+        check_references(&r.privileges, |n| privileges.iter().any(|p| p.name == n), E::UnknownPrivilege)?;
     }
     for (i, identity) in identities.iter().enumerate() {
         if blank(&identity.name) {
@@ -398,11 +375,7 @@ pub fn validate(file: &LocalRulesFile) -> Result<(), ValidationError> {
         if assignment.identities.is_empty() {
             return Err(E::AssignmentWithoutIdentities);
         }
-        check_references(
-            &assignment.identities,
-            |n| identities.iter().any(|i| i.name == n),
-            E::UnknownIdentity,
-        )?;
+        check_references(&assignment.identities, |n| identities.iter().any(|i| i.name == n), E::UnknownIdentity)?;
     }
     Ok(())
 }
@@ -474,9 +447,7 @@ pub fn read_local_file(path: &Path) -> Result<Option<Box<LocalRulesFile>>, Local
     }
     let mut bytes = std::vec::Vec::new();
     // `take(LIMIT + 1)` bounds the read even if the file grows after the check.
-    let limit = u64::try_from(LOCAL_FILE_MAX_BYTES)
-        .unwrap_or(u64::MAX)
-        .saturating_add(1);
+    let limit = u64::try_from(LOCAL_FILE_MAX_BYTES).unwrap_or(u64::MAX).saturating_add(1);
     if let Err(e) = file.by_ref().take(limit).read_to_end(&mut bytes) {
         return Err(LocalRulesError::Read(e.kind()));
     }
@@ -502,11 +473,9 @@ fn synthetic(mode: &str, id: &str) -> Box<AuthorizationItem> {
 pub fn prefixed(name: &str) -> Result<Name, LocalRulesError> {
     let mut out = Name::new();
     if !name.starts_with(LOCAL_PREFIX) {
-        out.push_str(LOCAL_PREFIX)
-            .map_err(|()| LocalRulesError::MergeCapacity)?;
+        out.push_str(LOCAL_PREFIX).map_err(|()| LocalRulesError::MergeCapacity)?;
     }
-    out.push_str(name)
-        .map_err(|()| LocalRulesError::MergeCapacity)?;
+    out.push_str(name).map_err(|()| LocalRulesError::MergeCapacity)?;
     Ok(out)
 }
 
@@ -528,9 +497,7 @@ fn append<T: Clone, const N: usize>(
     Ok(())
 }
 
-fn prefix_all(
-    names: &mut Vec<Name, { super::rules::limits::MAX_REFERENCES }>,
-) -> Result<(), LocalRulesError> {
+fn prefix_all(names: &mut Vec<Name, { super::rules::limits::MAX_REFERENCES }>) -> Result<(), LocalRulesError> {
     for name in names.iter_mut() {
         *name = prefixed(name)?;
     }
@@ -538,10 +505,7 @@ fn prefix_all(
 }
 
 /// Both sides carry rules: local names and cross-references prefixed, local arrays appended.
-fn merge_rules(
-    host: &mut AccessControlRules,
-    local: &AccessControlRules,
-) -> Result<(), LocalRulesError> {
+fn merge_rules(host: &mut AccessControlRules, local: &AccessControlRules) -> Result<(), LocalRulesError> {
     append(&mut host.privileges, &local.privileges, |p| {
         p.name = prefixed(&p.name)?;
         Ok(())
@@ -574,21 +538,11 @@ pub fn merge(
     };
     merged.id = String::try_from(host_id).map_err(|()| LocalRulesError::MergeCapacity)?;
     if let Some(local_id) = &local.id {
-        merged
-            .id
-            .push('_')
-            .map_err(|()| LocalRulesError::MergeCapacity)?;
-        merged
-            .id
-            .push_str(local_id)
-            .map_err(|()| LocalRulesError::MergeCapacity)?;
+        merged.id.push('_').map_err(|()| LocalRulesError::MergeCapacity)?;
+        merged.id.push_str(local_id).map_err(|()| LocalRulesError::MergeCapacity)?;
     }
     if let Some(access) = &local.default_access {
-        let access = if access.trim().eq_ignore_ascii_case("allow") {
-            "allow"
-        } else {
-            "deny"
-        };
+        let access = if access.trim().eq_ignore_ascii_case("allow") { "allow" } else { "deny" };
         merged.default_access = String::try_from(access).unwrap_or_default();
     }
     // In place: an `AccessControlRules` is too big to move around casually.
@@ -692,25 +646,16 @@ impl LocalRulesTracker {
         events: &mut dyn FnMut(LocalRulesEvent),
     ) -> Refresh {
         let host_id = host.map(|h| resolve_id(&h.id));
-        let watched =
-            rules_file.filter(|_| host_id.as_ref().is_some_and(|i| i.use_local_file_rules));
+        let watched = rules_file.filter(|_| host_id.as_ref().is_some_and(|i| i.use_local_file_rules));
         let file = watched.map(file_state);
-        let mut seen = Seen {
-            host: host.map(content_digest),
-            use_local: watched.is_some(),
-            file,
-            failed: false,
-        };
+        let mut seen = Seen { host: host.map(content_digest), use_local: watched.is_some(), file, failed: false };
         let previous = self.seen;
         if previous.is_some_and(|p| !p.failed && p == seen) {
             return Refresh::Unchanged;
         }
         let previous_file = previous.and_then(|p| p.file);
         if let Some(file) = file.filter(|f| Some(*f) != previous_file) {
-            events(LocalRulesEvent::StateChanged {
-                from: previous_file,
-                to: file,
-            });
+            events(LocalRulesEvent::StateChanged { from: previous_file, to: file });
         }
         let item = match (host, host_id, watched, file) {
             (None, _, _, _) => None,
@@ -719,10 +664,7 @@ impl LocalRulesTracker {
                 seen.failed = failed;
                 Some(item)
             }
-            (Some(host), id, _, _) => Some(with_id(
-                host,
-                id.as_ref().map_or(host.id.as_str(), |i| i.id.as_str()),
-            )),
+            (Some(host), id, _, _) => Some(with_id(host, id.as_ref().map_or(host.id.as_str(), |i| i.id.as_str()))),
         };
         self.seen = Some(seen);
         Refresh::Rebuilt(item)
@@ -776,15 +718,10 @@ mod tests {
 
     /// Standard base64 (test-side encoder, to build descriptor ids).
     fn b64(data: &[u8]) -> std::string::String {
-        const ALPHABET: &[u8; 64] =
-            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let mut out = std::string::String::new();
         for chunk in data.chunks(3) {
-            let b = [
-                chunk[0],
-                chunk.get(1).copied().unwrap_or(0),
-                chunk.get(2).copied().unwrap_or(0),
-            ];
+            let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
             let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
             for i in 0..4 {
                 if i <= chunk.len() {
@@ -802,14 +739,8 @@ mod tests {
     }
 
     fn host(mode: &str, default: &str, id: &str, rules: &str) -> Box<AuthorizationItem> {
-        let rules = if rules.is_empty() {
-            std::string::String::new()
-        } else {
-            format!(r#","rules":{rules}"#)
-        };
-        item(&format!(
-            r#"{{"defaultAccess":"{default}","mode":"{mode}","id":"{id}"{rules}}}"#
-        ))
+        let rules = if rules.is_empty() { std::string::String::new() } else { format!(r#","rules":{rules}"#) };
+        item(&format!(r#"{{"defaultAccess":"{default}","mode":"{mode}","id":"{id}"{rules}}}"#))
     }
 
     fn parse(bytes: &[u8]) -> Result<Box<LocalRulesFile>, LocalRulesError> {
@@ -847,27 +778,16 @@ mod tests {
         exe_path: Some(b"/usr/bin/python3"),
         process_name: None,
     };
-    const ALICE_CURL: CallerView<'static> = CallerView {
-        exe_path: Some(b"/usr/bin/curl"),
-        ..ALICE
-    };
+    const ALICE_CURL: CallerView<'static> = CallerView { exe_path: Some(b"/usr/bin/curl"), ..ALICE };
 
-    fn outcome(
-        rules: &CompiledRules,
-        endpoint: Endpoint,
-        caller: &CallerView<'_>,
-        target: &str,
-    ) -> Outcome {
+    fn outcome(rules: &CompiledRules, endpoint: Endpoint, caller: &CallerView<'_>, target: &str) -> Outcome {
         decide(Some(rules), endpoint, caller, b"GET", target.as_bytes()).outcome
     }
 
     /// A local file granting one path (with optional query) to one identity.
     fn one_path_file(path: &str, query: &str, identity: &str) -> std::string::String {
-        let query = if query.is_empty() {
-            std::string::String::new()
-        } else {
-            format!(r#","queryParameters":{query}"#)
-        };
+        let query =
+            if query.is_empty() { std::string::String::new() } else { format!(r#","queryParameters":{query}"#) };
         format!(
             r#"{{"defaultAccess":"deny","id":"local","rules":{{
             "privileges":[{{"name":"p","path":"{path}"{query}}}],
@@ -889,68 +809,31 @@ mod tests {
             ("Zm9vYmE=", "fooba"),
             ("Zm9vYmFy", "foobar"),
         ] {
-            assert_eq!(
-                base64_decode(encoded.as_bytes(), &mut out),
-                Some(decoded.as_bytes()),
-                "{encoded}"
-            );
+            assert_eq!(base64_decode(encoded.as_bytes(), &mut out), Some(decoded.as_bytes()), "{encoded}");
         }
-        for bad in [
-            "Zg=", "Zh==", "Zm9=", "Z===", "Zg==Zg==", "Zm9v\n", "Zm-v", "=Zg=",
-        ] {
+        for bad in ["Zg=", "Zh==", "Zm9=", "Z===", "Zg==Zg==", "Zm9v\n", "Zm-v", "=Zg="] {
             assert_eq!(base64_decode(bad.as_bytes(), &mut out), None, "{bad}");
         }
-        assert_eq!(
-            base64_decode(b"Zm9vYmFy", &mut [0u8; 5]),
-            None,
-            "output too small"
-        );
+        assert_eq!(base64_decode(b"Zm9vYmFy", &mut [0u8; 5]), None, "output too small");
     }
 
     #[test]
     fn plain_ids_are_not_descriptors() {
-        for raw in [
-            "",
-            "abcd",
-            "rules-v1",
-            "/subscriptions/x/galleries/g",
-            "bnVsbA==", /* null */
-        ] {
+        for raw in ["", "abcd", "rules-v1", "/subscriptions/x/galleries/g", "bnVsbA==" /* null */] {
             let id = resolve_id(raw);
-            assert_eq!(
-                (id.id.as_str(), id.use_local_file_rules),
-                (raw, false),
-                "{raw}"
-            );
+            assert_eq!((id.id.as_str(), id.use_local_file_rules), (raw, false), "{raw}");
         }
     }
 
     #[test]
     fn descriptor_ids_are_rewritten() {
-        let id = resolve_id(&descriptor(
-            r#"{"id":"decoded-id","useLocalFileRules":true}"#,
-        ));
-        assert_eq!(
-            (id.id.as_str(), id.use_local_file_rules),
-            ("decoded-id-useLocalFileRules-true", true)
-        );
+        let id = resolve_id(&descriptor(r#"{"id":"decoded-id","useLocalFileRules":true}"#));
+        assert_eq!((id.id.as_str(), id.use_local_file_rules), ("decoded-id-useLocalFileRules-true", true));
         let id = resolve_id(&descriptor(r#"{"useLocalFileRules":false,"other":1}"#));
-        assert_eq!(
-            (id.id.as_str(), id.use_local_file_rules),
-            ("unknown-useLocalFileRules-false", false)
-        );
-        assert_eq!(
-            resolve_id(&descriptor("{}")).id,
-            "unknown-useLocalFileRules-false"
-        );
-        assert_eq!(
-            resolve_id(&descriptor(r#"{"id":""}"#)).id,
-            "unknown-useLocalFileRules-false"
-        );
-        assert!(
-            !resolve_id(&descriptor(r#"{"id":"a","id":"b"}"#)).use_local_file_rules,
-            "duplicate key: plain id"
-        );
+        assert_eq!((id.id.as_str(), id.use_local_file_rules), ("unknown-useLocalFileRules-false", false));
+        assert_eq!(resolve_id(&descriptor("{}")).id, "unknown-useLocalFileRules-false");
+        assert_eq!(resolve_id(&descriptor(r#"{"id":""}"#)).id, "unknown-useLocalFileRules-false");
+        assert!(!resolve_id(&descriptor(r#"{"id":"a","id":"b"}"#)).use_local_file_rules, "duplicate key: plain id");
     }
 
     #[test]
@@ -967,34 +850,20 @@ mod tests {
             "identities":[{"name":"i","userName":"alice"}],"roleAssignments":[{"role":"r","identities":["i"]}]}}"#;
         let merged = on_big_stack(|| {
             let id = resolve_id(&h.id);
-            merge(
-                Some(&h),
-                &id.id,
-                &parse_local_file(file).expect("valid file"),
-            )
-            .expect("fits")
+            merge(Some(&h), &id.id, &parse_local_file(file).expect("valid file")).expect("fits")
         });
         assert_eq!(merged.id, "decoded-id-useLocalFileRules-true_local-id");
         assert_eq!(merged.default_access, "deny");
         assert_eq!(merged.mode, "enforce");
         let rules = merged.rules.as_ref().expect("rules");
         let privileges = rules.privileges.as_ref().expect("privileges");
-        assert_eq!(
-            (privileges[0].name.as_str(), privileges[1].name.as_str()),
-            ("hp", "LocalFileRules_p")
-        );
+        assert_eq!((privileges[0].name.as_str(), privileges[1].name.as_str()), ("hp", "LocalFileRules_p"));
         assert_eq!(privileges[1].path, "/Local/Path", "paths untouched");
         let roles = rules.roles.as_ref().expect("roles");
-        assert_eq!(
-            (roles[1].name.as_str(), roles[1].privileges[0].as_str()),
-            ("LocalFileRules_r", "LocalFileRules_p")
-        );
+        assert_eq!((roles[1].name.as_str(), roles[1].privileges[0].as_str()), ("LocalFileRules_r", "LocalFileRules_p"));
         let identities = rules.identities.as_ref().expect("identities");
         assert_eq!(
-            (
-                identities[1].name.as_str(),
-                identities[1].user_name.as_deref()
-            ),
+            (identities[1].name.as_str(), identities[1].user_name.as_deref()),
             ("LocalFileRules_i", Some("alice"))
         );
         let assignments = rules.role_assignments.as_ref().expect("assignments");
@@ -1005,89 +874,34 @@ mod tests {
     #[test]
     fn only_one_side_with_rules_is_used_as_is() {
         let file = one_path_file("/metadata/instance", "", r#","userName":"alice""#);
-        let merged = on_big_stack(|| {
-            merge(
-                Some(&enforce_deny_host()),
-                "x",
-                &parse_local_file(file.as_bytes()).expect("valid"),
-            )
-        });
+        let merged =
+            on_big_stack(|| merge(Some(&enforce_deny_host()), "x", &parse_local_file(file.as_bytes()).expect("valid")));
         let merged = merged.expect("fits");
-        assert_eq!(
-            merged
-                .rules
-                .as_ref()
-                .and_then(|r| r.privileges.as_ref())
-                .expect("privileges")[0]
-                .name,
-            "p"
-        );
-        let h = host(
-            "enforce",
-            "deny",
-            "x",
-            r#"{"privileges":[{"name":"p","path":"/"}]}"#,
-        );
-        let merged = on_big_stack(|| {
-            merge(
-                Some(&h),
-                "x",
-                &parse_local_file(br#"{"id":"l"}"#).expect("valid"),
-            )
-        })
-        .expect("fits");
-        assert_eq!(
-            merged
-                .rules
-                .as_ref()
-                .and_then(|r| r.privileges.as_ref())
-                .expect("privileges")[0]
-                .name,
-            "p"
-        );
+        assert_eq!(merged.rules.as_ref().and_then(|r| r.privileges.as_ref()).expect("privileges")[0].name, "p");
+        let h = host("enforce", "deny", "x", r#"{"privileges":[{"name":"p","path":"/"}]}"#);
+        let merged =
+            on_big_stack(|| merge(Some(&h), "x", &parse_local_file(br#"{"id":"l"}"#).expect("valid"))).expect("fits");
+        assert_eq!(merged.rules.as_ref().and_then(|r| r.privileges.as_ref()).expect("privileges")[0].name, "p");
         assert_eq!(merged.id, "x_l");
     }
 
     #[test]
     fn missing_host_arrays_are_taken_from_the_local_side_prefixed() {
-        let h = host(
-            "enforce",
-            "deny",
-            "x",
-            r#"{"privileges":[{"name":"hp","path":"/h"}]}"#,
-        );
+        let h = host("enforce", "deny", "x", r#"{"privileges":[{"name":"hp","path":"/h"}]}"#);
         let file = one_path_file("/l", "", r#","userName":"alice""#);
-        let merged = on_big_stack(|| {
-            merge(
-                Some(&h),
-                "x",
-                &parse_local_file(file.as_bytes()).expect("valid"),
-            )
-        })
-        .expect("fits");
-        let roles = merged
-            .rules
-            .as_ref()
-            .and_then(|r| r.roles.as_ref())
-            .expect("roles from the local side");
+        let merged =
+            on_big_stack(|| merge(Some(&h), "x", &parse_local_file(file.as_bytes()).expect("valid"))).expect("fits");
+        let roles = merged.rules.as_ref().and_then(|r| r.roles.as_ref()).expect("roles from the local side");
         assert_eq!(roles[0].name, "LocalFileRules_r");
     }
 
     #[test]
     fn merge_without_host_item_starts_from_synthetic_deny_disabled() {
-        let merged = on_big_stack(|| merge(None, "x", &parse_local_file(b"{}").expect("valid")))
-            .expect("fits");
-        assert_eq!(
-            (merged.default_access.as_str(), merged.mode.as_str()),
-            ("deny", "disabled")
-        );
+        let merged = on_big_stack(|| merge(None, "x", &parse_local_file(b"{}").expect("valid"))).expect("fits");
+        assert_eq!((merged.default_access.as_str(), merged.mode.as_str()), ("deny", "disabled"));
         let closed = fail_closed(None, "x");
         assert_eq!(
-            (
-                closed.default_access.as_str(),
-                closed.mode.as_str(),
-                closed.id.as_str()
-            ),
+            (closed.default_access.as_str(), closed.mode.as_str(), closed.id.as_str()),
             ("deny", "enforce", "x")
         );
     }
@@ -1096,25 +910,14 @@ mod tests {
     fn merge_over_capacity_fails() {
         let long = "n".repeat(60);
         assert_eq!(prefixed(&long), Err(LocalRulesError::MergeCapacity));
-        assert_eq!(
-            prefixed("LocalFileRules_x").as_deref(),
-            Ok("LocalFileRules_x")
-        );
+        assert_eq!(prefixed("LocalFileRules_x").as_deref(), Ok("LocalFileRules_x"));
     }
 
     #[test]
     fn invalid_json_fails_closed_keeping_id_and_mode() {
-        let h = host(
-            "audit",
-            "allow",
-            &descriptor(r#"{"id":"d","useLocalFileRules":true}"#),
-            r#"{"privileges":[]}"#,
-        );
+        let h = host("audit", "allow", &descriptor(r#"{"id":"d","useLocalFileRules":true}"#), r#"{"privileges":[]}"#);
         let c = effective(&h, b"{not json");
-        assert_eq!(
-            (c.default_allowed, c.mode, c.id.as_str()),
-            (false, Mode::Audit, "d-useLocalFileRules-true")
-        );
+        assert_eq!((c.default_allowed, c.mode, c.id.as_str()), (false, Mode::Audit, "d-useLocalFileRules-true"));
         assert!(c.privileges.is_empty());
     }
 
@@ -1125,64 +928,35 @@ mod tests {
         let cases: [(std::string::String, E); 16] = [
             (r#"{"defaultAccess":"maybe"}"#.into(), E::DefaultAccess),
             (r#"{"id":"  "}"#.into(), E::BlankId),
-            (
-                rules(r#"{"privileges":[{"name":" ","path":"/"}]}"#),
-                E::BlankName,
-            ),
-            (
-                rules(r#"{"privileges":[{"name":"p","path":"/"},{"name":"p","path":"/x"}]}"#),
-                E::DuplicatePrivilege,
-            ),
-            (
-                rules(r#"{"privileges":[{"name":"p","path":""}]}"#),
-                E::BlankPath,
-            ),
-            (
-                rules(r#"{"privileges":[{"name":"p","path":"/","queryParameters":{"k":" "}}]}"#),
-                E::BlankQueryParameter,
-            ),
+            (rules(r#"{"privileges":[{"name":" ","path":"/"}]}"#), E::BlankName),
+            (rules(r#"{"privileges":[{"name":"p","path":"/"},{"name":"p","path":"/x"}]}"#), E::DuplicatePrivilege),
+            (rules(r#"{"privileges":[{"name":"p","path":""}]}"#), E::BlankPath),
+            (rules(r#"{"privileges":[{"name":"p","path":"/","queryParameters":{"k":" "}}]}"#), E::BlankQueryParameter),
             (
                 rules(
                     r#"{"privileges":[{"name":"p","path":"/"}],"roles":[{"name":"r","privileges":["p"]},{"name":"r","privileges":["p"]}]}"#,
                 ),
                 E::DuplicateRole,
             ),
+            (rules(r#"{"roles":[{"name":"r","privileges":[]}]}"#), E::RoleWithoutPrivileges),
             (
-                rules(r#"{"roles":[{"name":"r","privileges":[]}]}"#),
-                E::RoleWithoutPrivileges,
-            ),
-            (
-                rules(
-                    r#"{"privileges":[{"name":"p","path":"/"}],"roles":[{"name":"r","privileges":["p","p"]}]}"#,
-                ),
+                rules(r#"{"privileges":[{"name":"p","path":"/"}],"roles":[{"name":"r","privileges":["p","p"]}]}"#),
                 E::DuplicateReference,
             ),
             (
-                rules(
-                    r#"{"privileges":[{"name":"p","path":"/"}],"roles":[{"name":"r","privileges":[""]}]}"#,
-                ),
+                rules(r#"{"privileges":[{"name":"p","path":"/"}],"roles":[{"name":"r","privileges":[""]}]}"#),
                 E::BlankReference,
             ),
             (
-                rules(
-                    r#"{"privileges":[{"name":"p","path":"/"}],"roles":[{"name":"r","privileges":["ghost"]}]}"#,
-                ),
+                rules(r#"{"privileges":[{"name":"p","path":"/"}],"roles":[{"name":"r","privileges":["ghost"]}]}"#),
                 E::UnknownPrivilege,
             ),
             (
-                rules(
-                    r#"{"identities":[{"name":"i","userName":"a"},{"name":"i","userName":"b"}]}"#,
-                ),
+                rules(r#"{"identities":[{"name":"i","userName":"a"},{"name":"i","userName":"b"}]}"#),
                 E::DuplicateIdentity,
             ),
-            (
-                rules(r#"{"identities":[{"name":"i","userName":" "}]}"#),
-                E::IdentityWithoutSelector,
-            ),
-            (
-                rules(r#"{"roleAssignments":[{"role":"ghost","identities":["i"]}]}"#),
-                E::UnknownRole,
-            ),
+            (rules(r#"{"identities":[{"name":"i","userName":" "}]}"#), E::IdentityWithoutSelector),
+            (rules(r#"{"roleAssignments":[{"role":"ghost","identities":["i"]}]}"#), E::UnknownRole),
             (
                 rules(
                     r#"{"privileges":[{"name":"p","path":"/"}],"roles":[{"name":"r","privileges":["p"]}],"roleAssignments":[{"role":"r","identities":[]}]}"#,
@@ -1197,11 +971,7 @@ mod tests {
             ),
         ];
         for (json, expected) in cases {
-            assert_eq!(
-                parse(json.as_bytes()).map(|_| ()),
-                Err(LocalRulesError::Invalid(expected)),
-                "{json}"
-            );
+            assert_eq!(parse(json.as_bytes()).map(|_| ()), Err(LocalRulesError::Invalid(expected)), "{json}");
         }
         assert!(parse(br#"{"defaultAccess":" Allow "}"#).is_ok());
     }
@@ -1211,10 +981,7 @@ mod tests {
         let file = br#"{"mode":"audit","defaultAccess":"deny"}"#;
         let c = effective(&enforce_deny_host(), file);
         assert_eq!(c.mode, Mode::Enforce);
-        assert_eq!(
-            outcome(&c, Endpoint::Imds, &ROOT, "/metadata/instance"),
-            Outcome::Forbidden
-        );
+        assert_eq!(outcome(&c, Endpoint::Imds, &ROOT, "/metadata/instance"), Outcome::Forbidden);
         let disabled = effective(&enforce_deny_host(), br#"{"mode":"disabled"}"#);
         assert_eq!(disabled.mode, Mode::Enforce);
     }
@@ -1225,24 +992,8 @@ mod tests {
             &enforce_deny_host(),
             one_path_file("/metadata/instance", "", r#","userName":"alice""#).as_bytes(),
         );
-        assert_eq!(
-            outcome(
-                &c,
-                Endpoint::Imds,
-                &ALICE,
-                "/metadata/instance?api-version=2021-02-01"
-            ),
-            Outcome::Allow
-        );
-        assert_eq!(
-            outcome(
-                &c,
-                Endpoint::Imds,
-                &ALICE,
-                "/metadata/identity/oauth2/token"
-            ),
-            Outcome::Forbidden
-        );
+        assert_eq!(outcome(&c, Endpoint::Imds, &ALICE, "/metadata/instance?api-version=2021-02-01"), Outcome::Allow);
+        assert_eq!(outcome(&c, Endpoint::Imds, &ALICE, "/metadata/identity/oauth2/token"), Outcome::Forbidden);
     }
 
     #[test]
@@ -1251,39 +1002,18 @@ mod tests {
             &enforce_deny_host(),
             one_path_file("/metadata/instance", "", r#","userName":"no-such-user""#).as_bytes(),
         );
-        let d = decide(
-            Some(&c),
-            Endpoint::Imds,
-            &ALICE,
-            b"GET",
-            b"/metadata/instance",
-        );
-        assert_eq!(
-            (d.outcome, d.reason),
-            (Outcome::Forbidden, Reason::IdentityMismatch)
-        );
+        let d = decide(Some(&c), Endpoint::Imds, &ALICE, b"GET", b"/metadata/instance");
+        assert_eq!((d.outcome, d.reason), (Outcome::Forbidden, Reason::IdentityMismatch));
     }
 
     #[test]
     fn s6_s7_wireserver_goalstate_only_against_encodings() {
-        let file = one_path_file(
-            "/machine",
-            r#"{"comp":"goalstate"}"#,
-            r#","userName":"root""#,
-        );
+        let file = one_path_file("/machine", r#"{"comp":"goalstate"}"#, r#","userName":"root""#);
         let c = effective(&enforce_deny_host(), file.as_bytes());
         let ws = |target: &str| outcome(&c, Endpoint::WireServer, &ROOT, target);
         assert_eq!(ws("/machine?comp=goalstate"), Outcome::Allow);
-        assert_eq!(
-            ws("/machine?comp=GOALSTATE"),
-            Outcome::Allow,
-            "value case is folded"
-        );
-        assert_eq!(
-            ws("/machine?comp=goalstate&incarnation=1"),
-            Outcome::Allow,
-            "extra parameter"
-        );
+        assert_eq!(ws("/machine?comp=GOALSTATE"), Outcome::Allow, "value case is folded");
+        assert_eq!(ws("/machine?comp=goalstate&incarnation=1"), Outcome::Allow, "extra parameter");
         for denied in [
             "/machine?comp=certificates",
             "/machine?comp=Certificates",
@@ -1309,21 +1039,10 @@ mod tests {
     fn s8_group_name_only_identity_matches() {
         let c = effective(
             &enforce_deny_host(),
-            one_path_file(
-                "/metadata/instance",
-                "",
-                r#","groupName":"metadata-readers""#,
-            )
-            .as_bytes(),
+            one_path_file("/metadata/instance", "", r#","groupName":"metadata-readers""#).as_bytes(),
         );
-        assert_eq!(
-            outcome(&c, Endpoint::Imds, &ALICE, "/metadata/instance"),
-            Outcome::Allow
-        );
-        assert_eq!(
-            outcome(&c, Endpoint::Imds, &ROOT, "/metadata/instance"),
-            Outcome::Forbidden
-        );
+        assert_eq!(outcome(&c, Endpoint::Imds, &ALICE, "/metadata/instance"), Outcome::Allow);
+        assert_eq!(outcome(&c, Endpoint::Imds, &ROOT, "/metadata/instance"), Outcome::Forbidden);
     }
 
     #[test]
@@ -1332,88 +1051,40 @@ mod tests {
             &enforce_deny_host(),
             one_path_file("/metadata/instance", "", r#","exePath":"/usr/bin/curl""#).as_bytes(),
         );
-        assert_eq!(
-            outcome(&c, Endpoint::Imds, &ALICE, "/metadata/instance"),
-            Outcome::Forbidden,
-            "python"
-        );
-        assert_eq!(
-            outcome(&c, Endpoint::Imds, &ALICE_CURL, "/metadata/instance"),
-            Outcome::Allow,
-            "curl"
-        );
+        assert_eq!(outcome(&c, Endpoint::Imds, &ALICE, "/metadata/instance"), Outcome::Forbidden, "python");
+        assert_eq!(outcome(&c, Endpoint::Imds, &ALICE_CURL, "/metadata/instance"), Outcome::Allow, "curl");
     }
 
     #[test]
     fn s10_malformed_json_fails_closed() {
-        let open_host = host(
-            "enforce",
-            "allow",
-            &descriptor(r#"{"id":"h","useLocalFileRules":true}"#),
-            "",
-        );
-        for bad in [
-            &b"{"[..],
-            b"",
-            b"[]",
-            br#"{"rules":{"privileges":[{"name":1}]}}"#,
-            br#"{"id":"x"} trailing"#,
-        ] {
+        let open_host = host("enforce", "allow", &descriptor(r#"{"id":"h","useLocalFileRules":true}"#), "");
+        for bad in [&b"{"[..], b"", b"[]", br#"{"rules":{"privileges":[{"name":1}]}}"#, br#"{"id":"x"} trailing"#] {
             let c = effective(&open_host, bad);
-            assert_eq!(
-                outcome(&c, Endpoint::Imds, &ROOT, "/metadata/instance"),
-                Outcome::Forbidden,
-                "{bad:?}"
-            );
+            assert_eq!(outcome(&c, Endpoint::Imds, &ROOT, "/metadata/instance"), Outcome::Forbidden, "{bad:?}");
         }
     }
 
     #[test]
     fn s11_bom_is_tolerated_and_rules_enforced() {
         let mut file = b"\xEF\xBB\xBF".to_vec();
-        file.extend_from_slice(
-            one_path_file("/metadata/instance", "", r#","userName":"alice""#).as_bytes(),
-        );
+        file.extend_from_slice(one_path_file("/metadata/instance", "", r#","userName":"alice""#).as_bytes());
         let c = effective(&enforce_deny_host(), &file);
-        assert_eq!(
-            outcome(&c, Endpoint::Imds, &ALICE, "/metadata/instance"),
-            Outcome::Allow
-        );
-        assert_eq!(
-            outcome(
-                &c,
-                Endpoint::Imds,
-                &ALICE,
-                "/metadata/identity/oauth2/token"
-            ),
-            Outcome::Forbidden
-        );
+        assert_eq!(outcome(&c, Endpoint::Imds, &ALICE, "/metadata/instance"), Outcome::Allow);
+        assert_eq!(outcome(&c, Endpoint::Imds, &ALICE, "/metadata/identity/oauth2/token"), Outcome::Forbidden);
     }
 
     #[test]
     fn s12_duplicate_keys_never_pick_the_first_value() {
-        let open_host = host(
-            "enforce",
-            "allow",
-            &descriptor(r#"{"id":"h","useLocalFileRules":true}"#),
-            "",
-        );
+        let open_host = host("enforce", "allow", &descriptor(r#"{"id":"h","useLocalFileRules":true}"#), "");
         let cases: [&[u8]; 3] = [
             br#"{"defaultAccess":"allow","defaultAccess":"deny"}"#,
             br#"{"defaultAccess":"deny","defaultAccess":"allow"}"#,
             br#"{"rules":{"privileges":[{"name":"p","path":"/a","path":"/b"}]}}"#,
         ];
         for file in cases {
-            assert!(
-                matches!(parse(file), Err(LocalRulesError::Json(_))),
-                "{file:?}"
-            );
+            assert!(matches!(parse(file), Err(LocalRulesError::Json(_))), "{file:?}");
             let c = effective(&open_host, file);
-            assert_eq!(
-                outcome(&c, Endpoint::Imds, &ROOT, "/metadata/instance"),
-                Outcome::Forbidden,
-                "{file:?}"
-            );
+            assert_eq!(outcome(&c, Endpoint::Imds, &ROOT, "/metadata/instance"), Outcome::Forbidden, "{file:?}");
         }
     }
 
@@ -1433,41 +1104,25 @@ mod tests {
         let c = effective(&h, file);
         assert_eq!(c.privileges[1].name, "LocalFileRules_p");
         assert_eq!(c.identities[0].name, "LocalFileRules_i");
-        assert_eq!(
-            outcome(&c, Endpoint::Imds, &ALICE, "/metadata/instance"),
-            Outcome::Allow
-        );
+        assert_eq!(outcome(&c, Endpoint::Imds, &ALICE, "/metadata/instance"), Outcome::Allow);
     }
 
     #[test]
     fn s18_dangling_reference_fails_closed() {
         let file = br#"{"defaultAccess":"allow","rules":{"privileges":[{"name":"p","path":"/"}],
             "roles":[{"name":"r","privileges":["missing"]}],"identities":[],"roleAssignments":[]}}"#;
-        assert_eq!(
-            parse(file).map(|_| ()),
-            Err(LocalRulesError::Invalid(ValidationError::UnknownPrivilege))
-        );
+        assert_eq!(parse(file).map(|_| ()), Err(LocalRulesError::Invalid(ValidationError::UnknownPrivilege)));
         let c = effective(&enforce_deny_host(), file);
         assert!(!c.default_allowed);
-        assert_eq!(
-            outcome(&c, Endpoint::Imds, &ROOT, "/metadata/instance"),
-            Outcome::Forbidden
-        );
+        assert_eq!(outcome(&c, Endpoint::Imds, &ROOT, "/metadata/instance"), Outcome::Forbidden);
     }
 
     #[test]
     fn s19_cyrillic_homoglyph_user_name_does_not_match() {
         // "rооt" with two CYRILLIC SMALL LETTER O (U+043E).
-        let file = one_path_file(
-            "/metadata/instance",
-            "",
-            ",\"userName\":\"r\u{43e}\u{43e}t\"",
-        );
+        let file = one_path_file("/metadata/instance", "", ",\"userName\":\"r\u{43e}\u{43e}t\"");
         let c = effective(&enforce_deny_host(), file.as_bytes());
-        assert_eq!(
-            outcome(&c, Endpoint::Imds, &ROOT, "/metadata/instance"),
-            Outcome::Forbidden
-        );
+        assert_eq!(outcome(&c, Endpoint::Imds, &ROOT, "/metadata/instance"), Outcome::Forbidden);
     }
 
     /// A fresh directory under the system temp dir, removed on drop.
@@ -1475,8 +1130,7 @@ mod tests {
 
     impl TempDir {
         fn new(tag: &str) -> Self {
-            let path =
-                std::env::temp_dir().join(format!("gpa-policy-{tag}-{}", std::process::id()));
+            let path = std::env::temp_dir().join(format!("gpa-policy-{tag}-{}", std::process::id()));
             drop(std::fs::remove_dir_all(&path));
             std::fs::create_dir_all(&path).expect("create temp dir");
             Self(path)
@@ -1500,10 +1154,7 @@ mod tests {
         tracker: &mut LocalRulesTracker,
         host: Option<&AuthorizationItem>,
         path: Option<&Path>,
-    ) -> (
-        Option<Option<Box<AuthorizationItem>>>,
-        std::vec::Vec<&'static str>,
-    ) {
+    ) -> (Option<Option<Box<AuthorizationItem>>>, std::vec::Vec<&'static str>) {
         on_big_stack(|| {
             let mut events = std::vec::Vec::new();
             let result = tracker.refresh(host, path, &mut |e| events.push(e.name()));
@@ -1525,28 +1176,16 @@ mod tests {
         // Missing file: host rules unchanged (with the rewritten id).
         let (item, events) = refresh(&mut tracker, Some(&h), Some(&path));
         let item = item.expect("first refresh rebuilds").expect("host item");
-        assert_eq!(
-            (item.id.as_str(), item.default_access.as_str()),
-            ("host-useLocalFileRules-true", "deny")
-        );
+        assert_eq!((item.id.as_str(), item.default_access.as_str()), ("host-useLocalFileRules-true", "deny"));
         assert_eq!(events, ["LocalFileRulesStateChanged"]);
-        assert!(
-            refresh(&mut tracker, Some(&h), Some(&path)).0.is_none(),
-            "nothing changed"
-        );
+        assert!(refresh(&mut tracker, Some(&h), Some(&path)).0.is_none(), "nothing changed");
 
         // File appears.
         dir.write(IMDS_RULES_FILE, br#"{"defaultAccess":"allow","id":"l1"}"#);
         let (item, events) = refresh(&mut tracker, Some(&h), Some(&path));
         let item = item.expect("state changed").expect("item");
-        assert_eq!(
-            (item.id.as_str(), item.default_access.as_str()),
-            ("host-useLocalFileRules-true_l1", "allow")
-        );
-        assert_eq!(
-            events,
-            ["LocalFileRulesStateChanged", "LocalRulesFileParseSuccess"]
-        );
+        assert_eq!((item.id.as_str(), item.default_access.as_str()), ("host-useLocalFileRules-true_l1", "allow"));
+        assert_eq!(events, ["LocalFileRulesStateChanged", "LocalRulesFileParseSuccess"]);
         assert!(refresh(&mut tracker, Some(&h), Some(&path)).0.is_none());
 
         // Broken file: fail closed, and re-read on every poll until fixed.
@@ -1555,10 +1194,7 @@ mod tests {
         let item = item.expect("changed").expect("item");
         assert_eq!(item.default_access, "deny");
         assert!(item.rules.is_none());
-        assert_eq!(
-            events,
-            ["LocalFileRulesStateChanged", "LocalRulesFileParseFailed"]
-        );
+        assert_eq!(events, ["LocalFileRulesStateChanged", "LocalRulesFileParseFailed"]);
         let (again, events) = refresh(&mut tracker, Some(&h), Some(&path));
         assert!(again.is_some(), "previous read failed: read again");
         assert_eq!(events, ["LocalRulesFileParseFailed"]);
@@ -1594,10 +1230,7 @@ mod tests {
         let h = enforce_deny_host();
         let mut hgap = LocalRulesTracker::new();
         let (item, _) = refresh(&mut hgap, Some(&h), None);
-        assert_eq!(
-            item.expect("first").expect("item").id,
-            "host-useLocalFileRules-true"
-        );
+        assert_eq!(item.expect("first").expect("item").id, "host-useLocalFileRules-true");
         assert_eq!(rules_file_name(Endpoint::HostGaPlugin), None);
         assert_eq!(rules_file_name(Endpoint::Imds), Some("IMDS_Rules.json"));
     }
@@ -1605,19 +1238,10 @@ mod tests {
     #[test]
     fn read_local_file_reports_missing_and_non_files() {
         let dir = TempDir::new("read");
-        assert!(matches!(
-            on_big_stack(|| read_local_file(&dir.0.join("absent.json"))),
-            Ok(None)
-        ));
-        assert_eq!(
-            on_big_stack(|| read_local_file(&dir.0)).map(|_| ()),
-            Err(LocalRulesError::NotAFile)
-        );
+        assert!(matches!(on_big_stack(|| read_local_file(&dir.0.join("absent.json"))), Ok(None)));
+        assert_eq!(on_big_stack(|| read_local_file(&dir.0)).map(|_| ()), Err(LocalRulesError::NotAFile));
         let big = dir.write("big.json", &vec![b' '; LOCAL_FILE_MAX_BYTES + 1]);
-        assert_eq!(
-            on_big_stack(|| read_local_file(&big)).map(|_| ()),
-            Err(LocalRulesError::TooLarge)
-        );
+        assert_eq!(on_big_stack(|| read_local_file(&big)).map(|_| ()), Err(LocalRulesError::TooLarge));
         assert_eq!(file_state(&dir.0.join("absent.json")), FileState::Missing);
     }
 }

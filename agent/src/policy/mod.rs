@@ -96,12 +96,8 @@ impl Policy {
         for endpoint in Endpoint::ALL {
             let (slot, host, file) = match endpoint {
                 Endpoint::Imds => (&mut self.imds, imds, rules_file_name(endpoint)),
-                Endpoint::WireServer => {
-                    (&mut self.wireserver, wireserver, rules_file_name(endpoint))
-                }
-                Endpoint::HostGaPlugin | Endpoint::Unknown(_) => {
-                    (&mut self.hostga, wireserver, None)
-                }
+                Endpoint::WireServer => (&mut self.wireserver, wireserver, rules_file_name(endpoint)),
+                Endpoint::HostGaPlugin | Endpoint::Unknown(_) => (&mut self.hostga, wireserver, None),
             };
             let path = file.map(|name| local_dir.join(name));
             let events = &mut self.events;
@@ -109,8 +105,7 @@ impl Policy {
                 // Full only if something emits more than designed; the rules still apply.
                 let _dropped = events.push((endpoint, event));
             };
-            let Refresh::Rebuilt(item) = slot.tracker.refresh(host, path.as_deref(), &mut record)
-            else {
+            let Refresh::Rebuilt(item) = slot.tracker.refresh(host, path.as_deref(), &mut record) else {
                 continue;
             };
             let installed = slot.compiled.as_ref().map(|c| c.digest);
@@ -144,13 +139,7 @@ impl Policy {
     }
 
     /// Decides one request against the installed rules (see [`decide::decide`]).
-    pub fn decide(
-        &self,
-        endpoint: Endpoint,
-        caller: &CallerView<'_>,
-        method: &[u8],
-        target: &[u8],
-    ) -> Decision {
+    pub fn decide(&self, endpoint: Endpoint, caller: &CallerView<'_>, method: &[u8], target: &[u8]) -> Decision {
         decide::decide(self.rules(endpoint), endpoint, caller, method, target)
     }
 
@@ -186,10 +175,7 @@ pub(crate) mod test_support {
     pub(crate) fn item(json: &str) -> Box<AuthorizationItem> {
         on_big_stack(|| {
             let mut scratch = [0u8; 512];
-            let parsed = serde_json_core::from_slice_escaped::<AuthorizationItem>(
-                json.as_bytes(),
-                &mut scratch,
-            );
+            let parsed = serde_json_core::from_slice_escaped::<AuthorizationItem>(json.as_bytes(), &mut scratch);
             Box::new(parsed.expect("valid item").0)
         })
     }
@@ -211,10 +197,7 @@ mod tests {
     fn status_rules(json: &str) -> Box<AuthorizationRules> {
         on_big_stack(|| {
             let mut scratch = [0u8; 512];
-            let parsed = serde_json_core::from_slice_escaped::<AuthorizationRules>(
-                json.as_bytes(),
-                &mut scratch,
-            );
+            let parsed = serde_json_core::from_slice_escaped::<AuthorizationRules>(json.as_bytes(), &mut scratch);
             Box::new(parsed.expect("valid rules").0)
         })
     }
@@ -223,18 +206,9 @@ mod tests {
         on_big_stack(|| policy.update(rules, Path::new("/nonexistent/gpa-policy-rules")))
     }
 
-    const USER: CallerView<'static> = CallerView {
-        uid: 1000,
-        user_name: Some("alice"),
-        groups: &[],
-        exe_path: None,
-        process_name: None,
-    };
-    const ROOT: CallerView<'static> = CallerView {
-        uid: 0,
-        user_name: Some("root"),
-        ..USER
-    };
+    const USER: CallerView<'static> =
+        CallerView { uid: 1000, user_name: Some("alice"), groups: &[], exe_path: None, process_name: None };
+    const ROOT: CallerView<'static> = CallerView { uid: 0, user_name: Some("root"), ..USER };
 
     fn item(mode: &str, default: &str, id: &str) -> String {
         format!(r#"{{"defaultAccess":"{default}","mode":"{mode}","id":"{id}"}}"#)
@@ -252,70 +226,39 @@ mod tests {
         assert!(update(&mut policy, &rules));
         let hgap = policy.rules(Endpoint::HostGaPlugin).expect("hgap rules");
         assert_eq!((hgap.id.as_str(), hgap.mode), ("w", Mode::Enforce));
-        assert_eq!(
-            policy
-                .decide(Endpoint::HostGaPlugin, &ROOT, b"GET", b"/x")
-                .outcome,
-            Outcome::Forbidden
-        );
-        assert_eq!(
-            policy.rules(Endpoint::Imds).map(|r| r.mode),
-            Some(Mode::Audit)
-        );
+        assert_eq!(policy.decide(Endpoint::HostGaPlugin, &ROOT, b"GET", b"/x").outcome, Outcome::Forbidden);
+        assert_eq!(policy.rules(Endpoint::Imds).map(|r| r.mode), Some(Mode::Audit));
         assert!(policy.rules(Endpoint::Unknown(7)).is_none());
     }
 
     #[test]
     fn content_change_without_id_change_is_applied() {
         let mut policy = Policy::new();
-        let enforce = status_rules(&format!(
-            r#"{{"imds":{}}}"#,
-            item("enforce", "deny", "same")
-        ));
+        let enforce = status_rules(&format!(r#"{{"imds":{}}}"#, item("enforce", "deny", "same")));
         assert!(update(&mut policy, &enforce));
         assert!(!update(&mut policy, &enforce), "unchanged");
-        assert_eq!(
-            policy.decide(Endpoint::Imds, &USER, b"GET", b"/x").outcome,
-            Outcome::Forbidden
-        );
+        assert_eq!(policy.decide(Endpoint::Imds, &USER, b"GET", b"/x").outcome, Outcome::Forbidden);
         let audit = status_rules(&format!(r#"{{"imds":{}}}"#, item("audit", "deny", "same")));
         assert!(update(&mut policy, &audit));
-        assert_eq!(
-            policy.decide(Endpoint::Imds, &USER, b"GET", b"/x").outcome,
-            Outcome::AllowWithAudit
-        );
+        assert_eq!(policy.decide(Endpoint::Imds, &USER, b"GET", b"/x").outcome, Outcome::AllowWithAudit);
     }
 
     #[test]
     fn empty_id_item_is_applied_on_first_boot() {
         let mut policy = Policy::new();
-        assert!(update(
-            &mut policy,
-            &status_rules(&format!(r#"{{"imds":{}}}"#, item("enforce", "deny", "")))
-        ));
+        assert!(update(&mut policy, &status_rules(&format!(r#"{{"imds":{}}}"#, item("enforce", "deny", "")))));
         assert!(policy.rules(Endpoint::Imds).is_some());
     }
 
     #[test]
     fn removing_rules_returns_to_the_default_policy() {
         let mut policy = Policy::new();
-        assert!(
-            !update(&mut policy, &AuthorizationRules::default()),
-            "nothing installed yet"
-        );
-        assert!(update(
-            &mut policy,
-            &status_rules(&format!(r#"{{"imds":{}}}"#, item("enforce", "deny", "x")))
-        ));
+        assert!(!update(&mut policy, &AuthorizationRules::default()), "nothing installed yet");
+        assert!(update(&mut policy, &status_rules(&format!(r#"{{"imds":{}}}"#, item("enforce", "deny", "x")))));
         assert!(update(&mut policy, &AuthorizationRules::default()));
         let d = policy.decide(Endpoint::Imds, &USER, b"GET", b"/x");
         assert_eq!((d.outcome, d.reason), (Outcome::Allow, Reason::NoRules));
-        assert_eq!(
-            policy
-                .decide(Endpoint::WireServer, &USER, b"GET", b"/x")
-                .reason,
-            Reason::RootOnly
-        );
+        assert_eq!(policy.decide(Endpoint::WireServer, &USER, b"GET", b"/x").reason, Reason::RootOnly);
     }
 
     #[test]
@@ -324,39 +267,21 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join(local_rules::IMDS_RULES_FILE);
         std::fs::write(&path, br#"{"defaultAccess":"allow","id":"l"}"#).expect("write");
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
-            .expect("chmod");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).expect("chmod");
         // base64 of {"id":"h","useLocalFileRules":true}
         let rules = status_rules(&format!(
             r#"{{"imds":{}}}"#,
-            item(
-                "enforce",
-                "deny",
-                "eyJpZCI6ImgiLCJ1c2VMb2NhbEZpbGVSdWxlcyI6dHJ1ZX0="
-            )
+            item("enforce", "deny", "eyJpZCI6ImgiLCJ1c2VMb2NhbEZpbGVSdWxlcyI6dHJ1ZX0=")
         ));
         let mut policy = Policy::new();
         assert!(on_big_stack(|| policy.update(&rules, &dir)));
-        let names: std::vec::Vec<_> = policy
-            .local_events()
-            .iter()
-            .map(|(e, ev)| (*e, ev.name()))
-            .collect();
+        let names: std::vec::Vec<_> = policy.local_events().iter().map(|(e, ev)| (*e, ev.name())).collect();
         assert_eq!(
             names,
-            [
-                (Endpoint::Imds, "LocalFileRulesStateChanged"),
-                (Endpoint::Imds, "LocalRulesFileParseSuccess")
-            ]
+            [(Endpoint::Imds, "LocalFileRulesStateChanged"), (Endpoint::Imds, "LocalRulesFileParseSuccess")]
         );
-        assert_eq!(
-            policy.rules(Endpoint::Imds).map(|r| r.id.as_str()),
-            Some("h-useLocalFileRules-true_l")
-        );
-        assert_eq!(
-            policy.decide(Endpoint::Imds, &USER, b"GET", b"/x").outcome,
-            Outcome::Allow
-        );
+        assert_eq!(policy.rules(Endpoint::Imds).map(|r| r.id.as_str()), Some("h-useLocalFileRules-true_l"));
+        assert_eq!(policy.decide(Endpoint::Imds, &USER, b"GET", b"/x").outcome, Outcome::Allow);
         drop(std::fs::remove_dir_all(&dir));
     }
 }

@@ -61,8 +61,7 @@ use self::limits::*;
 pub type Name = String<NAME_MAX_BYTES>;
 
 /// Required query parameters of a privilege, in document order.
-pub type QueryMap =
-    LinearMap<String<QUERY_MAX_BYTES>, String<QUERY_MAX_BYTES>, MAX_QUERY_PARAMETERS>;
+pub type QueryMap = LinearMap<String<QUERY_MAX_BYTES>, String<QUERY_MAX_BYTES>, MAX_QUERY_PARAMETERS>;
 
 /// `authorizationRules` of the status document.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -118,11 +117,7 @@ pub struct Privilege {
     /// Path prefix.
     pub path: String<PATH_MAX_BYTES>,
     /// Required query parameters.
-    #[serde(
-        default,
-        rename = "queryParameters",
-        deserialize_with = "unique_query_map"
-    )]
+    #[serde(default, rename = "queryParameters", deserialize_with = "unique_query_map")]
     pub query_parameters: Option<QueryMap>,
 }
 
@@ -191,17 +186,12 @@ where
 
         fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
             let mut map = QueryMap::new();
-            while let Some((key, value)) =
-                access.next_entry::<String<QUERY_MAX_BYTES>, String<QUERY_MAX_BYTES>>()?
-            {
+            while let Some((key, value)) = access.next_entry::<String<QUERY_MAX_BYTES>, String<QUERY_MAX_BYTES>>()? {
                 if map.contains_key(&key) {
                     return Err(serde::de::Error::custom("duplicate queryParameters key"));
                 }
                 if map.insert(key, value).is_err() {
-                    return Err(serde::de::Error::invalid_length(
-                        MAX_QUERY_PARAMETERS + 1,
-                        &self,
-                    ));
+                    return Err(serde::de::Error::invalid_length(MAX_QUERY_PARAMETERS + 1, &self));
                 }
             }
             Ok(UniqueQueryMap(map))
@@ -235,16 +225,8 @@ mod tests {
         .expect("valid item");
         let rules = item.rules.as_ref().expect("rules present");
         let privileges = rules.privileges.as_ref().expect("privileges present");
-        assert_eq!(
-            privileges[0].query_parameters.as_ref().map(|m| m.len()),
-            Some(1)
-        );
-        assert_eq!(
-            rules.identities.as_ref().expect("identities")[0]
-                .user_name
-                .as_deref(),
-            Some("root")
-        );
+        assert_eq!(privileges[0].query_parameters.as_ref().map(|m| m.len()), Some(1));
+        assert_eq!(rules.identities.as_ref().expect("identities")[0].user_name.as_deref(), Some("root"));
     }
 
     #[test]
@@ -255,11 +237,7 @@ mod tests {
         )
         .expect("valid item");
         let rules = item.rules.as_ref().expect("rules present");
-        assert!(
-            rules.privileges.as_ref().expect("privileges")[0]
-                .query_parameters
-                .is_none()
-        );
+        assert!(rules.privileges.as_ref().expect("privileges")[0].query_parameters.is_none());
     }
 
     #[test]
@@ -273,10 +251,7 @@ mod tests {
 
     #[test]
     fn rejects_duplicate_struct_field() {
-        assert!(
-            parse(r#"{"defaultAccess":"allow","defaultAccess":"deny","mode":"enforce","id":"x"}"#)
-                .is_err()
-        );
+        assert!(parse(r#"{"defaultAccess":"allow","defaultAccess":"deny","mode":"enforce","id":"x"}"#).is_err());
     }
 
     #[test]

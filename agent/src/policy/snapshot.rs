@@ -118,9 +118,7 @@ pub fn write_item_json(out: &mut impl Write, item: &AuthorizationItem) -> fmt::R
         out.write_str("{\"name\":")?;
         json_str_dyn(out, &r.name)?;
         out.write_str(",\"privileges\":")?;
-        json_array(&mut DynWrite(out), Some(&r.privileges[..]), |out, n| {
-            json_str_dyn(out, n)
-        })?;
+        json_array(&mut DynWrite(out), Some(&r.privileges[..]), |out, n| json_str_dyn(out, n))?;
         out.write_char('}')
     })?;
     out.write_str(",\"identities\":")?;
@@ -130,9 +128,7 @@ pub fn write_item_json(out: &mut impl Write, item: &AuthorizationItem) -> fmt::R
         out.write_str("{\"role\":")?;
         json_str_dyn(out, &a.role)?;
         out.write_str(",\"identities\":")?;
-        json_array(&mut DynWrite(out), Some(&a.identities[..]), |out, n| {
-            json_str_dyn(out, n)
-        })?;
+        json_array(&mut DynWrite(out), Some(&a.identities[..]), |out, n| json_str_dyn(out, n))?;
         out.write_char('}')
     })?;
     out.write_str("}}")
@@ -170,19 +166,12 @@ pub fn write_compiled_json(out: &mut impl Write, rules: &CompiledRules) -> fmt::
         out.write_str("}}")?;
     }
     out.write_str("},\"privilegeAssignments\":{")?;
-    let assigned = rules
-        .privileges
-        .iter()
-        .filter(|p| p.assigned().next().is_some());
+    let assigned = rules.privileges.iter().filter(|p| p.assigned().next().is_some());
     for (i, p) in assigned.enumerate() {
         out.write_str(if i == 0 { "" } else { "," })?;
         json_str(out, &p.name)?;
         out.write_str(":[")?;
-        for (j, identity) in p
-            .assigned()
-            .filter_map(|index| rules.identity(index))
-            .enumerate()
-        {
+        for (j, identity) in p.assigned().filter_map(|index| rules.identity(index)).enumerate() {
             out.write_str(if j == 0 { "" } else { "," })?;
             json_str(out, &identity.name)?;
         }
@@ -200,11 +189,8 @@ pub fn write_compiled_json(out: &mut impl Write, rules: &CompiledRules) -> fmt::
 
 /// Writes a whole snapshot document for the policy's current state.
 pub fn write_snapshot_json(out: &mut impl Write, policy: &Policy) -> fmt::Result {
-    const ENDPOINTS: [(&str, Endpoint); 3] = [
-        ("imds", Endpoint::Imds),
-        ("wireserver", Endpoint::WireServer),
-        ("hostga", Endpoint::HostGaPlugin),
-    ];
+    const ENDPOINTS: [(&str, Endpoint); 3] =
+        [("imds", Endpoint::Imds), ("wireserver", Endpoint::WireServer), ("hostga", Endpoint::HostGaPlugin)];
     out.write_str("{\"inputRules\":{")?;
     for (i, (key, endpoint)) in ENDPOINTS.iter().enumerate() {
         write!(out, "{}\"{key}\":", if i == 0 { "" } else { "," })?;
@@ -288,18 +274,11 @@ mod tests {
 
     #[test]
     fn item_json_round_trips() {
-        for json in [
-            FULL,
-            r#"{"defaultAccess":"allow","mode":"audit","id":"","rules":{"privileges":[]}}"#,
-        ] {
+        for json in [FULL, r#"{"defaultAccess":"allow","mode":"audit","id":"","rules":{"privileges":[]}}"#] {
             let original = item(json);
             let mut written = String::new();
             write_item_json(&mut written, &original).expect("string write");
-            assert_eq!(
-                content_digest(&item(&written)),
-                content_digest(&original),
-                "{written}"
-            );
+            assert_eq!(content_digest(&item(&written)), content_digest(&original), "{written}");
         }
     }
 
@@ -309,26 +288,15 @@ mod tests {
         let rules = on_big_stack(|| {
             let wire = format!(r#"{{"wireserver":{FULL}}}"#);
             let mut scratch = [0u8; 512];
-            let parsed = serde_json_core::from_slice_escaped::<AuthorizationRules>(
-                wire.as_bytes(),
-                &mut scratch,
-            );
+            let parsed = serde_json_core::from_slice_escaped::<AuthorizationRules>(wire.as_bytes(), &mut scratch);
             Box::new(parsed.expect("valid").0)
         });
-        assert!(on_big_stack(
-            || policy.update(&rules, Path::new("/nonexistent"))
-        ));
+        assert!(on_big_stack(|| policy.update(&rules, Path::new("/nonexistent"))));
         let mut json = String::new();
         write_snapshot_json(&mut json, &policy).expect("string write");
-        assert!(
-            json.starts_with(r#"{"inputRules":{"imds":null,"wireserver":{"defaultAccess":"deny""#),
-            "{json}"
-        );
+        assert!(json.starts_with(r#"{"inputRules":{"imds":null,"wireserver":{"defaultAccess":"deny""#), "{json}");
         assert!(json.contains(r#""computedRules":{"imds":null,"wireserver":{"id":"id \"quoted\"","defaultAllowed":false,"mode":"Enforce","privileges":{"p":{"name":"p","path":"/metadata","queryParameters":{"api":"v1"}},"q":{"name":"q","path":"/x","queryParameters":null}},"privilegeAssignments":{"p":["i"],"q":["i"]},"identities":{"i":{"name":"i","userName":"root","groupName":null,"exePath":"/usr/bin/curl","processName":null}}}"#), "{json}");
-        assert!(
-            json.contains(r#""hostga":{"id":"id \"quoted\"""#),
-            "HostGAPlugin mirrors WireServer: {json}"
-        );
+        assert!(json.contains(r#""hostga":{"id":"id \"quoted\"""#), "HostGAPlugin mirrors WireServer: {json}");
     }
 
     #[test]
@@ -341,18 +309,12 @@ mod tests {
         let base: u128 = 1_784_715_072_000_000_000;
         let mut written = Vec::new();
         for i in 0..10u128 {
-            written.push(
-                write_snapshot(&dir, base + i * 1_500_000_000, &policy).expect("snapshot written"),
-            );
+            written.push(write_snapshot(&dir, base + i * 1_500_000_000, &policy).expect("snapshot written"));
         }
         let mut left: Vec<_> = std::fs::read_dir(&dir)
             .expect("list")
             .map(|e| e.expect("entry").path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(SNAPSHOT_PREFIX))
-            })
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(SNAPSHOT_PREFIX)))
             .collect();
         left.sort();
         assert_eq!(left, written[5..]);
@@ -373,7 +335,9 @@ pub fn latest_input_rules(dir: &Path) -> io::Result<Vec<u8>> {
         .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
         .filter(|name| name.starts_with(SNAPSHOT_PREFIX) && name.ends_with(".json"))
         .max()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no {SNAPSHOT_PREFIX}*.json in {}", dir.display())))?;
+        .ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("no {SNAPSHOT_PREFIX}*.json in {}", dir.display()))
+        })?;
     let doc = std::fs::read(dir.join(&newest))?;
     member_value(&doc, b"\"inputRules\"")
         .map(<[u8]>::to_vec)

@@ -20,16 +20,16 @@ use std::time::Instant;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
+use super::Verdict;
 use super::upstream::{self, Endorsement};
 use super::{CloseReason, Endorse, Shared};
 use crate::clock;
 use crate::http::{BodyFraming, ChunkedDecoder, RequestHead, ResponseFraming, ResponseHead};
 use crate::identity::Caller;
 use crate::limits::{
-    CLIENT_BODY_TIMEOUT_MS, CONNECTION_BUFFER_BYTES, CLIENT_HEAD_TIMEOUT_MS, CLIENT_WRITE_TIMEOUT_MS, IDLE_TIMEOUT_MS, REQUEST_BODY_MAX_BYTES,
-    REQUEST_HEAD_MAX_BYTES, UPSTREAM_CONNECT_TIMEOUT_MS, UPSTREAM_HEAD_MAX_BYTES,
+    CLIENT_BODY_TIMEOUT_MS, CLIENT_HEAD_TIMEOUT_MS, CLIENT_WRITE_TIMEOUT_MS, CONNECTION_BUFFER_BYTES, IDLE_TIMEOUT_MS,
+    REQUEST_BODY_MAX_BYTES, REQUEST_HEAD_MAX_BYTES, UPSTREAM_CONNECT_TIMEOUT_MS, UPSTREAM_HEAD_MAX_BYTES,
 };
-use super::Verdict;
 
 /// Added to every proxied response (MSP §5.7): tells the caller the call went through us.
 const MARKER: &[u8] = b"x-ms-azure-host-authorization: value\r\n";
@@ -165,7 +165,13 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl Connection {
-    pub(crate) fn new(client: TcpStream, peer: SocketAddrV4, caller: Option<Caller>, bufs: Buffers, now: Instant) -> Self {
+    pub(crate) fn new(
+        client: TcpStream,
+        peer: SocketAddrV4,
+        caller: Option<Caller>,
+        bufs: Buffers,
+        now: Instant,
+    ) -> Self {
         Self {
             client,
             peer,
@@ -305,7 +311,10 @@ impl Connection {
             self.respond(
                 ctx,
                 405,
-                &[b"allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n", b"content-type: text/plain; charset=utf-8\r\n"],
+                &[
+                    b"allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n",
+                    b"content-type: text/plain; charset=utf-8\r\n",
+                ],
                 b"Method Not Allowed",
                 true,
             );

@@ -50,7 +50,13 @@ fn empty(status: u16) -> LocalResponse {
 
 impl Shared {
     /// Answers `/provision` and `/gpa-aggregated-status`; `None` for every other target.
-    pub(crate) fn local_endpoint(&mut self, head: &RequestHead, req: &[u8], caller: Option<&Caller>, now: Instant) -> Option<LocalResponse> {
+    pub(crate) fn local_endpoint(
+        &mut self,
+        head: &RequestHead,
+        req: &[u8],
+        caller: Option<&Caller>,
+        now: Instant,
+    ) -> Option<LocalResponse> {
         let target = head.target(req);
         if head.method(req) != b"GET" || !(target == b"/provision" || target == b"/gpa-aggregated-status") {
             return None;
@@ -83,7 +89,9 @@ impl Shared {
         let keeper_ready = self.keeper.ready();
         if keeper_ready {
             self.provision.finished_unix_ns = self.provision.finished_unix_ns.max(self.keeper.ready_at_unix_ns());
-        } else if self.provision.finished_unix_ns == 0 && now.saturating_duration_since(self.provision.started) >= PROVISION_TIMEOUT {
+        } else if self.provision.finished_unix_ns == 0
+            && now.saturating_duration_since(self.provision.started) >= PROVISION_TIMEOUT
+        {
             // Finished with whatever is ready: the error message says what is missing.
             self.provision.finished_unix_ns = u64::try_from(clock::wall_now().as_nanos()).unwrap_or(u64::MAX);
         }

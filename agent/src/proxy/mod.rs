@@ -21,17 +21,17 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use self::connection::{Buffers, Connection, Ctx, Next, peer_v4};
+use crate::audit::{AuditLog, AuditRecord, derive_checkpoint_key};
 use crate::config::{RedirectPolicy, ValidatedConfig};
 use crate::identity::{Caller, Resolver};
 use crate::limits::{BODY_BUFFERS, EVENTS_PER_TURN, GROUPS_PER_USER, REQUEST_BODY_MAX_BYTES};
-use crate::policy::{Policy, snapshot};
-use crate::status::{KeyLatchStates, ModuleStatus, StatusInputs, StatusWriter, Summaries, SummaryKind, SummaryRecord};
-use crate::policy::decide::{CallerView, Outcome};
 use crate::msp::key_keeper::{KeeperConfig, KeyKeeper};
 use crate::msp::signing::{self, SigningKey};
+use crate::policy::decide::{CallerView, Outcome};
+use crate::policy::{Policy, snapshot};
 use crate::redirect::{AuditKey, Endpoint, RedirectError, Redirector};
+use crate::status::{KeyLatchStates, ModuleStatus, StatusInputs, StatusWriter, Summaries, SummaryKind, SummaryRecord};
 use crate::sys::{Signal, SignalFd};
-use crate::audit::{AuditLog, AuditRecord, derive_checkpoint_key};
 use crate::{clock, logger};
 
 const LISTENER: Token = Token(0);
@@ -316,7 +316,13 @@ impl Shared {
 
     /// Accounts one answered request: counters and one audit record (written at the end of
     /// the loop turn).
-    pub(crate) fn record(&mut self, caller: Option<&Caller>, peer: SocketAddrV4, exchange: &connection::Exchange, now: Instant) {
+    pub(crate) fn record(
+        &mut self,
+        caller: Option<&Caller>,
+        peer: SocketAddrV4,
+        exchange: &connection::Exchange,
+        now: Instant,
+    ) {
         match exchange.status {
             200..=299 => self.stats.responses_2xx += 1,
             400..=499 => self.stats.responses_4xx += 1,
@@ -422,10 +428,13 @@ impl EventLoop {
             Some(p) => p.clone(),
             None => crate::redirect::find_cgroup2_root().ok_or(StartError::NoCgroup2)?,
         };
-        let listener_message =
-            format!("Started proxy listener, ready to accept request - {}", clock::now().saturating_duration_since(started).as_millis());
-        let redirector = Redirector::attach(&cgroup, config.agent_mark, crate::sys::getpid(), config.pin_dir.as_deref())
-            .map_err(StartError::Redirect)?;
+        let listener_message = format!(
+            "Started proxy listener, ready to accept request - {}",
+            clock::now().saturating_duration_since(started).as_millis()
+        );
+        let redirector =
+            Redirector::attach(&cgroup, config.agent_mark, crate::sys::getpid(), config.pin_dir.as_deref())
+                .map_err(StartError::Redirect)?;
         let attach_ms = clock::now().saturating_duration_since(started).as_millis();
         logger::milestone(&format!("eBPF redirector attached to {} in {attach_ms} ms", cgroup.display()));
         let ebpf_message = format!("Started Redirector with eBPF maps - {attach_ms}");
@@ -485,7 +494,9 @@ impl EventLoop {
             next_status: clock::now(),
         };
         // Adopted pinned state keeps the previous agent's routes until the key latch decides.
-        for (i, destination) in [this.config.wire_server, this.config.imds, this.config.host_ga_plugin].into_iter().enumerate() {
+        for (i, destination) in
+            [this.config.wire_server, this.config.imds, this.config.host_ga_plugin].into_iter().enumerate()
+        {
             this.routes[i] = this.redirector.routed(destination);
         }
         this.apply_routes();
@@ -601,7 +612,9 @@ impl EventLoop {
                     self.routes[i] = want;
                     log::info!(target: "gpa::loop", "redirect {}: endpoint={} destination={destination}", if want { "on" } else { "off" }, endpoint.name());
                 }
-                Err(e) => log::error!(target: "gpa::loop", "redirect update failed: endpoint={} error={e}", endpoint.name()),
+                Err(e) => {
+                    log::error!(target: "gpa::loop", "redirect update failed: endpoint={} error={e}", endpoint.name())
+                }
             }
         }
     }
@@ -625,7 +638,12 @@ impl EventLoop {
             };
             // Read and delete the kernel's record before anything else: an entry left behind
             // could be picked up by a later connection from the same port.
-            let key = AuditKey { netns_cookie: self.netns_cookie, src_ip: u32::from(*peer.ip()).to_be(), src_port: peer.port(), pad: 0 };
+            let key = AuditKey {
+                netns_cookie: self.netns_cookie,
+                src_ip: u32::from(*peer.ip()).to_be(),
+                src_port: peer.port(),
+                pad: 0,
+            };
             let record = self.redirector.take_caller(&key);
             let Some(index) = self.free.pop() else {
                 self.shared.stats.refused_full += 1;
@@ -664,7 +682,8 @@ impl EventLoop {
         let Some(slot) = self.slots.get_mut(index) else { return };
         let Some(conn) = slot.conn.as_mut() else { return };
         let registry = self.poll.registry();
-        let mut ctx = Ctx { shared: &mut self.shared, registry, upstream_token: Token(FIRST_CONNECTION + 2 * index + 1), now };
+        let mut ctx =
+            Ctx { shared: &mut self.shared, registry, upstream_token: Token(FIRST_CONNECTION + 2 * index + 1), now };
         let next = if timed_out { conn.on_timeout(&mut ctx) } else { conn.drive(&mut ctx) };
         // Take the connection out only when it is closing (a tuple pattern would take it
         // unconditionally and drop a live connection).

@@ -44,7 +44,8 @@ struct Writer<'o> {
 impl Writer<'_> {
     fn put(&mut self, parts: &[&[u8]]) -> Result<(), EndorseError> {
         for p in parts {
-            let end = self.len.checked_add(p.len()).filter(|e| *e <= self.out.len()).ok_or(EndorseError::HeadTooLarge)?;
+            let end =
+                self.len.checked_add(p.len()).filter(|e| *e <= self.out.len()).ok_or(EndorseError::HeadTooLarge)?;
             self.out[self.len..end].copy_from_slice(p);
             self.len = end;
         }
@@ -85,7 +86,11 @@ pub fn write_request_head(
         if is_dropped(name, head.framing) {
             continue;
         }
-        let value = if head.framing == BodyFraming::Chunked && eq_ignore_case(name, b"content-length") { length } else { value };
+        let value = if head.framing == BodyFraming::Chunked && eq_ignore_case(name, b"content-length") {
+            length
+        } else {
+            value
+        };
         sent[n] = (name, value);
         n += 1;
     }

@@ -115,9 +115,7 @@ impl Redirector {
         let mut ebpf = loader.load(OBJECT).map_err(RedirectError::LoadObject)?;
 
         let mut config: Array<_, ConfigValue> = take_map(&mut ebpf, "gpa_config")?;
-        config
-            .set(0, ConfigValue { agent_mark, pad: 0 }, 0)
-            .map_err(|e| RedirectError::Map("gpa_config", e))?;
+        config.set(0, ConfigValue { agent_mark, pad: 0 }, 0).map_err(|e| RedirectError::Map("gpa_config", e))?;
         let mut skip: HashMap<_, u32, u32> = take_map(&mut ebpf, "gpa_skip")?;
         // A previous agent's tgid may belong to another process by now: only ours stays.
         let stale: Vec<u32> = skip.keys().filter_map(Result::ok).filter(|k| *k != agent_tgid).collect();
@@ -147,7 +145,11 @@ impl Redirector {
                 if !adopted {
                     let id = p.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(program_err)?;
                     if let Some(path) = &link_pin {
-                        pin_link(name, FdLink::try_from(p.take_link(id).map_err(program_err)?).map_err(pin_err)?, path)?;
+                        pin_link(
+                            name,
+                            FdLink::try_from(p.take_link(id).map_err(program_err)?).map_err(pin_err)?,
+                            path,
+                        )?;
                     }
                 }
             } else {
@@ -160,7 +162,11 @@ impl Redirector {
                 if !adopted {
                     let id = p.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(program_err)?;
                     if let Some(path) = &link_pin {
-                        pin_link(name, FdLink::try_from(p.take_link(id).map_err(program_err)?).map_err(pin_err)?, path)?;
+                        pin_link(
+                            name,
+                            FdLink::try_from(p.take_link(id).map_err(program_err)?).map_err(pin_err)?,
+                            path,
+                        )?;
                     }
                 }
             }
@@ -181,7 +187,12 @@ impl Redirector {
     }
 
     /// Starts intercepting TCP connects to `destination`, sending them to `proxy`.
-    pub fn set_route(&mut self, destination: SocketAddrV4, proxy: SocketAddrV4, endpoint: Endpoint) -> Result<(), RedirectError> {
+    pub fn set_route(
+        &mut self,
+        destination: SocketAddrV4,
+        proxy: SocketAddrV4,
+        endpoint: Endpoint,
+    ) -> Result<(), RedirectError> {
         let value = PolicyValue {
             proxy_ip: u32::from(*proxy.ip()).to_be(),
             proxy_port: proxy.port().to_be(),
@@ -234,7 +245,12 @@ fn pin_link(name: &'static str, link: FdLink, path: &Path) -> Result<(), Redirec
 /// Swaps `program` into the link pinned at `path` when that link is alive and attached to
 /// `cgroup_id`. Returns `false` (after removing the stale pin) when it is not — its cgroup
 /// was removed, or it belongs to another cgroup — so the caller attaches afresh.
-fn adopt_pinned_link(name: &'static str, path: &Path, cgroup_id: u64, program: std::os::fd::BorrowedFd<'_>) -> Result<bool, RedirectError> {
+fn adopt_pinned_link(
+    name: &'static str,
+    path: &Path,
+    cgroup_id: u64,
+    program: std::os::fd::BorrowedFd<'_>,
+) -> Result<bool, RedirectError> {
     let link = crate::sys::bpf_obj_get(path).map_err(|e| RedirectError::Pin(name, e))?;
     let attached_to = crate::sys::bpf_link_cgroup_id(link.as_fd()).map_err(|e| RedirectError::Pin(name, e))?;
     if attached_to != cgroup_id {

@@ -30,13 +30,7 @@ fn setsockopt_u32(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, val
     // SAFETY: `fd` is a live socket for the borrow; the option value points at a u32 that
     // outlives the call and its exact size is passed.
     cvt(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&raw const value).cast(),
-            socklen(size_of::<u32>()),
-        )
+        libc::setsockopt(fd.as_raw_fd(), level, name, (&raw const value).cast(), socklen(size_of::<u32>()))
     })?;
     Ok(())
 }
@@ -63,9 +57,8 @@ pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// exempt from redirection. The connect completes later (writable readiness).
 pub fn connect_marked(addr: SocketAddrV4, mark: u32) -> io::Result<TcpStream> {
     // SAFETY: plain socket(2); the result is checked and owned immediately.
-    let raw = cvt(unsafe {
-        libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
-    })?;
+    let raw =
+        cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: `raw` is a fresh fd that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     if mark != 0 {
@@ -78,9 +71,8 @@ pub fn connect_marked(addr: SocketAddrV4, mark: u32) -> io::Result<TcpStream> {
         sin_zero: [0; 8],
     };
     // SAFETY: `sin` is a valid sockaddr_in for the duration of the call and its size is passed.
-    let ret = unsafe {
-        libc::connect(fd.as_raw_fd(), (&raw const sin).cast(), socklen(size_of::<libc::sockaddr_in>()))
-    };
+    let ret =
+        unsafe { libc::connect(fd.as_raw_fd(), (&raw const sin).cast(), socklen(size_of::<libc::sockaddr_in>())) };
     if ret == -1 {
         let err = io::Error::last_os_error();
         if err.raw_os_error() != Some(libc::EINPROGRESS) {
@@ -100,7 +92,10 @@ pub fn boottime_ns() -> u64 {
     if ret != 0 {
         return 0;
     }
-    u64::try_from(ts.tv_sec).unwrap_or(0).saturating_mul(1_000_000_000).saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat` times.
@@ -206,13 +201,22 @@ pub fn set_not_dumpable() -> io::Result<()> {
 }
 
 /// The request number in the type this libc's `ioctl` takes (glibc: `c_ulong`, musl: `c_int`).
-#[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::unnecessary_cast, reason = "SIOC* numbers fit in 32 bits; the cast is a no-op on glibc")]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::unnecessary_cast,
+    reason = "SIOC* numbers fit in 32 bits; the cast is a no-op on glibc"
+)]
 fn ioctl_request(request: libc::c_ulong) -> libc::Ioctl {
     request as libc::Ioctl
 }
 
 /// Brings the loopback interface up (early boot has `lo` down; the listener needs it).
-#[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "IFF_UP and ASCII name bytes fit; c_char's signedness differs by architecture")]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    reason = "IFF_UP and ASCII name bytes fit; c_char's signedness differs by architecture"
+)]
 pub fn loopback_up() -> io::Result<()> {
     // SAFETY: plain socket(2); owned immediately.
     let raw = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;

@@ -42,17 +42,13 @@ const DEPLOYMENT: &str = "fake-deployment";
     reason = "the fake host must stamp real host time on status replies; it has no injected clock"
 )]
 pub(crate) fn wall_now() -> Duration {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
 /// RFC 1123 date (`Wed, 23 Apr 2025 12:00:00 GMT`) for `secs` since the Unix epoch.
 pub(crate) fn rfc1123(secs: u64) -> String {
     const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     let days = secs / 86_400;
     let rem = secs % 86_400;
     let (year, month, day) = civil_from_days(days);
@@ -211,11 +207,7 @@ pub(crate) fn handle_endpoint(
             status: 0,
             note: None,
         });
-        let delay_ms = if secure_channel {
-            state.settings.status_delay_ms
-        } else {
-            0
-        };
+        let delay_ms = if secure_channel { state.settings.status_delay_ms } else { 0 };
         (seq, verdict, delay_ms)
     };
 
@@ -282,23 +274,13 @@ pub(crate) fn status_document(state: &State) -> Value {
 fn status_response(state: &State) -> Response {
     let settings = &state.settings;
     if settings.status_http_status != 0 {
-        return Response::json(
-            settings.status_http_status,
-            &json!({"error": "injected status failure"}),
-        );
+        return Response::json(settings.status_http_status, &json!({"error": "injected status failure"}));
     }
-    let body = if settings.malformed_status {
-        MALFORMED_STATUS.to_owned()
-    } else {
-        status_document(state).to_string()
-    };
+    let body = if settings.malformed_status { MALFORMED_STATUS.to_owned() } else { status_document(state).to_string() };
     let content_type = settings.status_content_type.as_deref().unwrap_or(JSON);
     let mut response = Response::new(200, content_type, body);
     if !settings.no_host_date {
-        response.headers.push((
-            "x-ms-azure-host-date".to_owned(),
-            rfc1123(wall_now().as_secs()),
-        ));
+        response.headers.push(("x-ms-azure-host-date".to_owned(), rfc1123(wall_now().as_secs())));
     }
     response
 }
@@ -306,17 +288,11 @@ fn status_response(state: &State) -> Response {
 fn acquire_response(state: &mut State, req: &Request) -> (Response, Option<String>) {
     let note = (req.body != ACQUIRE_BODY).then(|| {
         state.stats.acquire_body_mismatches += 1;
-        format!(
-            "unexpected acquire body: {}",
-            String::from_utf8_lossy(&req.body)
-        )
+        format!("unexpected acquire body: {}", String::from_utf8_lossy(&req.body))
     });
     if state.settings.acquire_http_status != 0 {
         let status = state.settings.acquire_http_status;
-        return (
-            Response::json(status, &json!({"error": "injected acquire failure"})),
-            note,
-        );
+        return (Response::json(status, &json!({"error": "injected acquire failure"})), note);
     }
     let (key, incarnation) = state.issue_key();
     let body = json!({
@@ -334,10 +310,7 @@ fn attest_response(state: &mut State, guid: &str, verdict: Verdict) -> (Response
         state.stats.attest_failures += 1;
         let status = state.settings.attest_http_status;
         let body = json!({"error": "injected attestation failure"});
-        return (
-            Response::json(status, &body),
-            Some("injected attestation failure".to_owned()),
-        );
+        return (Response::json(status, &body), Some("injected attestation failure".to_owned()));
     }
     if verdict != Verdict::Valid {
         state.stats.attest_failures += 1;
@@ -345,19 +318,10 @@ fn attest_response(state: &mut State, guid: &str, verdict: Verdict) -> (Response
         return (Response::json(401, &json!({"error": why})), Some(why));
     }
     state.current_key = Some(guid.to_owned());
-    (
-        Response::json(200, &json!({"guid": guid, "attested": true})),
-        None,
-    )
+    (Response::json(200, &json!({"guid": guid, "attested": true})), None)
 }
 
-fn data_response(
-    state: &State,
-    shared: &Shared,
-    endpoint: Endpoint,
-    req: &Request,
-    verdict: Verdict,
-) -> Response {
+fn data_response(state: &State, shared: &Shared, endpoint: Endpoint, req: &Request, verdict: Verdict) -> Response {
     if state.settings.effective_mode(endpoint) == Mode::Enforce && verdict != Verdict::Valid {
         return Response::json(401, &json!({"error": "unsigned or invalid signature"}));
     }
@@ -365,17 +329,11 @@ fn data_response(
     let path = req.path();
     match endpoint {
         Endpoint::Imds if reads && path.starts_with("/metadata/instance") => imds_instance(path),
-        Endpoint::Imds if reads && path.starts_with("/metadata/identity/oauth2/token") => {
-            imds_token(req)
-        }
-        Endpoint::WireServer
-            if reads && path == "/machine" && query_has(req, "comp", "goalstate") =>
-        {
+        Endpoint::Imds if reads && path.starts_with("/metadata/identity/oauth2/token") => imds_token(req),
+        Endpoint::WireServer if reads && path == "/machine" && query_has(req, "comp", "goalstate") => {
             Response::new(200, XML, goal_state(&wireserver_base(shared, req)))
         }
-        Endpoint::WireServer
-            if reads && path.starts_with("/machine/") && query_has(req, "type", "sharedconfig") =>
-        {
+        Endpoint::WireServer if reads && path.starts_with("/machine/") && query_has(req, "type", "sharedconfig") => {
             Response::new(200, XML, SHARED_CONFIG)
         }
         _ => echo(endpoint, req),
@@ -390,9 +348,7 @@ fn query_has(req: &Request, key: &str, value: &str) -> bool {
 fn query_value(req: &Request, key: &str) -> Option<String> {
     req.query()?.split('&').find_map(|piece| {
         let (k, v) = piece.split_once('=').unwrap_or((piece, ""));
-        percent_decode(k)
-            .eq_ignore_ascii_case(key)
-            .then(|| percent_decode(v))
+        percent_decode(k).eq_ignore_ascii_case(key).then(|| percent_decode(v))
     })
 }
 
@@ -401,10 +357,7 @@ fn percent_decode(text: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let decoded = (bytes[i] == b'%')
-            .then(|| bytes.get(i + 1..i + 3))
-            .flatten()
-            .and_then(signing::decode_hex);
+        let decoded = (bytes[i] == b'%').then(|| bytes.get(i + 1..i + 3)).flatten().and_then(signing::decode_hex);
         match decoded {
             Some(byte) => {
                 out.extend_from_slice(&byte);
@@ -426,19 +379,12 @@ fn wireserver_base(shared: &Shared, req: &Request) -> String {
         return "http://168.63.129.16".to_owned();
     };
     let host = if addr.ip().is_unspecified() {
-        let header = req
-            .header("host")
-            .map(String::from_utf8_lossy)
-            .unwrap_or_default();
+        let header = req.header("host").map(String::from_utf8_lossy).unwrap_or_default();
         header.split(':').next().unwrap_or_default().to_owned()
     } else {
         addr.ip().to_string()
     };
-    if addr.port() == 80 {
-        format!("http://{host}")
-    } else {
-        format!("http://{host}:{}", addr.port())
-    }
+    if addr.port() == 80 { format!("http://{host}") } else { format!("http://{host}:{}", addr.port()) }
 }
 
 fn goal_state(base: &str) -> String {
@@ -533,8 +479,7 @@ fn imds_instance(path: &str) -> Response {
 }
 
 fn imds_token(req: &Request) -> Response {
-    let resource =
-        query_value(req, "resource").unwrap_or_else(|| "https://management.azure.com/".to_owned());
+    let resource = query_value(req, "resource").unwrap_or_else(|| "https://management.azure.com/".to_owned());
     Response::json(
         200,
         &json!({
@@ -547,11 +492,8 @@ fn imds_token(req: &Request) -> Response {
 }
 
 fn echo(endpoint: Endpoint, req: &Request) -> Response {
-    let headers: Vec<Value> = req
-        .headers
-        .iter()
-        .map(|(n, v)| json!([String::from_utf8_lossy(n), String::from_utf8_lossy(v)]))
-        .collect();
+    let headers: Vec<Value> =
+        req.headers.iter().map(|(n, v)| json!([String::from_utf8_lossy(n), String::from_utf8_lossy(v)])).collect();
     Response::json(
         200,
         &json!({
@@ -621,10 +563,7 @@ mod tests {
             method: method.to_owned(),
             target: target.to_owned(),
             version: "HTTP/1.1".to_owned(),
-            headers: headers
-                .iter()
-                .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
-                .collect(),
+            headers: headers.iter().map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec())).collect(),
             body: Vec::new(),
         }
     }
@@ -643,10 +582,7 @@ mod tests {
         assert_eq!(route(Endpoint::WireServer, &status), Route::Status);
         assert_eq!(route(Endpoint::Imds, &status), Route::Data);
         let attest = request("POST", "/secure-channel/key/abc/key-attestation", &[]);
-        assert_eq!(
-            route(Endpoint::WireServer, &attest),
-            Route::Attest("abc".to_owned())
-        );
+        assert_eq!(route(Endpoint::WireServer, &attest), Route::Attest("abc".to_owned()));
         let nested = request("POST", "/secure-channel/key/a/b/key-attestation", &[]);
         assert_eq!(route(Endpoint::WireServer, &nested), Route::Data);
     }
@@ -654,10 +590,7 @@ mod tests {
     #[test]
     fn version_1_state_follows_modes() {
         let mut state = State::new(Settings::new(Mode::Enforce, StatusVersion::V1, None));
-        assert_eq!(
-            status_document(&state)["secureChannelState"],
-            "WireserverAndImds"
-        );
+        assert_eq!(status_document(&state)["secureChannelState"], "WireserverAndImds");
         state.settings.imds_mode = Mode::Audit;
         assert_eq!(status_document(&state)["secureChannelState"], "Wireserver");
         state.settings.wireserver_mode = Mode::Audit;
@@ -681,54 +614,27 @@ mod tests {
     fn signature_check_requires_issued_and_current_key() {
         let mut state = State::new(Settings::new(Mode::Enforce, StatusVersion::V2, None));
         let (key, _) = state.issue_key();
-        let mut req = request(
-            "GET",
-            "/machine?comp=goalstate",
-            &[("host", "168.63.129.16")],
-        );
-        assert_eq!(
-            check_signature(&state, &req, None, true).0,
-            Verdict::Missing
-        );
+        let mut req = request("GET", "/machine?comp=goalstate", &[("host", "168.63.129.16")]);
+        assert_eq!(check_signature(&state, &req, None, true).0, Verdict::Missing);
 
         let sts = signing::string_to_sign(&req.method, &req.body, &req.headers, &req.target);
         let value = signing::authorization_value(&key.guid, &key.key, &sts);
-        req.headers.push((
-            b"x-ms-azure-host-authorization".to_vec(),
-            value.into_bytes(),
-        ));
-        assert_eq!(
-            check_signature(&state, &req, None, true).0,
-            Verdict::Invalid("not-current-key")
-        );
+        req.headers.push((b"x-ms-azure-host-authorization".to_vec(), value.into_bytes()));
+        assert_eq!(check_signature(&state, &req, None, true).0, Verdict::Invalid("not-current-key"));
         state.current_key = Some(key.guid.clone());
         let (verdict, guid) = check_signature(&state, &req, None, true);
         assert_eq!(verdict, Verdict::Valid);
         assert_eq!(guid.as_deref(), Some(key.guid.as_str()));
 
-        req.headers
-            .push((b"x-extra".to_vec(), b"added after signing".to_vec()));
-        assert_eq!(
-            check_signature(&state, &req, None, true).0,
-            Verdict::Invalid("signature-mismatch")
-        );
-        assert_eq!(
-            check_signature(&state, &req, Some("other"), false).0,
-            Verdict::Invalid("guid-mismatch")
-        );
+        req.headers.push((b"x-extra".to_vec(), b"added after signing".to_vec()));
+        assert_eq!(check_signature(&state, &req, None, true).0, Verdict::Invalid("signature-mismatch"));
+        assert_eq!(check_signature(&state, &req, Some("other"), false).0, Verdict::Invalid("guid-mismatch"));
     }
 
     #[test]
     fn decodes_query_values() {
-        let req = request(
-            "GET",
-            "/t?api-version=1&resource=https%3A%2F%2Fvault.azure.net",
-            &[],
-        );
-        assert_eq!(
-            query_value(&req, "resource").as_deref(),
-            Some("https://vault.azure.net")
-        );
+        let req = request("GET", "/t?api-version=1&resource=https%3A%2F%2Fvault.azure.net", &[]);
+        assert_eq!(query_value(&req, "resource").as_deref(), Some("https://vault.azure.net"));
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
     }
 }

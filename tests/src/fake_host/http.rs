@@ -64,26 +64,17 @@ pub(crate) struct Request {
 impl Request {
     /// Last value of a header (case-insensitive name), trimmed.
     pub(crate) fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .rev()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v.trim_ascii())
+        self.headers.iter().rev().find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes())).map(|(_, v)| v.trim_ascii())
     }
 
     /// All values of a header (case-insensitive name), in order.
     pub(crate) fn header_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.headers
-            .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v.as_slice())
+        self.headers.iter().filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes())).map(|(_, v)| v.as_slice())
     }
 
     /// Path part of the target (before `?`).
     pub(crate) fn path(&self) -> &str {
-        self.target
-            .split_once('?')
-            .map_or(self.target.as_str(), |(p, _)| p)
+        self.target.split_once('?').map_or(self.target.as_str(), |(p, _)| p)
     }
 
     /// Query part of the target (after the first `?`), if any.
@@ -95,16 +86,10 @@ impl Request {
     /// persists unless `Connection: close`; HTTP/1.0 closes unless `Connection: keep-alive`.
     pub(crate) fn keep_alive(&self) -> bool {
         let has_token = |token: &str| {
-            self.header_all("connection").any(|v| {
-                v.split(|b| *b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-            })
+            self.header_all("connection")
+                .any(|v| v.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes())))
         };
-        if self.version == "HTTP/1.0" {
-            has_token("keep-alive")
-        } else {
-            !has_token("close")
-        }
+        if self.version == "HTTP/1.0" { has_token("keep-alive") } else { !has_token("close") }
     }
 }
 
@@ -132,13 +117,7 @@ pub(crate) fn read_request<R: BufRead>(reader: &mut R) -> Result<Option<Request>
     }
 
     let body = read_body(reader, &headers)?;
-    Ok(Some(Request {
-        method,
-        target,
-        version,
-        headers,
-        body,
-    }))
+    Ok(Some(Request { method, target, version, headers, body }))
 }
 
 /// Reads a line ending in CRLF (a bare LF is tolerated) and returns it without the terminator.
@@ -178,15 +157,11 @@ fn read_line<R: BufRead>(reader: &mut R, budget: &mut usize) -> Result<Option<Ve
 }
 
 fn parse_request_line(line: &[u8]) -> Result<(String, String, String), HttpError> {
-    let text = std::str::from_utf8(line)
-        .map_err(|_utf8| HttpError::Malformed("request line not utf-8"))?;
+    let text = std::str::from_utf8(line).map_err(|_utf8| HttpError::Malformed("request line not utf-8"))?;
     let mut parts = text.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(HttpError::Malformed(
-            "request line is not `METHOD SP TARGET SP VERSION`",
-        ));
+        return Err(HttpError::Malformed("request line is not `METHOD SP TARGET SP VERSION`"));
     };
     if method.is_empty() || !method.bytes().all(is_tchar) {
         return Err(HttpError::Malformed("invalid method token"));
@@ -205,25 +180,16 @@ fn parse_header_line(line: &[u8]) -> Result<(Vec<u8>, Vec<u8>), HttpError> {
         // obs-fold: RFC 9112 §5.2 lets a server reject it, and a fake should surface it.
         return Err(HttpError::Malformed("obsolete line folding"));
     }
-    let colon = line
-        .iter()
-        .position(|b| *b == b':')
-        .ok_or(HttpError::Malformed("header line without colon"))?;
+    let colon = line.iter().position(|b| *b == b':').ok_or(HttpError::Malformed("header line without colon"))?;
     let (name, rest) = line.split_at(colon);
     if name.is_empty() || !name.iter().copied().all(is_tchar) {
         return Err(HttpError::Malformed("invalid header name"));
     }
     let value = &rest[1..];
-    if value
-        .iter()
-        .any(|b| (*b < b' ' && *b != b'\t') || *b == 0x7f)
-    {
+    if value.iter().any(|b| (*b < b' ' && *b != b'\t') || *b == 0x7f) {
         return Err(HttpError::Malformed("control byte in header value"));
     }
-    let start = value
-        .iter()
-        .position(|b| *b != b' ' && *b != b'\t')
-        .unwrap_or(value.len());
+    let start = value.iter().position(|b| *b != b' ' && *b != b'\t').unwrap_or(value.len());
     Ok((name.to_vec(), value[start..].to_vec()))
 }
 
@@ -232,10 +198,7 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-fn read_body<R: BufRead>(
-    reader: &mut R,
-    headers: &[(Vec<u8>, Vec<u8>)],
-) -> Result<Vec<u8>, HttpError> {
+fn read_body<R: BufRead>(reader: &mut R, headers: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<u8>, HttpError> {
     let mut transfer_codings = Vec::new();
     for value in header_values(headers, "transfer-encoding") {
         for coding in value.split(|b| *b == b',') {
@@ -245,9 +208,7 @@ fn read_body<R: BufRead>(
     if let Some(last) = transfer_codings.last() {
         // RFC 9112 §6.1: chunked must be the final coding of a request, else it cannot be framed.
         if last.as_slice() != b"chunked" {
-            return Err(HttpError::Malformed(
-                "transfer-encoding without final chunked",
-            ));
+            return Err(HttpError::Malformed("transfer-encoding without final chunked"));
         }
         return read_chunked(reader);
     }
@@ -268,14 +229,8 @@ fn read_body<R: BufRead>(
 }
 
 /// Trimmed values of every header called `name` (case-insensitive).
-fn header_values<'a>(
-    headers: &'a [(Vec<u8>, Vec<u8>)],
-    name: &'static str,
-) -> impl Iterator<Item = &'a [u8]> {
-    headers
-        .iter()
-        .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-        .map(|(_, v)| v.trim_ascii())
+fn header_values<'a>(headers: &'a [(Vec<u8>, Vec<u8>)], name: &'static str) -> impl Iterator<Item = &'a [u8]> {
+    headers.iter().filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes())).map(|(_, v)| v.trim_ascii())
 }
 
 fn read_exact_vec<R: BufRead>(reader: &mut R, length: usize) -> Result<Vec<u8>, HttpError> {
@@ -291,14 +246,9 @@ fn read_chunked<R: BufRead>(reader: &mut R) -> Result<Vec<u8>, HttpError> {
     let mut body = Vec::new();
     let mut budget = HEAD_MAX_BYTES;
     loop {
-        let line = read_line(reader, &mut budget)?
-            .ok_or(HttpError::Io(io::ErrorKind::UnexpectedEof.into()))?;
+        let line = read_line(reader, &mut budget)?.ok_or(HttpError::Io(io::ErrorKind::UnexpectedEof.into()))?;
         // Chunk extensions (`;name=value`) carry nothing the fake needs.
-        let size_text = line
-            .split(|b| *b == b';')
-            .next()
-            .unwrap_or_default()
-            .trim_ascii();
+        let size_text = line.split(|b| *b == b';').next().unwrap_or_default().trim_ascii();
         let size = parse_hex(size_text).ok_or(HttpError::Malformed("invalid chunk size"))?;
         if size == 0 {
             break;
@@ -307,8 +257,7 @@ fn read_chunked<R: BufRead>(reader: &mut R) -> Result<Vec<u8>, HttpError> {
             return Err(HttpError::Malformed("body too large"));
         }
         body.extend_from_slice(&read_exact_vec(reader, size)?);
-        let terminator = read_line(reader, &mut budget)?
-            .ok_or(HttpError::Io(io::ErrorKind::UnexpectedEof.into()))?;
+        let terminator = read_line(reader, &mut budget)?.ok_or(HttpError::Io(io::ErrorKind::UnexpectedEof.into()))?;
         if !terminator.is_empty() {
             return Err(HttpError::Malformed("chunk data not followed by crlf"));
         }
@@ -316,8 +265,7 @@ fn read_chunked<R: BufRead>(reader: &mut R) -> Result<Vec<u8>, HttpError> {
     // Trailer section: read up to the empty line; trailers are not signed by the agent, so they
     // are dropped.
     loop {
-        let line = read_line(reader, &mut budget)?
-            .ok_or(HttpError::Io(io::ErrorKind::UnexpectedEof.into()))?;
+        let line = read_line(reader, &mut budget)?.ok_or(HttpError::Io(io::ErrorKind::UnexpectedEof.into()))?;
         if line.is_empty() {
             return Ok(body);
         }
@@ -328,9 +276,7 @@ fn parse_decimal(text: &[u8]) -> Option<usize> {
     if text.is_empty() || text.len() > 18 || !text.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    text.iter().try_fold(0usize, |acc, d| {
-        acc.checked_mul(10)?.checked_add(usize::from(d - b'0'))
-    })
+    text.iter().try_fold(0usize, |acc, d| acc.checked_mul(10)?.checked_add(usize::from(d - b'0')))
 }
 
 fn parse_hex(text: &[u8]) -> Option<usize> {
@@ -339,8 +285,7 @@ fn parse_hex(text: &[u8]) -> Option<usize> {
     }
     text.iter().try_fold(0usize, |acc, d| {
         let digit = char::from(*d).to_digit(16)?;
-        acc.checked_mul(16)?
-            .checked_add(usize::try_from(digit).ok()?)
+        acc.checked_mul(16)?.checked_add(usize::try_from(digit).ok()?)
     })
 }
 
@@ -355,11 +300,7 @@ pub(crate) struct Response {
 impl Response {
     /// A response with a `Content-Type` and body.
     pub(crate) fn new(status: u16, content_type: &str, body: impl Into<Vec<u8>>) -> Self {
-        Self {
-            status,
-            headers: vec![("Content-Type".to_owned(), content_type.to_owned())],
-            body: body.into(),
-        }
+        Self { status, headers: vec![("Content-Type".to_owned(), content_type.to_owned())], body: body.into() }
     }
 
     /// A JSON response (`application/json; charset=utf-8`).
@@ -378,11 +319,7 @@ pub(crate) fn write_response<W: Write>(
     close: bool,
     keep_alive_http10: bool,
 ) -> io::Result<()> {
-    let mut head = format!(
-        "HTTP/1.1 {} {}\r\n",
-        response.status,
-        reason(response.status)
-    );
+    let mut head = format!("HTTP/1.1 {} {}\r\n", response.status, reason(response.status));
     for (name, value) in &response.headers {
         head.push_str(name);
         head.push_str(": ");
@@ -482,13 +419,9 @@ content-length: 0\r\n\
 
     #[test]
     fn connection_header_controls_persistence() {
-        let close = parse(b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let close = parse(b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n").unwrap().unwrap();
         assert!(!close.keep_alive());
-        let ka = parse(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let ka = parse(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap().unwrap();
         assert!(ka.keep_alive());
     }
 
@@ -503,11 +436,7 @@ content-length: 0\r\n\
             b"GET / HTTP/2\r\n\r\n",
             b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
         ] {
-            assert!(
-                matches!(parse(raw), Err(HttpError::Malformed(_))),
-                "{}",
-                String::from_utf8_lossy(raw)
-            );
+            assert!(matches!(parse(raw), Err(HttpError::Malformed(_))), "{}", String::from_utf8_lossy(raw));
         }
     }
 

@@ -93,8 +93,7 @@ impl BoundAddrs {
     /// The one-line readiness report the binary prints, keys in a fixed order so scripts can
     /// also match it textually.
     pub fn ready_line(&self) -> String {
-        let addr =
-            |a: Option<SocketAddr>| a.map_or_else(|| "null".to_owned(), |a| format!("\"{a}\""));
+        let addr = |a: Option<SocketAddr>| a.map_or_else(|| "null".to_owned(), |a| format!("\"{a}\""));
         format!(
             r#"{{"ready":true,"imds":{},"wireserver":{},"hostga":{},"control":"{}"}}"#,
             addr(self.imds),
@@ -224,23 +223,17 @@ impl FakeHost {
                 .map_err(|e| FakeHostError::BindListener(name, addr, e))
         };
         let mut listeners = Vec::new();
-        let mut bound =
-            |role: Role, addr: Option<SocketAddr>| -> Result<Option<SocketAddr>, FakeHostError> {
-                let Some(addr) = addr else { return Ok(None) };
-                let (local, listener) = bind(role.name(), addr)?;
-                listeners.push((role, local, listener));
-                Ok(Some(local))
-            };
+        let mut bound = |role: Role, addr: Option<SocketAddr>| -> Result<Option<SocketAddr>, FakeHostError> {
+            let Some(addr) = addr else { return Ok(None) };
+            let (local, listener) = bind(role.name(), addr)?;
+            listeners.push((role, local, listener));
+            Ok(Some(local))
+        };
         let imds = bound(Role::Endpoint(Endpoint::Imds), config.imds)?;
         let wireserver = bound(Role::Endpoint(Endpoint::WireServer), config.wireserver)?;
         let hostga = bound(Role::Endpoint(Endpoint::HostGa), config.hostga)?;
         let control = bound(Role::Control, Some(config.control))?.unwrap_or(config.control);
-        let addrs = BoundAddrs {
-            imds,
-            wireserver,
-            hostga,
-            control,
-        };
+        let addrs = BoundAddrs { imds, wireserver, hostga, control };
 
         let settings = Settings::new(config.mode, config.version, config.rules);
         let shared = Arc::new(Shared {
@@ -250,10 +243,7 @@ impl FakeHost {
             stopping: AtomicBool::new(false),
             addrs,
         });
-        let mut host = Self {
-            shared,
-            accept_threads: Vec::new(),
-        };
+        let mut host = Self { shared, accept_threads: Vec::new() };
         for (role, local, listener) in listeners {
             let shared = Arc::clone(&host.shared);
             let handle = thread::Builder::new()
@@ -280,11 +270,8 @@ impl FakeHost {
         self.shared.close_connections(|_| true);
         for (addr, handle) in self.accept_threads.drain(..) {
             // A blocking accept only notices `stopping` when a connection arrives: make one.
-            let target = if addr.ip().is_unspecified() {
-                SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
-            } else {
-                addr
-            };
+            let target =
+                if addr.ip().is_unspecified() { SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port())) } else { addr };
             if TcpStream::connect_timeout(&target, WAKE_CONNECT_TIMEOUT).is_ok() {
                 handle.join().ok();
             }
@@ -306,10 +293,7 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, role: Role) {
         let stream = match incoming {
             Ok(stream) => stream,
             Err(e) => {
-                eprintln!(
-                    "fake-host: accept failed: listener={} error={e}",
-                    role.name()
-                );
+                eprintln!("fake-host: accept failed: listener={} error={e}", role.name());
                 // Typically EMFILE; back off instead of spinning.
                 thread::sleep(Duration::from_millis(10));
                 continue;
@@ -325,10 +309,7 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, role: Role) {
             .name(format!("fake-{}-conn", role.name()))
             .spawn(move || serve_connection(&conn_shared, role, stream));
         if let Err(e) = spawned {
-            eprintln!(
-                "fake-host: cannot spawn connection thread: listener={} error={e}",
-                role.name()
-            );
+            eprintln!("fake-host: cannot spawn connection thread: listener={} error={e}", role.name());
         }
     }
 }
@@ -346,35 +327,23 @@ fn serve_connection(shared: &Shared, role: Role, stream: TcpStream) {
             Ok(Some(request)) => request,
             Ok(None) | Err(HttpError::Io(_)) => break,
             Err(e @ HttpError::Malformed(_)) => {
-                eprintln!(
-                    "fake-host: bad request: listener={} peer={peer} {e}",
-                    role.name()
-                );
+                eprintln!("fake-host: bad request: listener={} peer={peer} {e}", role.name());
                 let response = Response::json(400, &json!({"error": e.to_string()}));
                 http::write_response(&mut writer, &response, false, true, false).ok();
                 break;
             }
         };
         let response = match role {
-            Role::Endpoint(endpoint) => {
-                match handlers::handle_endpoint(shared, endpoint, peer, &request) {
-                    Some(response) => response,
-                    None => break,
-                }
-            }
+            Role::Endpoint(endpoint) => match handlers::handle_endpoint(shared, endpoint, peer, &request) {
+                Some(response) => response,
+                None => break,
+            },
             Role::Control => handlers::handle_control(shared, &request),
         };
         let keep_alive = request.keep_alive() && !shared.stopping.load(Ordering::SeqCst);
         let head_only = request.method == "HEAD";
         let http10_keep_alive = keep_alive && request.version == "HTTP/1.0";
-        if http::write_response(
-            &mut writer,
-            &response,
-            head_only,
-            !keep_alive,
-            http10_keep_alive,
-        )
-        .is_err()
+        if http::write_response(&mut writer, &response, head_only, !keep_alive, http10_keep_alive).is_err()
             || !keep_alive
         {
             break;
@@ -385,14 +354,10 @@ fn serve_connection(shared: &Shared, role: Role, stream: TcpStream) {
 }
 
 /// Parses the command line (without the program name). `Ok(None)` means `--help` was asked.
-pub fn parse_args(
-    args: impl IntoIterator<Item = String>,
-) -> Result<Option<FakeHostConfig>, FakeHostError> {
+pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<FakeHostConfig>, FakeHostError> {
     let usage = |why: String| FakeHostError::Usage(why);
     let addr = |flag: &str, value: &str| {
-        value
-            .parse::<SocketAddr>()
-            .map_err(|e| usage(format!("{flag}: invalid address {value:?}: {e}")))
+        value.parse::<SocketAddr>().map_err(|e| usage(format!("{flag}: invalid address {value:?}: {e}")))
     };
     let mut config = FakeHostConfig {
         imds: None,
@@ -410,20 +375,12 @@ pub fn parse_args(
             return Ok(None);
         }
         let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                (flag.to_owned(), Some(value.to_owned()))
-            }
+            Some((flag, value)) if flag.starts_with("--") => (flag.to_owned(), Some(value.to_owned())),
             _ => (arg.clone(), None),
         };
         if !matches!(
             flag.as_str(),
-            "--imds"
-                | "--wireserver"
-                | "--hostga"
-                | "--control"
-                | "--mode"
-                | "--version"
-                | "--rules"
+            "--imds" | "--wireserver" | "--hostga" | "--control" | "--mode" | "--version" | "--rules"
         ) {
             return Err(usage(format!("unknown argument {arg:?}")));
         }
@@ -436,16 +393,12 @@ pub fn parse_args(
             "--hostga" => config.hostga = Some(addr(&flag, &value)?),
             "--control" => control = Some(addr(&flag, &value)?),
             "--mode" => {
-                config.mode = Mode::parse(&value).ok_or_else(|| {
-                    usage(format!(
-                        "--mode: expected enforce, audit or disabled, got {value:?}"
-                    ))
-                })?;
+                config.mode = Mode::parse(&value)
+                    .ok_or_else(|| usage(format!("--mode: expected enforce, audit or disabled, got {value:?}")))?;
             }
             "--version" => {
-                config.version = StatusVersion::parse(&value).ok_or_else(|| {
-                    usage(format!("--version: expected 1.0 or 2.0, got {value:?}"))
-                })?;
+                config.version = StatusVersion::parse(&value)
+                    .ok_or_else(|| usage(format!("--version: expected 1.0 or 2.0, got {value:?}")))?;
             }
             _ => config.rules = Some(read_rules(&value)?),
         }
@@ -458,10 +411,7 @@ fn read_rules(path: &str) -> Result<Value, FakeHostError> {
     let text = fs::read(path).map_err(|e| FakeHostError::ReadRules(path.to_owned(), e))?;
     match serde_json::from_slice::<Value>(&text) {
         Ok(rules @ Value::Object(_)) => Ok(rules),
-        Ok(_) => Err(FakeHostError::ParseRules(
-            path.to_owned(),
-            "not an object".to_owned(),
-        )),
+        Ok(_) => Err(FakeHostError::ParseRules(path.to_owned(), "not an object".to_owned())),
         Err(e) => Err(FakeHostError::ParseRules(path.to_owned(), e.to_string())),
     }
 }
@@ -488,10 +438,7 @@ pub fn run(args: impl IntoIterator<Item = String>) -> ExitCode {
         }
     };
     let mut stdout = io::stdout().lock();
-    if writeln!(stdout, "{}", host.addrs().ready_line())
-        .and_then(|()| stdout.flush())
-        .is_err()
-    {
+    if writeln!(stdout, "{}", host.addrs().ready_line()).and_then(|()| stdout.flush()).is_err() {
         eprintln!("fake-host: cannot write the ready line to stdout");
         return ExitCode::from(1);
     }
@@ -517,10 +464,7 @@ mod tests {
 
     impl Reply {
         fn header(&self, name: &str) -> Option<&str> {
-            self.headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
+            self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
         }
 
         fn json(&self) -> Value {
@@ -538,23 +482,12 @@ mod tests {
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
-            assert_eq!(
-                stream.read(&mut byte).unwrap(),
-                1,
-                "connection closed mid-head"
-            );
+            assert_eq!(stream.read(&mut byte).unwrap(), 1, "connection closed mid-head");
             head.push(byte[0]);
         }
         let head = String::from_utf8(head).unwrap();
         let mut lines = head.split("\r\n");
-        let status = lines
-            .next()
-            .unwrap()
-            .split(' ')
-            .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap();
+        let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
         let headers: Vec<(String, String)> = lines
             .filter(|l| !l.is_empty())
             .map(|l| {
@@ -569,18 +502,12 @@ mod tests {
             .expect("Content-Length on every response");
         let mut body = vec![0u8; if head_only { 0 } else { length }];
         stream.read_exact(&mut body).unwrap();
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        Reply { status, headers, body }
     }
 
     fn connect(addr: SocketAddr) -> TcpStream {
         let stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         stream
     }
 
@@ -594,17 +521,11 @@ mod tests {
         body: &[u8],
         sign_with: Option<(&str, &[u8])>,
     ) -> Reply {
-        let mut all: Vec<(String, String)> = headers
-            .iter()
-            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
-            .collect();
+        let mut all: Vec<(String, String)> = headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
         all.push(("content-length".to_owned(), body.len().to_string()));
         if let Some((guid, key)) = sign_with {
             let sts = signing::string_to_sign(method, body, &all, target);
-            all.push((
-                signing::AUTHORIZATION_HEADER.to_owned(),
-                signing::authorization_value(guid, key, &sts),
-            ));
+            all.push((signing::AUTHORIZATION_HEADER.to_owned(), signing::authorization_value(guid, key, &sts)));
         }
         let mut raw = format!("{method} {target} HTTP/1.1\r\n");
         for (n, v) in &all {
@@ -619,14 +540,7 @@ mod tests {
     }
 
     fn control(host: &FakeHost, patch: &Value) -> Reply {
-        send(
-            host.addrs().control,
-            "POST",
-            "/control",
-            &[],
-            patch.to_string().as_bytes(),
-            None,
-        )
+        send(host.addrs().control, "POST", "/control", &[], patch.to_string().as_bytes(), None)
     }
 
     fn get_json(host: &FakeHost, path: &str) -> Value {
@@ -648,40 +562,17 @@ mod tests {
         let ws = host.addrs().wireserver.unwrap();
         let imds = host.addrs().imds.unwrap();
 
-        let status = send(
-            ws,
-            "GET",
-            "/secure-channel/status",
-            AGENT_HEADERS,
-            b"",
-            None,
-        );
+        let status = send(ws, "GET", "/secure-channel/status", AGENT_HEADERS, b"", None);
         assert_eq!(status.status, 200);
-        assert_eq!(
-            status.header("Content-Type"),
-            Some("application/json; charset=utf-8")
-        );
-        assert!(
-            status
-                .header("x-ms-azure-host-date")
-                .unwrap()
-                .ends_with(" GMT")
-        );
+        assert_eq!(status.header("Content-Type"), Some("application/json; charset=utf-8"));
+        assert!(status.header("x-ms-azure-host-date").unwrap().ends_with(" GMT"));
         let doc = status.json();
         assert_eq!(doc["keyGuid"], Value::Null);
         assert_eq!(doc["version"], "2.0");
         assert_eq!(doc["authorizationRules"]["imds"]["mode"], "enforce");
 
         let acquire_body = br#"{"authorizationScheme": "Azure-HMAC-SHA256"}"#;
-        let key_doc = send(
-            ws,
-            "POST",
-            "/secure-channel/key",
-            AGENT_HEADERS,
-            acquire_body,
-            None,
-        )
-        .json();
+        let key_doc = send(ws, "POST", "/secure-channel/key", AGENT_HEADERS, acquire_body, None).json();
         let guid = key_doc["guid"].as_str().unwrap().to_owned();
         let key = signing::decode_hex(key_doc["key"].as_str().unwrap().as_bytes()).unwrap();
         assert_eq!(key.len(), 32);
@@ -690,73 +581,27 @@ mod tests {
 
         let attest = format!("/secure-channel/key/{guid}/key-attestation");
         let wrong_key = [0x11u8; 32];
-        let rejected = send(
-            ws,
-            "POST",
-            &attest,
-            AGENT_HEADERS,
-            b"",
-            Some((&guid, &wrong_key)),
-        );
+        let rejected = send(ws, "POST", &attest, AGENT_HEADERS, b"", Some((&guid, &wrong_key)));
         assert_eq!(rejected.status, 401);
         let accepted = send(ws, "POST", &attest, AGENT_HEADERS, b"", Some((&guid, &key)));
         assert_eq!(accepted.status, 200);
 
-        let status = send(
-            ws,
-            "GET",
-            "/secure-channel/status",
-            AGENT_HEADERS,
-            b"",
-            None,
-        );
+        let status = send(ws, "GET", "/secure-channel/status", AGENT_HEADERS, b"", None);
         assert_eq!(status.json()["keyGuid"], guid.as_str());
 
         let goal_headers = &[("x-ms-version", "2012-11-30"), ("host", "168.63.129.16")];
-        let unsigned = send(
-            ws,
-            "GET",
-            "/machine?comp=goalstate",
-            goal_headers,
-            b"",
-            None,
-        );
+        let unsigned = send(ws, "GET", "/machine?comp=goalstate", goal_headers, b"", None);
         assert_eq!(unsigned.status, 401);
-        assert_eq!(
-            unsigned.json(),
-            json!({"error": "unsigned or invalid signature"})
-        );
-        let signed = send(
-            ws,
-            "GET",
-            "/machine?comp=goalstate",
-            goal_headers,
-            b"",
-            Some((&guid, &key)),
-        );
+        assert_eq!(unsigned.json(), json!({"error": "unsigned or invalid signature"}));
+        let signed = send(ws, "GET", "/machine?comp=goalstate", goal_headers, b"", Some((&guid, &key)));
         assert_eq!(signed.status, 200);
-        assert_eq!(
-            signed.header("Content-Type"),
-            Some("text/xml; charset=utf-8")
-        );
+        assert_eq!(signed.header("Content-Type"), Some("text/xml; charset=utf-8"));
         let xml = String::from_utf8(signed.body).unwrap();
-        assert!(
-            xml.contains(&format!("<SharedConfig>http://{ws}/machine/")),
-            "{xml}"
-        );
+        assert!(xml.contains(&format!("<SharedConfig>http://{ws}/machine/")), "{xml}");
 
-        assert_eq!(
-            control(&host, &json!({"mode": "audit"})).json()["imdsMode"],
-            "audit"
-        );
-        let instance = send(
-            imds,
-            "GET",
-            "/metadata/instance?api-version=2021-02-01",
-            &[("metadata", "true")],
-            b"",
-            None,
-        );
+        assert_eq!(control(&host, &json!({"mode": "audit"})).json()["imdsMode"], "audit");
+        let instance =
+            send(imds, "GET", "/metadata/instance?api-version=2021-02-01", &[("metadata", "true")], b"", None);
         assert_eq!(instance.status, 200);
         assert_eq!(instance.json()["compute"]["location"], "eastus");
 
@@ -778,22 +623,12 @@ mod tests {
             vec![
                 ("wireserver", "/secure-channel/status", "missing", 200),
                 ("wireserver", "/secure-channel/key", "missing", 200),
-                (
-                    "wireserver",
-                    attest.as_str(),
-                    "invalid:signature-mismatch",
-                    401
-                ),
+                ("wireserver", attest.as_str(), "invalid:signature-mismatch", 401),
                 ("wireserver", attest.as_str(), "valid", 200),
                 ("wireserver", "/secure-channel/status", "missing", 200),
                 ("wireserver", "/machine?comp=goalstate", "missing", 401),
                 ("wireserver", "/machine?comp=goalstate", "valid", 200),
-                (
-                    "imds",
-                    "/metadata/instance?api-version=2021-02-01",
-                    "missing",
-                    200
-                ),
+                ("imds", "/metadata/instance?api-version=2021-02-01", "missing", 200),
             ]
         );
         let seqs: Vec<u64> = log.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
@@ -811,29 +646,14 @@ mod tests {
         assert_eq!(stats["currentKeyGuid"], guid.as_str());
         assert_eq!(stats["issuedKeys"], json!([guid]));
 
-        assert_eq!(
-            send(
-                host.addrs().control,
-                "POST",
-                "/reset-requests",
-                &[],
-                b"",
-                None
-            )
-            .status,
-            200
-        );
+        assert_eq!(send(host.addrs().control, "POST", "/reset-requests", &[], b"", None).status, 200);
         assert_eq!(get_json(&host, "/requests"), json!([]));
         host.shutdown();
     }
 
     #[test]
     fn keep_alive_chunked_and_head_on_one_connection() {
-        let host = FakeHost::start(FakeHostConfig {
-            mode: Mode::Disabled,
-            ..FakeHostConfig::loopback()
-        })
-        .unwrap();
+        let host = FakeHost::start(FakeHostConfig { mode: Mode::Disabled, ..FakeHostConfig::loopback() }).unwrap();
         let mut stream = connect(host.addrs().hostga.unwrap());
         stream
             .write_all(b"POST /echo HTTP/1.1\r\nHost: 168.63.129.16\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
@@ -841,16 +661,10 @@ mod tests {
         let echo = read_reply(&mut stream).json();
         assert_eq!(echo["endpoint"], "hostga");
         assert_eq!(echo["body"], "abcde");
-        stream
-            .write_all(b"HEAD /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
-            .unwrap();
+        stream.write_all(b"HEAD /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").unwrap();
         let head = read_reply_to(&mut stream, true);
         assert_eq!(head.status, 200);
-        assert_ne!(
-            head.header("Content-Length"),
-            Some("0"),
-            "states the GET body size"
-        );
+        assert_ne!(head.header("Content-Length"), Some("0"), "states the GET body size");
         assert_eq!(head.header("Connection"), Some("close"));
         let mut rest = Vec::new();
         stream.read_to_end(&mut rest).unwrap();
@@ -860,27 +674,13 @@ mod tests {
 
     #[test]
     fn failure_injection_knobs() {
-        let host = FakeHost::start(FakeHostConfig {
-            version: StatusVersion::V1,
-            ..FakeHostConfig::loopback()
-        })
-        .unwrap();
+        let host =
+            FakeHost::start(FakeHostConfig { version: StatusVersion::V1, ..FakeHostConfig::loopback() }).unwrap();
         let ws = host.addrs().wireserver.unwrap();
-        let status = |host: &FakeHost| {
-            send(
-                host.addrs().wireserver.unwrap(),
-                "GET",
-                "/secure-channel/status",
-                &[],
-                b"",
-                None,
-            )
-        };
+        let status =
+            |host: &FakeHost| send(host.addrs().wireserver.unwrap(), "GET", "/secure-channel/status", &[], b"", None);
 
-        assert_eq!(
-            status(&host).json()["secureChannelState"],
-            "WireserverAndImds"
-        );
+        assert_eq!(status(&host).json()["secureChannelState"], "WireserverAndImds");
         control(&host, &json!({"statusHttpStatus": 500}));
         assert_eq!(status(&host).status, 500);
         control(
@@ -921,43 +721,22 @@ mod tests {
     fn busy_port_is_a_bind_error() {
         let first = FakeHost::start(FakeHostConfig::loopback()).unwrap();
         let taken = first.addrs().wireserver;
-        let err = FakeHost::start(FakeHostConfig {
-            wireserver: taken,
-            ..FakeHostConfig::loopback()
-        })
-        .unwrap_err();
-        assert!(
-            matches!(err, FakeHostError::BindListener("wireserver", _, _)),
-            "{err}"
-        );
+        let err = FakeHost::start(FakeHostConfig { wireserver: taken, ..FakeHostConfig::loopback() }).unwrap_err();
+        assert!(matches!(err, FakeHostError::BindListener("wireserver", _, _)), "{err}");
     }
 
     #[test]
     fn parses_command_line() {
         let args = |s: &str| s.split(' ').map(str::to_owned).collect::<Vec<_>>();
-        let config = parse_args(args(
-            "--imds 127.0.0.1:0 --control=127.0.0.1:9 --mode audit --version 1.0",
-        ))
-        .unwrap()
-        .unwrap();
+        let config =
+            parse_args(args("--imds 127.0.0.1:0 --control=127.0.0.1:9 --mode audit --version 1.0")).unwrap().unwrap();
         assert_eq!(config.imds, Some("127.0.0.1:0".parse().unwrap()));
         assert_eq!(config.wireserver, None);
         assert_eq!(config.control, "127.0.0.1:9".parse().unwrap());
-        assert_eq!(
-            (config.mode, config.version),
-            (Mode::Audit, StatusVersion::V1)
-        );
+        assert_eq!((config.mode, config.version), (Mode::Audit, StatusVersion::V1));
         assert!(parse_args(args("--help")).unwrap().is_none());
-        for bad in [
-            "--imds 127.0.0.1:0",
-            "--control nowhere",
-            "--control 127.0.0.1:1 --mode x",
-            "--bogus 1",
-        ] {
-            assert!(
-                matches!(parse_args(args(bad)), Err(FakeHostError::Usage(_))),
-                "{bad}"
-            );
+        for bad in ["--imds 127.0.0.1:0", "--control nowhere", "--control 127.0.0.1:1 --mode x", "--bogus 1"] {
+            assert!(matches!(parse_args(args(bad)), Err(FakeHostError::Usage(_))), "{bad}");
         }
     }
 

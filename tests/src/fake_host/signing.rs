@@ -60,8 +60,7 @@ pub struct AuthorizationHeader<'a> {
 /// Parses `Azure-HMAC-SHA256 <guid> <hex>` (surrounding whitespace is allowed, as for any header
 /// value; inner separators must be single spaces, as the spec's emitter writes them).
 pub fn parse_authorization(value: &[u8]) -> Result<AuthorizationHeader<'_>, VerifyError> {
-    let text =
-        std::str::from_utf8(value.trim_ascii()).map_err(|_utf8| VerifyError::MalformedHeader)?;
+    let text = std::str::from_utf8(value.trim_ascii()).map_err(|_utf8| VerifyError::MalformedHeader)?;
     let mut parts = text.split(' ');
     let (Some(scheme), Some(guid), Some(signature_hex), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -74,10 +73,7 @@ pub fn parse_authorization(value: &[u8]) -> Result<AuthorizationHeader<'_>, Veri
     if guid.is_empty() || signature_hex.is_empty() {
         return Err(VerifyError::MalformedHeader);
     }
-    Ok(AuthorizationHeader {
-        guid,
-        signature_hex,
-    })
+    Ok(AuthorizationHeader { guid, signature_hex })
 }
 
 /// Decodes hex of either case; `None` on odd length or a non-hex digit.
@@ -240,10 +236,7 @@ mod tests {
         verify(&key(), sts, &expected.to_ascii_uppercase()).unwrap();
         let mut tampered = sts.to_vec();
         tampered.push(b'x');
-        assert_eq!(
-            verify(&key(), &tampered, expected),
-            Err(VerifyError::Mismatch)
-        );
+        assert_eq!(verify(&key(), &tampered, expected), Err(VerifyError::Mismatch));
     }
 
     #[test]
@@ -268,10 +261,7 @@ mod tests {
             sts,
             b"GET\n\ncontent-length:0\nhost:168.63.129.16\nx-ms-azure-host-claims:{ \"isRoot\": \"true\"}\nx-ms-azure-host-date:Wed, 23 Apr 2025 12:00:00 GMT\nx-ms-version:2012-11-30\n/machine\ncomp=goalstate"
         );
-        check(
-            &sts,
-            "35d027d96fb783dcbd427dfbd3a0b81fb463cdd5cd43542e5f5dcb5db9786537",
-        );
+        check(&sts, "35d027d96fb783dcbd427dfbd3a0b81fb463cdd5cd43542e5f5dcb5db9786537");
     }
 
     #[test]
@@ -289,10 +279,7 @@ mod tests {
         ];
         let target = format!("/secure-channel/key/{guid}/key-attestation");
         let sts = string_to_sign("POST", b"", &headers, &target);
-        assert!(
-            sts.ends_with(b"/key-attestation\n"),
-            "empty query keeps the trailing newline"
-        );
+        assert!(sts.ends_with(b"/key-attestation\n"), "empty query keeps the trailing newline");
         check(&sts, expected);
         let parsed = parse_authorization(authorization.as_bytes()).unwrap();
         assert_eq!(parsed.guid, guid);
@@ -309,16 +296,8 @@ mod tests {
             ("x-ms-azure-host-claims", "{ \"isRoot\": \"false\"}"),
             ("x-ms-azure-host-date", DATE),
         ];
-        let sts = string_to_sign(
-            "GET",
-            b"",
-            &headers,
-            "/metadata/instance?api-version=2021-02-01",
-        );
-        check(
-            &sts,
-            "75afe2e9a612e6be0caaac7d967c639ab0b1141a193212de74ab4cce3657a6a6",
-        );
+        let sts = string_to_sign("GET", b"", &headers, "/metadata/instance?api-version=2021-02-01");
+        check(&sts, "75afe2e9a612e6be0caaac7d967c639ab0b1141a193212de74ab4cce3657a6a6");
     }
 
     #[test]
@@ -331,10 +310,7 @@ mod tests {
             ("x-ms-azure-host-date", DATE),
         ];
         let sts = string_to_sign("POST", b"{\"a\":1}", &headers, "/machine?comp=health");
-        check(
-            &sts,
-            "ee5d7beb3802e34afb744e7f4c224bb24747c4052e76f802a4a623bd9c20917e",
-        );
+        check(&sts, "ee5d7beb3802e34afb744e7f4c224bb24747c4052e76f802a4a623bd9c20917e");
     }
 
     #[test]
@@ -363,43 +339,22 @@ mod tests {
     #[test]
     fn last_repeated_header_wins() {
         let headers = [("X-A", "first"), ("x-a", " second ")];
-        assert_eq!(
-            string_to_sign("GET", b"", &headers, "/"),
-            b"GET\n\nx-a:second\n/\n"
-        );
+        assert_eq!(string_to_sign("GET", b"", &headers, "/"), b"GET\n\nx-a:second\n/\n");
     }
 
     #[test]
     fn absolute_form_target_signs_only_path_and_query() {
-        assert_eq!(
-            split_target("http://168.63.129.16/machine?comp=goalstate"),
-            ("/machine", Some("comp=goalstate"))
-        );
+        assert_eq!(split_target("http://168.63.129.16/machine?comp=goalstate"), ("/machine", Some("comp=goalstate")));
         assert_eq!(split_target("http://h?x=1"), ("", Some("x=1")));
     }
 
     #[test]
     fn rejects_malformed_authorization_values() {
-        assert_eq!(
-            parse_authorization(b"Azure-HMAC-SHA256 g"),
-            Err(VerifyError::MalformedHeader)
-        );
-        assert_eq!(
-            parse_authorization(b"Azure-HMAC-SHA256  g s"),
-            Err(VerifyError::MalformedHeader)
-        );
-        assert_eq!(
-            parse_authorization(b"Bearer g s"),
-            Err(VerifyError::WrongScheme)
-        );
-        assert_eq!(
-            verify(&key(), b"", "abc"),
-            Err(VerifyError::BadSignatureHex)
-        );
-        assert_eq!(
-            verify(&key(), b"", &"zz".repeat(32)),
-            Err(VerifyError::BadSignatureHex)
-        );
+        assert_eq!(parse_authorization(b"Azure-HMAC-SHA256 g"), Err(VerifyError::MalformedHeader));
+        assert_eq!(parse_authorization(b"Azure-HMAC-SHA256  g s"), Err(VerifyError::MalformedHeader));
+        assert_eq!(parse_authorization(b"Bearer g s"), Err(VerifyError::WrongScheme));
+        assert_eq!(verify(&key(), b"", "abc"), Err(VerifyError::BadSignatureHex));
+        assert_eq!(verify(&key(), b"", &"zz".repeat(32)), Err(VerifyError::BadSignatureHex));
     }
 
     #[test]

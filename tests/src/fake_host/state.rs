@@ -155,11 +155,7 @@ impl Settings {
     /// The mode the fake actually applies: with the master switch off the host tells the agent
     /// MSP is off, so it must not then reject the agent's (now unsigned) traffic.
     pub(crate) fn effective_mode(&self, endpoint: Endpoint) -> Mode {
-        if self.secure_channel_enabled {
-            self.mode(endpoint)
-        } else {
-            Mode::Disabled
-        }
+        if self.secure_channel_enabled { self.mode(endpoint) } else { Mode::Disabled }
     }
 
     /// `authorizationRules` as reported: the custom object (each present item's `mode`
@@ -248,17 +244,14 @@ impl Settings {
                 }
                 "down" => next.down = bool_field(name, value)?,
                 "statusDelayMs" => {
-                    next.status_delay_ms = value
-                        .as_u64()
-                        .ok_or_else(|| format!("{name}: expected a non-negative integer"))?;
+                    next.status_delay_ms =
+                        value.as_u64().ok_or_else(|| format!("{name}: expected a non-negative integer"))?;
                 }
                 "statusHttpStatus" => next.status_http_status = status_field(name, value)?,
                 "acquireHttpStatus" => next.acquire_http_status = status_field(name, value)?,
                 "attestHttpStatus" => next.attest_http_status = status_field(name, value)?,
                 "malformedStatus" => next.malformed_status = bool_field(name, value)?,
-                "statusContentType" => {
-                    next.status_content_type = optional_string_field(name, value)?
-                }
+                "statusContentType" => next.status_content_type = optional_string_field(name, value)?,
                 "keyGuidOverride" => next.key_guid_override = optional_string_field(name, value)?,
                 "forgetAttestedKey" => actions.forget_attested_key = bool_field(name, value)?,
                 "noHostDate" => next.no_host_date = bool_field(name, value)?,
@@ -278,9 +271,7 @@ fn mode_field(name: &str, value: &Value) -> Result<Mode, String> {
 }
 
 fn bool_field(name: &str, value: &Value) -> Result<bool, String> {
-    value
-        .as_bool()
-        .ok_or_else(|| format!("{name}: expected a boolean"))
+    value.as_bool().ok_or_else(|| format!("{name}: expected a boolean"))
 }
 
 /// `0` (or null) means "behave normally"; anything else must be a real HTTP status.
@@ -343,11 +334,8 @@ pub(crate) struct Record {
 
 impl Record {
     pub(crate) fn to_json(&self) -> Value {
-        let headers: Vec<Value> = self
-            .headers
-            .iter()
-            .map(|(n, v)| json!([String::from_utf8_lossy(n), String::from_utf8_lossy(v)]))
-            .collect();
+        let headers: Vec<Value> =
+            self.headers.iter().map(|(n, v)| json!([String::from_utf8_lossy(n), String::from_utf8_lossy(v)])).collect();
         json!({
             "seq": self.seq,
             "endpoint": self.endpoint.as_str(),
@@ -450,19 +438,8 @@ impl State {
         id[6] = (id[6] & 0x0f) | 0x40;
         id[8] = (id[8] & 0x3f) | 0x80;
         let hex = super::signing::encode_hex_lower(&id);
-        let guid = format!(
-            "{}-{}-{}-{}-{}",
-            &hex[0..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..32]
-        );
-        let issued = IssuedKey {
-            guid,
-            key_hex: super::signing::encode_hex_lower(&key).to_ascii_uppercase(),
-            key,
-        };
+        let guid = format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32]);
+        let issued = IssuedKey { guid, key_hex: super::signing::encode_hex_lower(&key).to_ascii_uppercase(), key };
         self.keys.push(issued.clone());
         let incarnation = self.next_incarnation;
         self.next_incarnation = self.next_incarnation.wrapping_add(1);
@@ -501,11 +478,8 @@ mod tests {
     #[test]
     fn control_patch_changes_only_named_fields() {
         let mut s = settings();
-        let actions = s
-            .apply(
-                &json!({"imdsMode": "audit", "statusHttpStatus": 500, "forgetAttestedKey": true}),
-            )
-            .unwrap();
+        let actions =
+            s.apply(&json!({"imdsMode": "audit", "statusHttpStatus": 500, "forgetAttestedKey": true})).unwrap();
         assert!(actions.forget_attested_key);
         assert_eq!(s.imds_mode, Mode::Audit);
         assert_eq!(s.wireserver_mode, Mode::Enforce);
@@ -516,10 +490,7 @@ mod tests {
     #[test]
     fn control_patch_is_all_or_nothing() {
         let mut s = settings();
-        assert!(
-            s.apply(&json!({"mode": "audit", "version": "3.0"}))
-                .is_err()
-        );
+        assert!(s.apply(&json!({"mode": "audit", "version": "3.0"})).is_err());
         assert!(s.apply(&json!({"mode": "audit", "bogus": 1})).is_err());
         assert!(s.apply(&json!({"statusHttpStatus": 70000})).is_err());
         assert_eq!(s, settings());
@@ -554,11 +525,7 @@ mod tests {
         assert_ne!(a.guid, b.guid);
         assert_ne!(a.key_hex, b.key_hex);
         assert_eq!(a.key_hex.len(), 64);
-        assert!(
-            a.key_hex
-                .bytes()
-                .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase())
-        );
+        assert!(a.key_hex.bytes().all(|c| c.is_ascii_digit() || c.is_ascii_uppercase()));
         assert_eq!(a.guid.len(), 36);
         assert_eq!(a.guid.matches('-').count(), 4);
         assert_eq!((first, second), (1, 2));
