@@ -459,7 +459,7 @@ impl Connection {
         };
         let date = ctx.shared.host_date();
         let endorsement = Endorsement { key, is_root: caller.is_root(), date: &date };
-        match upstream::write_request_head(&head, req, body, &endorsement, &mut self.bufs.up) {
+        match upstream::write_request_head(&head, req, body, &endorsement, self.bufs.up) {
             Ok(n) => self.up_len = n,
             Err(e) => {
                 log::warn!(target: "gpa::proxy", "cannot build upstream request: peer={} error={e:?}", self.peer);
