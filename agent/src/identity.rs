@@ -69,6 +69,9 @@ pub struct Resolver {
     users: Vec<UserEntry, IDENTITY_CACHE_ENTRIES>,
     next_evict: usize,
     db_stamp: Option<(std::time::SystemTime, std::time::SystemTime)>,
+    /// When the databases' modification times were last looked at (at most once a second:
+    /// two `stat` calls per connection would be most of the accept path's cost).
+    db_checked: Option<std::time::Instant>,
 }
 
 #[derive(Clone, Debug)]
@@ -87,11 +90,21 @@ impl Resolver {
             users: Vec::new(),
             next_evict: 0,
             db_stamp: None,
+            db_checked: None,
         }
     }
 
     /// Builds the caller for a kernel record.
-    pub fn resolve(&mut self, record: CallerRecord) -> Caller {
+    pub fn resolve(&mut self, record: CallerRecord, now: std::time::Instant) -> Caller {
+        if self.db_checked.is_none_or(|t| now.saturating_duration_since(t) >= std::time::Duration::from_secs(1)) {
+            self.db_checked = Some(now);
+            let stamp = db_stamp();
+            if stamp != self.db_stamp {
+                // /etc/passwd or /etc/group changed: names may have moved.
+                self.users.clear();
+                self.db_stamp = stamp;
+            }
+        }
         let exe = self.bound_executable(&record);
         let cmdline = if exe.is_some() { self.cmdline(record.tgid) } else { Vec::new() };
         let entry = self.user_entry(record.uid, record.gid);
@@ -151,12 +164,6 @@ impl Resolver {
     }
 
     fn user_entry(&mut self, uid: u32, gid: u32) -> UserEntry {
-        let stamp = db_stamp();
-        if stamp != self.db_stamp {
-            // /etc/passwd or /etc/group changed: names may have moved.
-            self.users.clear();
-            self.db_stamp = stamp;
-        }
         if let Some(e) = self.users.iter().find(|e| e.uid == uid) {
             return e.clone();
         }
@@ -303,15 +310,15 @@ mod tests {
         };
         let n = comm.len().saturating_sub(1).min(15);
         record.comm[..n].copy_from_slice(&comm[..n]);
-        let caller = r.resolve(record);
+        let caller = r.resolve(record, crate::clock::now());
         let exe = fs::read_link("/proc/self/exe").unwrap();
         assert_eq!(caller.exe.as_deref(), Some(exe.as_os_str().as_bytes()));
         // A connect "before the process started" means the pid was reused: no identity.
         record.connect_boot_ns = 1;
-        assert!(r.resolve(record).exe.is_none());
+        assert!(r.resolve(record, crate::clock::now()).exe.is_none());
         // A different comm means the process exec'd or renamed since the connect.
         record.connect_boot_ns = crate::sys::boottime_ns();
         record.comm = *b"not-the-caller\0\0";
-        assert!(r.resolve(record).exe.is_none());
+        assert!(r.resolve(record, crate::clock::now()).exe.is_none());
     }
 }

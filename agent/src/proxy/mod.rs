@@ -650,7 +650,7 @@ impl EventLoop {
                 drop(stream.write(SERVER_FULL));
                 continue;
             };
-            let caller = record.map(|r| self.resolver.resolve(r));
+            let caller = record.map(|r| self.resolver.resolve(r, now));
             if caller.is_none() {
                 self.shared.stats.without_identity += 1;
             }
