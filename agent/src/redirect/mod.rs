@@ -135,40 +135,29 @@ impl Redirector {
             let pinned = link_pin.as_deref().filter(|p| p.exists());
             let program_err = |e| RedirectError::Program(name, e);
             let pin_err = |e: aya::programs::links::LinkError| RedirectError::Pin(name, std::io::Error::other(e));
+            // SockOps and CgroupSockAddr share the method names but no trait: one macro body
+            // serves both, so the adopt-or-attach logic exists once.
+            macro_rules! load_and_attach {
+                ($program:ty) => {{
+                    let p: &mut $program = program.try_into().map_err(program_err)?;
+                    p.load().map_err(program_err)?;
+                    let adopted = match pinned {
+                        Some(path) => adopt_pinned_link(name, path, cgroup_id, p.fd().map_err(program_err)?.as_fd())?,
+                        None => false,
+                    };
+                    if !adopted {
+                        let id = p.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(program_err)?;
+                        if let Some(path) = &link_pin {
+                            let link = FdLink::try_from(p.take_link(id).map_err(program_err)?).map_err(pin_err)?;
+                            pin_link(name, link, path)?;
+                        }
+                    }
+                }};
+            }
             if name == "gpa_sockops" {
-                let p: &mut SockOps = program.try_into().map_err(program_err)?;
-                p.load().map_err(program_err)?;
-                let adopted = match pinned {
-                    Some(path) => adopt_pinned_link(name, path, cgroup_id, p.fd().map_err(program_err)?.as_fd())?,
-                    None => false,
-                };
-                if !adopted {
-                    let id = p.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(program_err)?;
-                    if let Some(path) = &link_pin {
-                        pin_link(
-                            name,
-                            FdLink::try_from(p.take_link(id).map_err(program_err)?).map_err(pin_err)?,
-                            path,
-                        )?;
-                    }
-                }
+                load_and_attach!(SockOps);
             } else {
-                let p: &mut CgroupSockAddr = program.try_into().map_err(program_err)?;
-                p.load().map_err(program_err)?;
-                let adopted = match pinned {
-                    Some(path) => adopt_pinned_link(name, path, cgroup_id, p.fd().map_err(program_err)?.as_fd())?,
-                    None => false,
-                };
-                if !adopted {
-                    let id = p.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(program_err)?;
-                    if let Some(path) = &link_pin {
-                        pin_link(
-                            name,
-                            FdLink::try_from(p.take_link(id).map_err(program_err)?).map_err(pin_err)?,
-                            path,
-                        )?;
-                    }
-                }
+                load_and_attach!(CgroupSockAddr);
             }
         }
         let ebpf = if pin_dir.is_some() { None } else { Some(ebpf) };
