@@ -571,6 +571,8 @@ impl EventLoop {
         let changes = self.shared.keeper.drive(self.poll.registry(), KEEPER, now);
         if changes.status {
             self.shared.refresh_policy();
+            // The document parse ran deep on the stack; do not keep those pages resident.
+            crate::sys::trim_stack();
         }
         if changes.routes {
             self.apply_routes();

@@ -330,3 +330,46 @@ pub fn bpf_link_cgroup_id(link: BorrowedFd<'_>) -> io::Result<u64> {
     }
     Ok(info[2])
 }
+
+/// Top of the event loop thread's stack and its size, recorded at thread start.
+static STACK_TOP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static STACK_SIZE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Distance kept from both ends of the stack: above the guard page at the bottom, and below
+/// the thread's TLS and first frames at the top (recorded a little below the real top).
+const STACK_MARGIN_BYTES: usize = 256 * 1024;
+
+/// Records the calling thread's stack (call first thing on a thread spawned with
+/// `stack_size(size)`), so [`trim_stack`] knows what it may release.
+pub fn record_stack(size: usize) {
+    let marker = 0u8;
+    STACK_TOP.store(std::ptr::addr_of!(marker) as usize, std::sync::atomic::Ordering::Relaxed);
+    STACK_SIZE.store(size, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Gives the pages of the recorded stack below the current frame back to the kernel.
+///
+/// Parsing a status document with fixed-capacity structures needs a deep stack once per poll;
+/// without this, every page it touched stays resident for the life of the process. The
+/// released range is strictly below the current stack pointer (minus a margin), where no live
+/// frame exists, so the next use just faults in zero pages.
+pub fn trim_stack() {
+    let top = STACK_TOP.load(std::sync::atomic::Ordering::Relaxed);
+    let size = STACK_SIZE.load(std::sync::atomic::Ordering::Relaxed);
+    if top == 0 || size <= 2 * STACK_MARGIN_BYTES {
+        return;
+    }
+    let marker = 0u8;
+    let here = std::ptr::addr_of!(marker) as usize;
+    let page = 4096;
+    let low = (top - size + STACK_MARGIN_BYTES).next_multiple_of(page);
+    let high = here.saturating_sub(64 * 1024) & !(page - 1);
+    if high <= low || here > top {
+        return;
+    }
+    // SAFETY: [low, high) lies inside this thread's own stack mapping (bounded by the recorded
+    // top and size with margins) and strictly below every live frame; MADV_DONTNEED on private
+    // anonymous memory only drops the pages, which read back as zeros when touched again.
+    unsafe {
+        libc::madvise(low as *mut libc::c_void, high - low, libc::MADV_DONTNEED);
+    }
+}
