@@ -14,6 +14,7 @@
 use std::fs;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use heapless::{String, Vec};
@@ -135,7 +136,16 @@ impl Resolver {
         if comm != record.comm() {
             return None;
         }
-        let link = fs::read_link(format_path(self.proc_root, record.tgid, "exe")).ok()?;
+        let exe_link = format_path(self.proc_root, record.tgid, "exe");
+        let link = fs::read_link(&exe_link).ok()?;
+        // The path names the running file only if it leads to the same inode in our mount
+        // namespace: a bind mount over an allowed path (in the caller's own namespace) or a
+        // replaced file must not lend the caller that path's identity.
+        let running = fs::metadata(&exe_link).ok()?;
+        let named = fs::metadata(&link).ok()?;
+        if (running.dev(), running.ino()) != (named.dev(), named.ino()) {
+            return None;
+        }
         if self.start_time_ns(record.tgid)? != before {
             return None;
         }

@@ -31,6 +31,8 @@ pub enum HeadError {
     ControlBytes,
     /// The target is not origin-form (`/path?query`) → 400.
     TargetForm,
+    /// The method is not one the proxy forwards (CONNECT, TRACE, unknown) → 405.
+    MethodNotAllowed,
 }
 
 impl HeadError {
@@ -38,6 +40,7 @@ impl HeadError {
     pub fn status(self) -> u16 {
         match self {
             Self::TooManyHeaders | Self::TooLarge => 431,
+            Self::MethodNotAllowed => 405,
             _ => 400,
         }
     }
@@ -110,6 +113,11 @@ impl RequestHead {
         let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
             return Err(HeadError::Malformed);
         };
+        // The method first (MSP §5.4 step 2): CONNECT's authority-form target is a method
+        // problem (405 with Allow), not a malformed request.
+        if !crate::policy::canonical::method_allowed(method.as_bytes()) {
+            return Err(HeadError::MethodNotAllowed);
+        }
         if !target.starts_with('/') {
             return Err(HeadError::TargetForm);
         }
@@ -246,7 +254,7 @@ mod tests {
         );
         assert_eq!(RequestHead::parse(b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n").unwrap_err(), HeadError::Malformed);
         assert_eq!(RequestHead::parse(b"GET http://a/ HTTP/1.1\r\n\r\n").unwrap_err(), HeadError::TargetForm);
-        assert_eq!(RequestHead::parse(b"CONNECT a:1 HTTP/1.1\r\n\r\n").unwrap_err(), HeadError::TargetForm);
+        assert_eq!(RequestHead::parse(b"CONNECT a:1 HTTP/1.1\r\n\r\n").unwrap_err(), HeadError::MethodNotAllowed);
     }
 
     #[test]

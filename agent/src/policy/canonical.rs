@@ -590,9 +590,13 @@ fn check_authority(scheme: &[u8], authority: &[u8]) -> Result<(), CanonError> {
         port
     };
     if let Some(port) = port {
+        // Digits and length first: the value is computed only from at most five digits.
         let digits_ok = !port.is_empty() && port.len() <= 5 && port.iter().all(u8::is_ascii_digit);
+        if !digits_ok {
+            return Err(CanonError::Port);
+        }
         let value = port.iter().fold(0u32, |acc, d| acc * 10 + u32::from(d - b'0'));
-        if !digits_ok || value == 0 || value > 65_535 {
+        if value == 0 || value > 65_535 {
             return Err(CanonError::Port);
         }
     }

@@ -416,7 +416,9 @@ fn check_metadata(metadata: &std::fs::Metadata) -> Result<(), LocalRulesError> {
     if !metadata.is_file() {
         return Err(LocalRulesError::NotAFile);
     }
-    if metadata.mode() & 0o022 != 0 {
+    // Only a file the agent's own user owns, writable by nobody else, may change the rules:
+    // otherwise a local user could grant itself access.
+    if metadata.mode() & 0o022 != 0 || metadata.uid() != crate::sys::geteuid() {
         return Err(LocalRulesError::InsecurePermissions);
     }
     if metadata.len() > u64::try_from(LOCAL_FILE_MAX_BYTES).unwrap_or(u64::MAX) {
@@ -431,6 +433,18 @@ fn check_metadata(metadata: &std::fs::Metadata) -> Result<(), LocalRulesError> {
 /// could block the loop) and the opened file again with `fstat` (so what is read is what was
 /// checked).
 pub fn read_local_file(path: &Path) -> Result<Option<Box<LocalRulesFile>>, LocalRulesError> {
+    // The folder must be ours and closed to others too (a writable folder lets anyone swap
+    // the file between checks).
+    if let Some(dir) = path.parent() {
+        match std::fs::symlink_metadata(dir) {
+            Ok(m) if !m.is_dir() || m.uid() != crate::sys::geteuid() || m.mode() & 0o022 != 0 => {
+                return Err(LocalRulesError::InsecurePermissions);
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(LocalRulesError::Metadata(e.kind())),
+        }
+    }
     match std::fs::metadata(path) {
         Ok(m) => check_metadata(&m)?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -1239,7 +1253,11 @@ mod tests {
     fn read_local_file_reports_missing_and_non_files() {
         let dir = TempDir::new("read");
         assert!(matches!(on_big_stack(|| read_local_file(&dir.0.join("absent.json"))), Ok(None)));
-        assert_eq!(on_big_stack(|| read_local_file(&dir.0)).map(|_| ()), Err(LocalRulesError::NotAFile));
+        // A directory where the file should be (its parent is a private folder; /tmp itself
+        // would be refused as world-writable first).
+        let sub = dir.0.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        assert_eq!(on_big_stack(|| read_local_file(&sub)).map(|_| ()), Err(LocalRulesError::NotAFile));
         let big = dir.write("big.json", &vec![b' '; LOCAL_FILE_MAX_BYTES + 1]);
         assert_eq!(on_big_stack(|| read_local_file(&big)).map(|_| ()), Err(LocalRulesError::TooLarge));
         assert_eq!(file_state(&dir.0.join("absent.json")), FileState::Missing);

@@ -24,7 +24,7 @@ use super::Verdict;
 use super::upstream::{self, Endorsement};
 use super::{CloseReason, Endorse, Shared};
 use crate::clock;
-use crate::http::{BodyFraming, ChunkedDecoder, RequestHead, ResponseFraming, ResponseHead};
+use crate::http::{BodyFraming, ChunkedDecoder, HeadError, RequestHead, ResponseFraming, ResponseHead};
 use crate::identity::Caller;
 use crate::limits::{
     CLIENT_BODY_TIMEOUT_MS, CLIENT_HEAD_TIMEOUT_MS, CLIENT_WRITE_TIMEOUT_MS, CONNECTION_BUFFER_BYTES, IDLE_TIMEOUT_MS,
@@ -265,6 +265,10 @@ impl Connection {
                     return Step::Progress;
                 }
                 Ok(None) => {}
+                Err(HeadError::MethodNotAllowed) => {
+                    self.respond_method_not_allowed(ctx);
+                    return Step::Progress;
+                }
                 Err(e) => {
                     self.respond(ctx, e.status(), &[], b"", true);
                     return Step::Progress;
@@ -308,16 +312,7 @@ impl Connection {
         ctx.shared.stats.requests += 1;
 
         if !crate::policy::canonical::method_allowed(method) {
-            self.respond(
-                ctx,
-                405,
-                &[
-                    b"allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n",
-                    b"content-type: text/plain; charset=utf-8\r\n",
-                ],
-                b"Method Not Allowed",
-                true,
-            );
+            self.respond_method_not_allowed(ctx);
             return Step::Progress;
         }
         if crate::policy::canonical::traversal_guard(head.path(req)).is_err() {
@@ -754,6 +749,15 @@ impl Connection {
         self.bufs.req.copy_within(head_len..self.req_len, 0);
         self.req_len -= head_len;
         self.parsed_len = usize::MAX;
+    }
+
+    /// MSP §5.4 step 2: `405` with the `Allow` list and a text body.
+    fn respond_method_not_allowed(&mut self, ctx: &mut Ctx<'_>) {
+        let allow: &[&[u8]] = &[
+            b"allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n",
+            b"content-type: text/plain; charset=utf-8\r\n",
+        ];
+        self.respond(ctx, 405, allow, b"Method Not Allowed", true);
     }
 
     /// Formats a response into the response buffer and switches to writing it.

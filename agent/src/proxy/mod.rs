@@ -42,6 +42,9 @@ const KEEPER: Token = Token(2);
 pub const FIRST_CONNECTION: usize = 16;
 
 /// Sent when the table is full (never queued, MSP §11 item 5).
+/// Pending connections the kernel queues for `accept` (see `sys::listen_tcp`).
+const LISTEN_BACKLOG: i32 = 1024;
+
 /// Audit log rotation: 10 MiB per file, 5 files.
 const AUDIT_FILE_BYTES: u64 = 10 * 1024 * 1024;
 const AUDIT_FILES: u32 = 5;
@@ -439,6 +442,7 @@ impl EventLoop {
         logger::milestone(&format!("eBPF redirector attached to {} in {attach_ms} ms", cgroup.display()));
         let ebpf_message = format!("Started Redirector with eBPF maps - {attach_ms}");
 
+        secure_rules_dir(&config.state_dir.join("rules"));
         let keeper = KeyKeeper::new(
             KeeperConfig {
                 host: config.wire_server,
@@ -722,12 +726,29 @@ impl EventLoop {
     }
 }
 
+/// Creates the customer rules folder 0700 and closes it to others if it exists (MSP §2.1);
+/// `policy::local_rules` refuses files in a folder that is not.
+fn secure_rules_dir(dir: &std::path::Path) {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let made = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
+    let fixed = made.and_then(|()| {
+        let meta = std::fs::symlink_metadata(dir)?;
+        if meta.is_dir() && meta.uid() == crate::sys::geteuid() && meta.mode() & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(())
+    });
+    if let Err(e) = fixed {
+        log::warn!(target: "gpa::loop", "rules folder {} not secured: {e}", dir.display());
+    }
+}
+
 fn bind_listener(addr: SocketAddrV4) -> Result<TcpListener, StartError> {
     // MSP §5.1: a busy port is retried (an old instance may still be exiting).
     let mut last = None;
     for attempt in 0..6 {
-        match TcpListener::bind(addr.into()) {
-            Ok(l) => return Ok(l),
+        match crate::sys::listen_tcp(addr, LISTEN_BACKLOG) {
+            Ok(l) => return Ok(TcpListener::from_std(l)),
             Err(e) => last = Some(e),
         }
         if attempt < 5 {

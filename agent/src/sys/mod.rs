@@ -373,3 +373,26 @@ pub fn trim_stack() {
         libc::madvise(low as *mut libc::c_void, high - low, libc::MADV_DONTNEED);
     }
 }
+
+/// A listening TCP socket with `SO_REUSEADDR` and a backlog of `backlog` (std and mio use 128,
+/// which a burst of redirected connects overflows: callers then wait a second for a SYN
+/// retransmit).
+pub fn listen_tcp(addr: SocketAddrV4, backlog: i32) -> io::Result<std::net::TcpListener> {
+    // SAFETY: plain socket(2); the result is checked and owned immediately.
+    let raw =
+        cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `raw` is a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    setsockopt_u32(std::os::fd::AsFd::as_fd(&fd), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    let sin = libc::sockaddr_in {
+        sin_family: AF_INET_FAMILY,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*addr.ip()).to_be() },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `sin` is a valid sockaddr_in for the duration of the call and its size is passed.
+    cvt(unsafe { libc::bind(fd.as_raw_fd(), (&raw const sin).cast(), socklen(size_of::<libc::sockaddr_in>())) })?;
+    // SAFETY: listen(2) on the socket we own.
+    cvt(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
+    Ok(std::net::TcpListener::from(fd))
+}
