@@ -54,7 +54,6 @@ fn main() -> ExitCode {
 }
 
 fn run_and_report(args: &[String]) -> ExitCode {
-    sys::record_stack(MAIN_STACK_BYTES);
     match run(args) {
         Ok(code) => code,
         Err(e) => {
