@@ -155,3 +155,48 @@ fn no_request_bypasses_the_agent_while_it_is_killed_in_a_loop() {
     assert_eq!(attached_programs(&cg).len(), 3, "restarts must not stack programs");
     std::fs::remove_dir_all(&base).ok();
 }
+
+#[test]
+fn a_keep_alive_connection_opened_before_the_agent_is_never_served_unsigned() {
+    require_privileged!();
+    let ns = Netns::new("prestart");
+    let cg = Cgroup::new("prestart");
+    let host = FakeHost::start(&ns, "enforce");
+    let base = std::env::temp_dir().join(gpa_system_tests::harness::unique("prestart-state"));
+    std::fs::create_dir_all(&base).expect("state dir");
+    let config = base.join("config.json");
+    // A client in the protected cgroup opens a keep-alive connection while no agent runs,
+    // waits until the agent is up (it polls the same config's --status), then reuses it and
+    // also opens a fresh one.
+    let agent_bin = gpa_system_tests::harness::binary("guest-proxy-agent");
+    let script = format!(
+        "import http.client,subprocess,time\n\
+         old=http.client.HTTPConnection('169.254.169.254',80,timeout=5)\n\
+         old.request('GET','/metadata/instance',headers={{'Metadata':'true'}})\n\
+         r=old.getresponse(); r.read(); print('before', r.status)\n\
+         while subprocess.run(['{}','--config','{}','--status']).returncode!=0: time.sleep(0.2)\n\
+         old.request('GET','/metadata/instance',headers={{'Metadata':'true'}})\n\
+         r=old.getresponse(); r.read(); print('reused', r.status, r.getheader('x-ms-azure-host-authorization'))\n\
+         new=http.client.HTTPConnection('169.254.169.254',80,timeout=5)\n\
+         new.request('GET','/metadata/instance',headers={{'Metadata':'true'}})\n\
+         r=new.getresponse(); r.read(); print('fresh', r.status, r.getheader('x-ms-azure-host-authorization'))\n",
+        agent_bin.display(),
+        config.display()
+    );
+    let (out, agent) = std::thread::scope(|s| {
+        let client = s.spawn(|| gpa_system_tests::harness::python(&ns, root_in(&cg), &script));
+        std::thread::sleep(Duration::from_millis(800));
+        let agent = Agent::start_in(&ns, &cg, &base, &["\"pollIntervalSeconds\":1"]);
+        (client.join().expect("client"), agent)
+    });
+    assert!(out.contains("before 401"), "{out}");
+    // The old connection still goes straight to the host, which refuses it unsigned.
+    assert!(out.contains("reused 401 None"), "{out}\n{}", agent.log());
+    assert!(out.contains("fresh 200 value"), "{out}\n{}", agent.log());
+    for r in data_requests(&host, &ns) {
+        let status = r["status"].as_u64().unwrap_or(0);
+        assert!(r["signature"] == "valid" || status == 401, "an unsigned request was served: {r}");
+    }
+    drop(agent);
+    std::fs::remove_dir_all(&base).ok();
+}
