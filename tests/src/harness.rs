@@ -519,6 +519,20 @@ pub fn attached_programs(cg: &Cgroup) -> Vec<String> {
         .collect()
 }
 
+/// Every value of header `name` (case-insensitive) in a fake host request record, in arrival
+/// order.
+pub fn header_values(record: &Value, name: &str) -> Vec<String> {
+    record["headers"]
+        .as_array()
+        .map(|hs| {
+            hs.iter()
+                .filter(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
+                .filter_map(|h| h[1].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// How to run a client.
 #[derive(Debug, Clone, Copy)]
 pub struct As<'a> {

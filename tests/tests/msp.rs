@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use gpa_system_tests::harness::{Agent, As, Cgroup, FakeHost, Netns, binary, curl, http, python, root_in, unique};
+use gpa_system_tests::harness::{
+    Agent, As, Cgroup, FakeHost, Netns, binary, curl, header_values, http, python, root_in, unique,
+};
 use gpa_system_tests::require_privileged;
 use serde_json::{Value, json};
 
@@ -147,19 +149,6 @@ fn status_cli(ns: &Netns, config: &Path, wait: Option<u64>) -> (Output, Duration
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Every value of header `name` (case-insensitive) in a fake host record, in arrival order.
-fn header_values(record: &Value, name: &str) -> Vec<String> {
-    record["headers"]
-        .as_array()
-        .map(|hs| {
-            hs.iter()
-                .filter(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
-                .filter_map(|h| h[1].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The body of `curl -i` output (after the last header block; curl may print a `100

@@ -757,18 +757,7 @@ pub(crate) fn run_with_pid(ns: &Netns, who: As<'_>, argv: &[&str]) -> (u64, u16,
     (pid, status, rest.to_owned())
 }
 
-/// Every value of header `name` (case-insensitive) in a fake host record.
-pub(crate) fn header_values(record: &Value, name: &str) -> Vec<String> {
-    record["headers"]
-        .as_array()
-        .map(|hs| {
-            hs.iter()
-                .filter(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
-                .filter_map(|h| h[1].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
+pub(crate) use gpa_system_tests::harness::header_values;
 
 /// The bytes of a request as the fake host recorded it, with `edit` applied to the header
 /// list first (a replay).
