@@ -519,6 +519,18 @@ pub fn attached_programs(cg: &Cgroup) -> Vec<String> {
         .collect()
 }
 
+/// Retries `probe` every 200 ms until it yields a value; panics naming `what` after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Every value of header `name` (case-insensitive) in a fake host request record, in arrival
 /// order.
 pub fn header_values(record: &Value, name: &str) -> Vec<String> {

@@ -17,7 +17,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use gpa_system_tests::harness::{
-    Agent, As, Cgroup, FakeHost, Netns, binary, curl, header_values, http, python, root_in, unique,
+    Agent, As, Cgroup, FakeHost, Netns, binary, curl, eventually, header_values, http, python, root_in, unique,
 };
 use gpa_system_tests::require_privileged;
 use serde_json::{Value, json};
@@ -155,18 +155,6 @@ fn stdout(out: &Output) -> String {
 /// Continue` block first).
 fn body_of(text: &str) -> &str {
     text.rsplit_once("\r\n\r\n").map_or("", |(_, body)| body)
-}
-
-/// Retries `probe` every 200 ms until it yields a value or `timeout` passes.
-fn eventually<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// A state/log root for agents that must survive a restart; removed on drop.

@@ -498,17 +498,7 @@ pub(crate) fn check_oracle(host: &FakeHost, ns: &Netns) {
     ORACLE_WORLDS.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Retries `probe` every 200 ms until it yields or `timeout` passes.
-pub(crate) fn eventually<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
+pub(crate) use gpa_system_tests::harness::eventually;
 
 /// The last lines of a log, for assertion messages.
 pub(crate) fn tail(log: &str) -> String {
