@@ -16,7 +16,10 @@ pub const USAGE: &str = "\
 guest-proxy-agent: Metadata Security Protocol guest agent
 
 USAGE:
-    guest-proxy-agent [--config FILE]          run the daemon (foreground)
+    guest-proxy-agent [--config FILE] [--early]
+                                               run the daemon (foreground); --early: the
+                                               initramfs instance (intercept every endpoint
+                                               at once, offer the listener to the next agent)
     guest-proxy-agent --status [--wait N]      query provisioning; exit 0 ready,
                                                1 not finished, 2 finished with error
     guest-proxy-agent detach [--config FILE]   remove the pinned eBPF programs and maps
@@ -53,6 +56,8 @@ pub enum Command {
     Run {
         /// Config file.
         config: PathBuf,
+        /// `--early`: the initramfs instance.
+        early: bool,
     },
     /// `--status [--wait N]`.
     Status {
@@ -229,6 +234,7 @@ fn parse_flags(args: &[String]) -> Result<Command, UsageError> {
     let mut show_status = false;
     let mut doctor = false;
     let mut json = false;
+    let mut early = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -244,11 +250,15 @@ fn parse_flags(args: &[String]) -> Result<Command, UsageError> {
             "status" => show_status = true,
             "doctor" => doctor = true,
             "--json" => json = true,
+            "--early" => early = true,
             "-c" | "--config" => {
                 config = PathBuf::from(it.next().ok_or_else(|| UsageError("--config needs a file".into()))?);
             }
             other => return Err(UsageError(format!("unknown argument: {other}"))),
         }
+    }
+    if early && (status || detach || show_status || doctor) {
+        return Err(UsageError("--early goes with running the daemon only".into()));
     }
     if wait.is_some() && !status {
         return Err(UsageError("--wait requires --status".into()));
@@ -275,7 +285,7 @@ fn parse_flags(args: &[String]) -> Result<Command, UsageError> {
             Ok(Command::Detach { config })
         };
     }
-    Ok(if status { Command::Status { config, wait_secs: wait.unwrap_or(0) } } else { Command::Run { config } })
+    Ok(if status { Command::Status { config, wait_secs: wait.unwrap_or(0) } } else { Command::Run { config, early } })
 }
 
 /// The `/provision` answer.
@@ -383,8 +393,16 @@ mod tests {
 
     #[test]
     fn parses_the_documented_forms() {
-        assert_eq!(parse(&args(&[])).unwrap(), Command::Run { config: DEFAULT_CONFIG_PATH.into() });
-        assert_eq!(parse(&args(&["--config", "/x.json"])).unwrap(), Command::Run { config: "/x.json".into() });
+        assert_eq!(parse(&args(&[])).unwrap(), Command::Run { config: DEFAULT_CONFIG_PATH.into(), early: false });
+        assert_eq!(
+            parse(&args(&["--config", "/x.json"])).unwrap(),
+            Command::Run { config: "/x.json".into(), early: false }
+        );
+        assert_eq!(
+            parse(&args(&["--early"])).unwrap(),
+            Command::Run { config: DEFAULT_CONFIG_PATH.into(), early: true }
+        );
+        assert!(parse(&args(&["--early", "--status"])).is_err());
         assert_eq!(
             parse(&args(&["-s", "-w", "5"])).unwrap(),
             Command::Status { config: DEFAULT_CONFIG_PATH.into(), wait_secs: 5 }

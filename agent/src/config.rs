@@ -38,6 +38,7 @@ struct RawConfig {
     agent_mark: u32,
     log_level: String<8>,
     redirect: String<16>,
+    handover_socket: String<108>,
 }
 
 impl Default for RawConfig {
@@ -62,9 +63,14 @@ impl Default for RawConfig {
             agent_mark: DEFAULT_AGENT_MARK,
             log_level: s("info"),
             redirect: s("hostModes"),
+            handover_socket: s(DEFAULT_HANDOVER_SOCKET),
         }
     }
 }
+
+/// Where the initramfs agent offers its listener to the root file system's agent
+/// (docs/EARLY-BOOT.md). `/run` survives `switch_root`; the directory is root-only.
+pub const DEFAULT_HANDOVER_SOCKET: &str = "/run/guest-proxy-agent-early/handover.sock";
 
 /// `SO_MARK` on the agent's own sockets ("GPA" + 1); any non-zero value works, it only has to
 /// be one no other software on the image uses.
@@ -116,6 +122,12 @@ pub struct ValidatedConfig {
     pub log_level: log::LevelFilter,
     /// Which endpoints to intercept.
     pub redirect: RedirectPolicy,
+    /// Unix socket of the listener hand-over (`handoverSocket`); `None`: never offered nor
+    /// taken.
+    pub handover_socket: Option<PathBuf>,
+    /// Run as the initramfs instance (`--early`, not a file setting): intercept every
+    /// endpoint from the first instant and offer the listener on `handover_socket`.
+    pub early: bool,
 }
 
 /// Why the configuration was refused.
@@ -236,6 +248,12 @@ impl ValidatedConfig {
             agent_mark: raw.agent_mark,
             log_level,
             redirect,
+            handover_socket: if raw.handover_socket.is_empty() {
+                None
+            } else {
+                Some(dir("handoverSocket", &raw.handover_socket)?)
+            },
+            early: false,
         })
     }
 }
@@ -254,6 +272,10 @@ mod tests {
         assert_eq!(c.max_connections, 1024);
         assert_eq!(c.redirect, RedirectPolicy::HostModes);
         assert!(c.cgroup.is_none());
+        assert_eq!(c.handover_socket.as_deref(), Some(std::path::Path::new(DEFAULT_HANDOVER_SOCKET)));
+        assert!(!c.early);
+        assert!(ValidatedConfig::parse(br#"{"handoverSocket":""}"#).unwrap().handover_socket.is_none());
+        assert!(ValidatedConfig::parse(br#"{"handoverSocket":"run/x.sock"}"#).is_err());
     }
 
     #[test]

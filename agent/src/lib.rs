@@ -19,7 +19,8 @@
 //! Modules, one role each: [`limits`] (every capacity and timeout), [`config`], [`clock`],
 //! [`logger`], [`sys`] (all `unsafe`), [`redirect`] (eBPF load/attach/maps), [`identity`]
 //! (who is calling), [`http`] (parsing and framing), [`proxy`] (event loop and connections),
-//! [`msp`] (protocol: status document, key, signing), [`policy`] (allowlist).
+//! [`msp`] (protocol: status document, key, signing), [`policy`] (allowlist), [`handover`]
+//! (passing the listener from the initramfs agent to the root file system's agent).
 
 #![deny(unsafe_code)]
 
@@ -31,6 +32,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod doctor;
+pub mod handover;
 pub mod http;
 pub mod identity;
 pub mod limits;

@@ -183,8 +183,14 @@ fn run(args: &[String]) -> Result<ExitCode, MainError> {
             println!("{}", text.trim_end());
             Ok(ExitCode::from(code))
         }
-        Command::Run { config } => {
-            let config = ValidatedConfig::load(&config).map_err(MainError::Config)?;
+        Command::Run { config, early } => {
+            let mut config = ValidatedConfig::load(&config).map_err(MainError::Config)?;
+            if early {
+                // Before the network the host's modes are unknown: intercept everything and
+                // let the first status document narrow it (docs/EARLY-BOOT.md).
+                config.early = true;
+                config.redirect = gpa::config::RedirectPolicy::All;
+            }
             logger::init(config.log_level);
             // No core dumps and no same-uid ptrace: the key lives in this process.
             if let Err(e) = sys::set_not_dumpable() {
@@ -197,6 +203,11 @@ fn run(args: &[String]) -> Result<ExitCode, MainError> {
                 Err(e) => log::error!(target: "gpa::main", "hardening failed, running with full privileges: {e}"),
             }
             logger::milestone(&format!("started, version {}", gpa::VERSION));
+            // Type=notify: the unit is "started" only now that the redirect is armed and the
+            // listener serves, so units ordered after it (network-pre) wait for protection.
+            if let Err(e) = sys::sd_notify("READY=1") {
+                log::warn!(target: "gpa::main", "cannot notify systemd: {e}");
+            }
             event_loop.run().map_err(MainError::Run)?;
             logger::milestone("stopped");
             Ok(ExitCode::SUCCESS)

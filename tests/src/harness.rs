@@ -206,9 +206,12 @@ impl Proc {
         i32::try_from(self.child.id()).unwrap_or(0)
     }
 
-    /// Sends a signal.
-    pub fn signal(&self, signal: i32) {
-        kill(self.pid(), signal);
+    /// Sends a signal, only while the child has not been reaped (a reaped pid may already
+    /// belong to another process).
+    pub fn signal(&mut self, signal: i32) {
+        if let Ok(None) = self.child.try_wait() {
+            kill(self.pid(), signal);
+        }
     }
 
     /// Waits up to `timeout` for exit; returns the exit status if it exited.
@@ -400,6 +403,11 @@ impl Agent {
 
     /// Starts the agent with `base` as its state/log root (reused across restarts).
     pub fn start_in(ns: &Netns, cg: &Cgroup, base: &Path, extra: &[&str]) -> Self {
+        Self::start_with_args(ns, cg, base, extra, &[])
+    }
+
+    /// Like [`Agent::start_in`], with extra command-line arguments (e.g. `--early`).
+    pub fn start_with_args(ns: &Netns, cg: &Cgroup, base: &Path, extra: &[&str], args: &[&str]) -> Self {
         let state_dir = base.join("state");
         let log_dir = base.join("log");
         let config = base.join("config.json");
@@ -414,6 +422,10 @@ impl Agent {
         if !extra.iter().any(|e| e.contains("\"pinPath\"")) {
             json.push_str(",\"pinPath\":\"\"");
         }
+        // Likewise the listener hand-over: never the system's /run path from a test.
+        if !extra.iter().any(|e| e.contains("\"handoverSocket\"")) {
+            json.push_str(",\"handoverSocket\":\"\"");
+        }
         for e in extra {
             json.push(',');
             json.push_str(e);
@@ -426,6 +438,7 @@ impl Agent {
             .command(binary("guest-proxy-agent").to_str().expect("utf-8"))
             .arg("--config")
             .arg(&config)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -200,3 +200,89 @@ fn a_keep_alive_connection_opened_before_the_agent_is_never_served_unsigned() {
     drop(agent);
     std::fs::remove_dir_all(&base).ok();
 }
+
+/// Copies the latched key files the way the unit's `handover` step does (never overwriting).
+fn copy_keys(from: &std::path::Path, to: &std::path::Path) {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(to).expect("keys dir");
+    for entry in std::fs::read_dir(from).expect("early keys").flatten() {
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy key");
+    }
+}
+
+#[test]
+fn the_early_agent_hands_its_listener_over_without_a_refused_connect() {
+    require_privileged!();
+    let ns = Netns::new("handover");
+    let cg = Cgroup::new("handover");
+    let pins = Bpffs::new("handover-bpf");
+    let early_base = std::env::temp_dir().join(gpa_system_tests::harness::unique("handover-early"));
+    let late_base = std::env::temp_dir().join(gpa_system_tests::harness::unique("handover-late"));
+    std::fs::create_dir_all(&early_base).expect("state dir");
+    std::fs::create_dir_all(&late_base).expect("state dir");
+    let host = FakeHost::start(&ns, "enforce");
+    let socket = format!("\"handoverSocket\":\"{}\"", early_base.join("handover.sock").display());
+    let extra = [pins.config(), socket, "\"pollIntervalSeconds\":1".to_owned()];
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut early = Agent::start_with_args(&ns, &cg, &early_base, &extra, &["--early"]);
+    early.wait_ready(&ns);
+    assert!(early.log().contains("offering the listener for hand-over"), "{}", early.log());
+    host.reset_requests(&ns);
+
+    // A caller making a fresh connection every few milliseconds across the whole hand-over:
+    // every one must be answered through an agent, signed. A refused connect, a 503 or any
+    // other answer is a gap.
+    let (client, late) = std::thread::scope(|s| {
+        let handle = s.spawn(|| {
+            gpa_system_tests::harness::python(
+                &ns,
+                root_in(&cg),
+                "import http.client,time\n\
+                 ok=refused=other=0\n\
+                 end=time.time()+7\n\
+                 while time.time()<end:\n\
+                 \x20   try:\n\
+                 \x20       c=http.client.HTTPConnection('169.254.169.254',80,timeout=5)\n\
+                 \x20       c.request('GET','/metadata/instance',headers={'Metadata':'true'})\n\
+                 \x20       r=c.getresponse(); r.read(); c.close()\n\
+                 \x20       if r.status==200 and r.getheader('x-ms-azure-host-authorization')=='value': ok+=1\n\
+                 \x20       else: other+=1; print('unexpected', r.status)\n\
+                 \x20   except OSError as e:\n\
+                 \x20       refused+=1; print('error', e)\n\
+                 \x20   time.sleep(0.005)\n\
+                 print('ok',ok,'refused',refused,'other',other)\n",
+            )
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        copy_keys(&early_base.join("state/keys"), &late_base.join("state/keys"));
+        let late = Agent::start_with_args(&ns, &cg, &late_base, &extra, &[]);
+        (handle.join().expect("client thread"), late)
+    });
+    println!("hand-over client loop: {client}");
+    let exit = early.proc.wait_timeout(Duration::from_secs(15));
+    let logs = format!("--- early\n{}\n--- late\n{}", early.log(), late.log());
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "the early agent must exit cleanly after the hand-over: {exit:?}\n{logs}"
+    );
+    assert!(client.contains("refused 0 other 0"), "a caller met a gap during the hand-over: {client}\n{logs}");
+    let ok: u32 = client.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(ok > 50, "too few requests to mean anything: {client}");
+    assert!(early.log().contains("hand-over to pid"), "{logs}");
+    assert!(late.log().contains("took over from the early agent"), "{logs}");
+    // Both agents answered part of the loop, and the host saw nothing unsigned.
+    let served = |a: &Agent| a.audit().iter().filter(|r| r["endpoint"] == "imds").count();
+    assert!(served(&early) > 0 && served(&late) > 0, "early {} late {}\n{logs}", served(&early), served(&late));
+    for r in data_requests(&host, &ns) {
+        assert_eq!(r["signature"], "valid", "an unsigned request reached the host: {r}");
+    }
+    assert_eq!(attached_programs(&cg).len(), 3, "the taker adopts the pins, never stacks");
+    assert!(!early_base.join("handover.sock").exists(), "the offer's socket file is removed");
+    // The listener really is the same socket: the late agent serves on after the early one left.
+    let (status, text) = curl(&ns, root_in(&cg), &["-H", "Metadata: true", IMDS]);
+    assert_eq!(status, 200, "{text}\n{logs}");
+    drop(late);
+    drop(early);
+    std::fs::remove_dir_all(&early_base).ok();
+    std::fs::remove_dir_all(&late_base).ok();
+}

@@ -208,6 +208,11 @@ impl Connection {
         (self.bufs, self.body.take())
     }
 
+    /// Between requests on a kept-alive connection, nothing of the next one read yet.
+    pub(crate) fn is_idle(&self) -> bool {
+        matches!(self.state, State::ReadingHead) && self.req_len == 0
+    }
+
     pub(crate) fn deadline(&self) -> Instant {
         self.deadline
     }
@@ -733,7 +738,9 @@ impl Connection {
         if !self.upstream_keep_alive {
             self.drop_upstream(ctx);
         }
-        if close {
+        // A draining agent (handed over) keeps no connection alive: the client's next
+        // connection goes to the successor.
+        if close || ctx.shared.draining {
             return Step::Close(CloseReason::Done);
         }
         self.parsed_len = usize::MAX;

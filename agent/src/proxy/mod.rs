@@ -37,6 +37,9 @@ use crate::{clock, logger};
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
 const KEEPER: Token = Token(2);
+/// The early agent's hand-over socket, and the taker connected to it (crate::handover).
+const HANDOVER_OFFER: Token = Token(4);
+const HANDOVER_PEER: Token = Token(5);
 /// Connection tokens start here: slot `i` uses `FIRST_CONNECTION + 2i` (client) and `+ 1`
 /// (upstream).
 pub const FIRST_CONNECTION: usize = 16;
@@ -44,6 +47,10 @@ pub const FIRST_CONNECTION: usize = 16;
 /// Sent when the table is full (never queued, MSP §11 item 5).
 /// Pending connections the kernel queues for `accept` (see `sys::listen_tcp`).
 const LISTEN_BACKLOG: i32 = 1024;
+
+/// How long a taking agent waits for its key latch before it tells the early agent to stop
+/// anyway (the early agent faces the same host, so waiting longer gains nothing).
+const TAKEOVER_READY_WAIT: Duration = Duration::from_secs(10);
 
 /// Audit log rotation: 10 MiB per file, 5 files.
 const AUDIT_FILE_BYTES: u64 = 10 * 1024 * 1024;
@@ -169,6 +176,8 @@ pub struct Shared {
     pub(crate) ebpf_message: String,
     /// `proxyListenerStatus` message.
     pub(crate) listener_message: String,
+    /// Handing over to another agent: finish each exchange, keep no connection alive.
+    pub(crate) draining: bool,
 }
 
 impl Shared {
@@ -390,11 +399,28 @@ impl core::fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
+/// The listener hand-over in progress, if any (crate::handover).
+#[derive(Debug)]
+enum Handover {
+    /// Not involved.
+    None,
+    /// Early agent: offering the listener to the next agent.
+    Offering(crate::handover::Offer),
+    /// Taking over: the shared listener is held but not yet accepted on; the early agent is
+    /// told to stop once this agent is ready (or at the deadline).
+    Taking { taker: crate::handover::Taker, deadline: Instant, started: Instant },
+    /// Handed over: accepting no more; exit when the last connection ends or at the deadline.
+    Draining { deadline: Instant, successor: u32 },
+}
+
 /// The running daemon.
 #[derive(Debug)]
 pub struct EventLoop {
     poll: Poll,
     listener: TcpListener,
+    /// The listener is registered (it is not while taking over, or once handed over).
+    accepting: bool,
+    handover: Handover,
     listen: SocketAddrV4,
     signals: SignalFd,
     slots: Box<[Slot]>,
@@ -422,10 +448,19 @@ impl EventLoop {
         poll.registry()
             .register(&mut SourceFd(&signals.raw()), SIGNALS, Interest::READABLE)
             .map_err(StartError::Poll)?;
-        let mut listener = bind_listener(config.listen)?;
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE).map_err(StartError::Poll)?;
+        let (mut listener, taker, shared_listener) = listener_for(&config)?;
+        // A listener shared with the early agent is accepted on only once this agent is armed
+        // and latched; until then the early agent keeps accepting from the same queue.
+        let accepting = !shared_listener;
+        if accepting {
+            poll.registry().register(&mut listener, LISTENER, Interest::READABLE).map_err(StartError::Poll)?;
+        }
         let netns_cookie = crate::sys::netns_cookie(listener.as_fd()).unwrap_or(0);
-        logger::milestone(&format!("proxy listener ready on {}", config.listen));
+        logger::milestone(&format!(
+            "proxy listener ready on {}{}",
+            config.listen,
+            if shared_listener { " (shared by the early agent)" } else { "" }
+        ));
 
         let cgroup = match &config.cgroup {
             Some(p) => p.clone(),
@@ -453,6 +488,11 @@ impl EventLoop {
             &config.state_dir,
             clock::now(),
         );
+        let handover = match taker {
+            Some(taker) => Handover::Taking { taker, deadline: clock::now() + TAKEOVER_READY_WAIT, started },
+            None if config.early => offer_handover(&config, &poll),
+            None => Handover::None,
+        };
         let slots = Buffers::arena(config.max_connections)
             .into_iter()
             .map(|bufs| Slot { conn: None, spare: Some(bufs) })
@@ -462,6 +502,8 @@ impl EventLoop {
         let mut this = Self {
             poll,
             listener,
+            accepting,
+            handover,
             listen: config.listen,
             signals,
             slots,
@@ -482,6 +524,7 @@ impl EventLoop {
                 log_dir: config.log_dir.clone(),
                 ebpf_message,
                 listener_message,
+                draining: false,
                 audit: match AuditLog::open(&config.log_dir, AUDIT_FILE_BYTES, AUDIT_FILES) {
                     Ok(a) => Some(a),
                     Err(e) => {
@@ -501,7 +544,7 @@ impl EventLoop {
         for (i, destination) in
             [this.config.wire_server, this.config.imds, this.config.host_ga_plugin].into_iter().enumerate()
         {
-            this.routes[i] = this.redirector.routed(destination);
+            this.routes[i] = this.redirector.routed(destination, this.listen);
         }
         this.apply_routes();
         Ok(this)
@@ -534,6 +577,8 @@ impl EventLoop {
                         }
                     }
                     KEEPER => self.drive_keeper(now),
+                    HANDOVER_OFFER => self.offer_listener(),
+                    HANDOVER_PEER => self.read_taker(now),
                     Token(t) if t >= FIRST_CONNECTION => self.drive_connection((t - FIRST_CONNECTION) / 2, now, false),
                     Token(_) => {}
                 }
@@ -544,11 +589,105 @@ impl EventLoop {
             {
                 log::warn!(target: "gpa::loop", "audit log write failed: {e}");
             }
+            if self.advance_handover(now) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Early agent: a taker connected; send it the listener.
+    fn offer_listener(&mut self) {
+        let Handover::Offering(offer) = &mut self.handover else { return };
+        match offer.accept(self.listener.as_fd(), self.listen) {
+            Ok(Some(pid)) => {
+                log::info!(target: "gpa::handover", "listener offered to pid {pid}");
+                if let Some(peer) = offer.peer()
+                    && let Err(e) = self.poll.registry().register(peer, HANDOVER_PEER, Interest::READABLE)
+                {
+                    log::warn!(target: "gpa::handover", "cannot watch the taking agent: {e}");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => log::warn!(target: "gpa::handover", "hand-over accept failed: {e}"),
+        }
+    }
+
+    /// Early agent: the taker said something (or went away).
+    fn read_taker(&mut self, now: Instant) {
+        let Handover::Offering(offer) = &mut self.handover else { return };
+        match offer.read_peer() {
+            crate::handover::PeerEvent::Pending => {}
+            crate::handover::PeerEvent::Gone => {
+                log::warn!(target: "gpa::handover", "the taking agent went away before taking over; still serving");
+            }
+            crate::handover::PeerEvent::Stop(pid) => self.begin_drain(pid, now),
+        }
+    }
+
+    /// Early agent, handed over: stop accepting (the successor accepts from the same socket),
+    /// end idle connections, finish the rest, then exit without unpinning.
+    fn begin_drain(&mut self, successor: u32, now: Instant) {
+        if self.accepting {
+            drop(self.poll.registry().deregister(&mut self.listener));
+            self.accepting = false;
+        }
+        if let Handover::Offering(offer) = &self.handover {
+            // Best effort: after switch_root this process may no longer see the path.
+            drop(std::fs::remove_file(offer.path()));
+        }
+        logger::milestone(&format!("handed the listener over to pid {successor}; finishing {} connections", self.live));
+        self.handover =
+            Handover::Draining { deadline: clock::after(now, self.config.upstream_timeout_ms + 1_000), successor };
+        self.shared.draining = true;
+        for index in 0..self.slots.len() {
+            if self.slots[index].conn.as_ref().is_some_and(|c| c.is_idle()) {
+                self.close_connection(index, CloseReason::Idle);
+            }
+        }
+    }
+
+    /// Moves the hand-over along; `true` when this agent has handed over and is done.
+    fn advance_handover(&mut self, now: Instant) -> bool {
+        match &self.handover {
+            Handover::Taking { deadline, .. } if self.shared.keeper.ready() || now >= *deadline => {
+                let Handover::Taking { taker, started, .. } = std::mem::replace(&mut self.handover, Handover::None)
+                else {
+                    return false;
+                };
+                if !self.accepting {
+                    match self.poll.registry().register(&mut self.listener, LISTENER, Interest::READABLE) {
+                        Ok(()) => self.accepting = true,
+                        Err(e) => log::error!(target: "gpa::handover", "cannot accept on the shared listener: {e}"),
+                    }
+                }
+                let early = taker.early_pid;
+                if let Err(e) = taker.stop() {
+                    log::warn!(target: "gpa::handover", "could not tell the early agent to stop: {e}");
+                }
+                let ms = now.saturating_duration_since(started).as_millis();
+                logger::milestone(&format!(
+                    "took over from the early agent (pid {early}) after {ms} ms, key latch {}",
+                    if self.shared.keeper.ready() { "ready" } else { "not ready yet" }
+                ));
+                false
+            }
+            Handover::Draining { deadline, successor } if self.live == 0 || now >= *deadline => {
+                logger::milestone(&format!(
+                    "hand-over to pid {successor} complete{}; exiting without unpinning",
+                    if self.live == 0 { "" } else { " (connections still open at the deadline are closed)" }
+                ));
+                true
+            }
+            _ => false,
         }
     }
 
     fn next_deadline(&self, now: Instant) -> Option<Instant> {
-        let mut next = self.shared.keeper.deadline().min(self.next_status);
+        let mut next = match self.handover {
+            Handover::Draining { deadline, .. } => deadline,
+            Handover::Taking { deadline, .. } => deadline.min(self.shared.keeper.deadline()).min(self.next_status),
+            _ => self.shared.keeper.deadline().min(self.next_status),
+        };
         if self.live > 0 {
             for slot in self.slots.iter() {
                 if let Some(c) = &slot.conn {
@@ -693,25 +832,32 @@ impl EventLoop {
         let next = if timed_out { conn.on_timeout(&mut ctx) } else { conn.drive(&mut ctx) };
         // Take the connection out only when it is closing (a tuple pattern would take it
         // unconditionally and drop a live connection).
-        if let Next::Close(reason) = next
-            && let Some(conn) = slot.conn.take()
-        {
-            log::debug!(target: "gpa::proxy", "connection closed: slot={index} reason={reason:?}");
-            let (bufs, body) = conn.into_parts(registry);
-            if let Some(body) = body {
-                self.shared.pool.give_back(body);
-            }
-            slot.spare = Some(bufs);
-            self.free.push(index);
-            self.live -= 1;
+        if let Next::Close(reason) = next {
+            self.close_connection(index, reason);
         }
     }
 
+    /// Ends the connection in slot `index` and returns its buffers to the slot.
+    fn close_connection(&mut self, index: usize, reason: CloseReason) {
+        let Some(slot) = self.slots.get_mut(index) else { return };
+        let Some(conn) = slot.conn.take() else { return };
+        log::debug!(target: "gpa::proxy", "connection closed: slot={index} reason={reason:?}");
+        let (bufs, body) = conn.into_parts(self.poll.registry());
+        if let Some(body) = body {
+            self.shared.pool.give_back(body);
+        }
+        slot.spare = Some(bufs);
+        self.free.push(index);
+        self.live -= 1;
+    }
+
     fn expire(&mut self, now: Instant) {
-        if self.shared.keeper.deadline() <= now {
+        // A draining agent has handed the host calls and the status file to its successor.
+        let draining = self.shared.draining;
+        if !draining && self.shared.keeper.deadline() <= now {
             self.drive_keeper(now);
         }
-        if self.next_status <= now {
+        if !draining && self.next_status <= now {
             self.shared.write_status_file();
             self.next_status = now + Duration::from_secs(self.config.status_interval_secs);
         }
@@ -740,6 +886,52 @@ fn secure_rules_dir(dir: &std::path::Path) {
     });
     if let Err(e) = fixed {
         log::warn!(target: "gpa::loop", "rules folder {} not secured: {e}", dir.display());
+    }
+}
+
+/// The proxy listener: the early agent's own socket when it offers one (hand-over), else a
+/// fresh bind. Returns the listener, the line to the early agent, and whether the socket is
+/// shared with it.
+fn listener_for(config: &ValidatedConfig) -> Result<(TcpListener, Option<crate::handover::Taker>, bool), StartError> {
+    // Without pins the early agent's programs and maps would go with it: nothing to adopt.
+    if let (false, Some(path), Some(_)) = (config.early, &config.handover_socket, &config.pin_dir) {
+        match crate::handover::take(path, config.listen) {
+            Ok(Some(taken)) => {
+                logger::milestone(&format!("taking over from the early agent (pid {})", taken.taker.early_pid));
+                return Ok(match taken.listener {
+                    Some(shared) => (TcpListener::from_std(shared), Some(taken.taker), true),
+                    None => (bind_listener(config.listen)?, Some(taken.taker), false),
+                });
+            }
+            Ok(None) => {}
+            Err(e) => log::warn!(target: "gpa::handover", "no hand-over from {}: {e}", path.display()),
+        }
+    }
+    Ok((bind_listener(config.listen)?, None, false))
+}
+
+/// Early agent: listen for the agent that will take over (only with pinning, which is what
+/// lets the successor adopt the programs and maps).
+fn offer_handover(config: &ValidatedConfig, poll: &Poll) -> Handover {
+    let (Some(path), Some(_)) = (&config.handover_socket, &config.pin_dir) else {
+        log::warn!(target: "gpa::handover", "no listener hand-over: it needs handoverSocket and pinPath");
+        return Handover::None;
+    };
+    match crate::handover::Offer::bind(path) {
+        Ok(mut offer) => match poll.registry().register(offer.listener(), HANDOVER_OFFER, Interest::READABLE) {
+            Ok(()) => {
+                logger::milestone(&format!("offering the listener for hand-over on {}", path.display()));
+                Handover::Offering(offer)
+            }
+            Err(e) => {
+                log::warn!(target: "gpa::handover", "no listener hand-over: {e}");
+                Handover::None
+            }
+        },
+        Err(e) => {
+            log::warn!(target: "gpa::handover", "no listener hand-over on {}: {e}", path.display());
+            Handover::None
+        }
     }
 }
 

@@ -164,10 +164,12 @@ impl Redirector {
         Ok(Self { _ebpf: ebpf, policy, audit, cgroup: cgroup.to_owned() })
     }
 
-    /// Destinations currently intercepted (after adopting pinned state, these are the
-    /// previous agent's routes).
-    pub fn routed(&self, destination: SocketAddrV4) -> bool {
-        self.policy.get(&policy_key(destination), 0).is_ok()
+    /// Whether connects to `destination` are currently sent to `proxy` (after adopting pinned
+    /// state, these are the previous agent's routes; one to another address does not count).
+    pub fn routed(&self, destination: SocketAddrV4, proxy: SocketAddrV4) -> bool {
+        self.policy
+            .get(&policy_key(destination), 0)
+            .is_ok_and(|v| v.proxy_ip == u32::from(*proxy.ip()).to_be() && v.proxy_port == proxy.port().to_be())
     }
 
     /// The cgroup the programs are attached to.

@@ -401,6 +401,132 @@ pub fn listen_tcp(addr: SocketAddrV4, backlog: i32) -> io::Result<std::net::TcpL
     Ok(std::net::TcpListener::from(fd))
 }
 
+/// Uid of the process at the other end of a Unix socket (`SO_PEERCRED`, as of its connect).
+pub fn peer_uid_pid(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    // SAFETY: `ucred` is plain data; all-zero is a valid value.
+    let mut cred: libc::ucred = unsafe { zeroed() };
+    let mut len = socklen(size_of::<libc::ucred>());
+    // SAFETY: `fd` is a live socket; `cred` and `len` are valid for writes of the size given.
+    cvt(unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&raw mut cred).cast(), &raw mut len)
+    })?;
+    Ok((cred.uid, u32::try_from(cred.pid).unwrap_or(0)))
+}
+
+/// Room for one `SCM_RIGHTS` message carrying a single fd (`CMSG_SPACE(sizeof(int))`, with
+/// margin), aligned for `cmsghdr`.
+#[repr(C, align(8))]
+struct FdControl([u8; 64]);
+
+/// Sends `bytes` with one file descriptor attached (`SCM_RIGHTS`). The receiver gets its own
+/// descriptor for the same open file (here: the same listening socket).
+pub fn send_with_fd(sock: BorrowedFd<'_>, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut iov = libc::iovec { iov_base: bytes.as_ptr().cast_mut().cast(), iov_len: bytes.len() };
+    let mut control = FdControl([0; 64]);
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(socklen(size_of::<RawFd>())) } as usize;
+    // SAFETY: `msghdr` is plain data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = space.min(control.0.len()) as _;
+    // SAFETY: `msg` points at `control`, which is large enough for one cmsghdr with one int
+    // (checked by the min above), so CMSG_FIRSTHDR is non-null and CMSG_DATA is in bounds.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        if cmsg.is_null() {
+            return Err(io::Error::other("control buffer too small"));
+        }
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(socklen(size_of::<RawFd>())) as _;
+        libc::CMSG_DATA(cmsg).cast::<RawFd>().write_unaligned(fd.as_raw_fd());
+    }
+    // SAFETY: `msg` and everything it points at (iov, bytes, control) outlive the call.
+    let sent = unsafe { libc::sendmsg(sock.as_raw_fd(), &raw const msg, libc::MSG_NOSIGNAL) };
+    usize::try_from(sent).map_err(|_negative| io::Error::last_os_error())
+}
+
+/// Receives into `buf` and returns the bytes read and the first file descriptor attached, if
+/// any (received close-on-exec; any further descriptors are closed, never leaked).
+pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut control = FdControl([0; 64]);
+    // SAFETY: `msghdr` is plain data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = control.0.len() as _;
+    // SAFETY: `msg` points at `buf` and `control`, both valid for writes of the sizes given.
+    let got = unsafe { libc::recvmsg(sock.as_raw_fd(), &raw mut msg, libc::MSG_CMSG_CLOEXEC) };
+    let got = usize::try_from(got).map_err(|_negative| io::Error::last_os_error())?;
+    let mut first = None;
+    // SAFETY: the kernel filled `control` and set `msg_controllen`; the CMSG_* walk stays
+    // within it. Every descriptor found is wrapped in an OwnedFd at once.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let header = libc::CMSG_LEN(0) as usize;
+                let count = ((*cmsg).cmsg_len as usize).saturating_sub(header) / size_of::<RawFd>();
+                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                for i in 0..count {
+                    let owned = OwnedFd::from_raw_fd(data.add(i).read_unaligned());
+                    if first.is_none() {
+                        first = Some(owned);
+                    }
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+        }
+    }
+    Ok((got, first))
+}
+
+/// The local address of `fd` if it is a listening IPv4 TCP socket, `None` if it is any other
+/// kind of descriptor.
+pub fn listening_tcp_v4(fd: BorrowedFd<'_>) -> Option<SocketAddrV4> {
+    let get = |name| {
+        let mut value: libc::c_int = 0;
+        let mut len = socklen(size_of::<libc::c_int>());
+        // SAFETY: `value` and `len` are valid for writes of the sizes given; a non-socket fd
+        // just fails with ENOTSOCK.
+        cvt(unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, name, (&raw mut value).cast(), &raw mut len) })
+            .ok()
+            .map(|_| value)
+    };
+    if get(libc::SO_DOMAIN)? != libc::AF_INET
+        || get(libc::SO_TYPE)? != libc::SOCK_STREAM
+        || get(libc::SO_ACCEPTCONN)? != 1
+    {
+        return None;
+    }
+    // SAFETY: `sockaddr_in` is plain data; all-zero is a valid value.
+    let mut sin: libc::sockaddr_in = unsafe { zeroed() };
+    let mut len = socklen(size_of::<libc::sockaddr_in>());
+    // SAFETY: `sin` and `len` are valid for writes of the size given.
+    cvt(unsafe { libc::getsockname(fd.as_raw_fd(), (&raw mut sin).cast(), &raw mut len) }).ok()?;
+    Some(SocketAddrV4::new(u32::from_be(sin.sin_addr.s_addr).into(), u16::from_be(sin.sin_port)))
+}
+
+/// Tells systemd about the service state (`sd_notify(3)` protocol: one datagram to
+/// `$NOTIFY_SOCKET`, a path or an abstract name starting with `@`). `Ok(false)` when not run
+/// by systemd with `Type=notify`.
+pub fn sd_notify(state: &str) -> io::Result<bool> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else { return Ok(false) };
+    let addr = match target.as_encoded_bytes().strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(std::path::Path::new(&target))?,
+    };
+    let socket = UnixDatagram::unbound()?;
+    socket.send_to_addr(state.as_bytes(), &addr)?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod stack_tests {
     fn rss_kib() -> u64 {
