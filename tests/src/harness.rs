@@ -408,6 +408,18 @@ impl Agent {
 
     /// Like [`Agent::start_in`], with extra command-line arguments (e.g. `--early`).
     pub fn start_with_args(ns: &Netns, cg: &Cgroup, base: &Path, extra: &[&str], args: &[&str]) -> Self {
+        Self::start_full(ns, cg, base, extra, args, &[])
+    }
+
+    /// Like [`Agent::start_with_args`], with extra environment variables for the agent.
+    pub fn start_full(
+        ns: &Netns,
+        cg: &Cgroup,
+        base: &Path,
+        extra: &[&str],
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
         let state_dir = base.join("state");
         let log_dir = base.join("log");
         let config = base.join("config.json");
@@ -439,6 +451,7 @@ impl Agent {
             .arg("--config")
             .arg(&config)
             .args(args)
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -286,3 +286,27 @@ fn the_early_agent_hands_its_listener_over_without_a_refused_connect() {
     std::fs::remove_dir_all(&early_base).ok();
     std::fs::remove_dir_all(&late_base).ok();
 }
+
+#[test]
+fn systemd_hears_ready_only_once_the_redirect_is_armed() {
+    require_privileged!();
+    let ns = Netns::new("notify");
+    let cg = Cgroup::new("notify");
+    let _host = FakeHost::start(&ns, "enforce");
+    let base = std::env::temp_dir().join(gpa_system_tests::harness::unique("notify-state"));
+    std::fs::create_dir_all(&base).expect("state dir");
+    // The socket systemd would pass as $NOTIFY_SOCKET (Type=notify).
+    let socket_path = base.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("notify socket");
+    socket.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let notify = socket_path.to_str().expect("utf-8").to_owned();
+    let agent = Agent::start_full(&ns, &cg, &base, &[], &[], &[("NOTIFY_SOCKET", &notify)]);
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).expect("no sd_notify datagram from the agent");
+    assert_eq!(&buf[..n], b"READY=1");
+    // Sent after start-up returned: the programs are on the cgroup.
+    assert_eq!(attached_programs(&cg).len(), 3, "READY=1 before the programs were attached");
+    assert!(agent.log().contains("eBPF redirector attached"), "{}", agent.log());
+    drop(agent);
+    std::fs::remove_dir_all(&base).ok();
+}
