@@ -229,9 +229,10 @@ fn the_early_agent_hands_its_listener_over_without_a_refused_connect() {
     assert!(early.log().contains("offering the listener for hand-over"), "{}", early.log());
     host.reset_requests(&ns);
 
-    // A caller making a fresh connection every few milliseconds across the whole hand-over:
-    // every one must be answered through an agent, signed. A refused connect, a 503 or any
-    // other answer is a gap.
+    // A caller making a fresh connection every few milliseconds across the whole hand-over,
+    // each held open a moment before its request (so one is likely accepted but still
+    // silent when the early agent is told to stop): every one must be answered through an
+    // agent, signed. A refused connect, a reset, a 503 or any other answer is a gap.
     let (client, late) = std::thread::scope(|s| {
         let handle = s.spawn(|| {
             gpa_system_tests::harness::python(
@@ -243,6 +244,7 @@ fn the_early_agent_hands_its_listener_over_without_a_refused_connect() {
                  while time.time()<end:\n\
                  \x20   try:\n\
                  \x20       c=http.client.HTTPConnection('169.254.169.254',80,timeout=5)\n\
+                 \x20       c.connect(); time.sleep(0.03)\n\
                  \x20       c.request('GET','/metadata/instance',headers={'Metadata':'true'})\n\
                  \x20       r=c.getresponse(); r.read(); c.close()\n\
                  \x20       if r.status==200 and r.getheader('x-ms-azure-host-authorization')=='value': ok+=1\n\
@@ -267,7 +269,7 @@ fn the_early_agent_hands_its_listener_over_without_a_refused_connect() {
     );
     assert!(client.contains("refused 0 other 0"), "a caller met a gap during the hand-over: {client}\n{logs}");
     let ok: u32 = client.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
-    assert!(ok > 50, "too few requests to mean anything: {client}");
+    assert!(ok > 40, "too few requests to mean anything: {client}");
     assert!(early.log().contains("hand-over to pid"), "{logs}");
     assert!(late.log().contains("took over from the early agent"), "{logs}");
     // Both agents answered part of the loop, and the host saw nothing unsigned.

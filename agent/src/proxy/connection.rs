@@ -153,6 +153,8 @@ pub(crate) struct Connection {
     remaining: Remaining,
     upstream_keep_alive: bool,
     exchange: Option<Exchange>,
+    /// Requests answered on this connection so far.
+    answered: u32,
 }
 
 /// What the event loop lends a connection for one drive.
@@ -196,6 +198,7 @@ impl Connection {
             remaining: Remaining::Done,
             upstream_keep_alive: false,
             exchange: None,
+            answered: 0,
         }
     }
 
@@ -208,9 +211,10 @@ impl Connection {
         (self.bufs, self.body.take())
     }
 
-    /// Between requests on a kept-alive connection, nothing of the next one read yet.
+    /// Kept alive between requests, nothing of the next one read yet. A new connection
+    /// whose first request has not arrived is not idle: its caller is about to send it.
     pub(crate) fn is_idle(&self) -> bool {
-        matches!(self.state, State::ReadingHead) && self.req_len == 0
+        matches!(self.state, State::ReadingHead) && self.req_len == 0 && self.answered > 0
     }
 
     pub(crate) fn deadline(&self) -> Instant {
@@ -731,6 +735,7 @@ impl Connection {
 
     fn finish_exchange(&mut self, ctx: &mut Ctx<'_>) -> Step {
         let exchange = self.exchange.take();
+        self.answered = self.answered.saturating_add(1);
         let close = exchange.as_ref().is_some_and(|e| e.close);
         if let Some(e) = exchange {
             ctx.shared.record(self.caller.as_ref(), self.peer, &e, ctx.now);
