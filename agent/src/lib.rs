@@ -42,6 +42,7 @@ pub mod redirect;
 pub mod status;
 #[expect(unsafe_code, reason = "the one module allowed raw libc; every block has a SAFETY comment")]
 pub mod sys;
+pub mod telemetry;
 
 /// The agent's version, as printed by `--version` and reported in the status document.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
