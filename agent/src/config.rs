@@ -38,6 +38,9 @@ struct RawConfig {
     agent_mark: u32,
     log_level: String<8>,
     redirect: String<16>,
+    /// 0 (the default): no telemetry upload.
+    telemetry_interval_seconds: u32,
+    telemetry_level: String<8>,
 }
 
 impl Default for RawConfig {
@@ -62,6 +65,8 @@ impl Default for RawConfig {
             agent_mark: DEFAULT_AGENT_MARK,
             log_level: s("info"),
             redirect: s("hostModes"),
+            telemetry_interval_seconds: 0,
+            telemetry_level: s("warn"),
         }
     }
 }
@@ -116,6 +121,18 @@ pub struct ValidatedConfig {
     pub log_level: log::LevelFilter,
     /// Which endpoints to intercept.
     pub redirect: RedirectPolicy,
+    /// Telemetry upload to the WireServer; `None`: off (the default).
+    pub telemetry: Option<TelemetryConfig>,
+}
+
+/// The optional telemetry upload (MSP §7.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TelemetryConfig {
+    /// How often queued events are sent.
+    pub interval_secs: u64,
+    /// Log records at or below this level become events (milestones and module status changes
+    /// always do).
+    pub level: log::LevelFilter,
 }
 
 /// Why the configuration was refused.
@@ -198,14 +215,15 @@ impl ValidatedConfig {
         if raw.agent_mark == 0 {
             return Err(ConfigError::Invalid("agentMark", "must not be 0 (0 is every unmarked socket)"));
         }
-        let log_level = match raw.log_level.to_ascii_lowercase().as_str() {
-            "off" => log::LevelFilter::Off,
-            "error" => log::LevelFilter::Error,
-            "warn" => log::LevelFilter::Warn,
-            "info" => log::LevelFilter::Info,
-            "debug" => log::LevelFilter::Debug,
-            "trace" => log::LevelFilter::Trace,
-            _ => return Err(ConfigError::Invalid("logLevel", "expected off, error, warn, info, debug or trace")),
+        let log_level = parse_level(&raw.log_level)
+            .ok_or(ConfigError::Invalid("logLevel", "expected off, error, warn, info, debug or trace"))?;
+        let level = parse_level(&raw.telemetry_level)
+            .filter(|l| *l != log::LevelFilter::Off)
+            .ok_or(ConfigError::Invalid("telemetryLevel", "expected error, warn, info, debug or trace"))?;
+        let telemetry = match raw.telemetry_interval_seconds {
+            0 => None,
+            1..=3600 => Some(TelemetryConfig { interval_secs: u64::from(raw.telemetry_interval_seconds), level }),
+            _ => return Err(ConfigError::Invalid("telemetryIntervalSeconds", "must be 0 (off) or between 1 and 3600")),
         };
         let redirect = match raw.redirect.as_str() {
             "hostModes" => RedirectPolicy::HostModes,
@@ -236,8 +254,14 @@ impl ValidatedConfig {
             agent_mark: raw.agent_mark,
             log_level,
             redirect,
+            telemetry,
         })
     }
+}
+
+/// `off`, `error`, `warn`, `info`, `debug` or `trace`, in any case (`log`'s own parser).
+fn parse_level(text: &str) -> Option<log::LevelFilter> {
+    text.parse().ok()
 }
 
 #[cfg(test)]
@@ -254,6 +278,29 @@ mod tests {
         assert_eq!(c.max_connections, 1024);
         assert_eq!(c.redirect, RedirectPolicy::HostModes);
         assert!(c.cgroup.is_none());
+        assert_eq!(c.telemetry, None, "telemetry is off unless configured");
+    }
+
+    #[test]
+    fn telemetry_is_on_only_with_an_interval() {
+        let c = ValidatedConfig::parse(br#"{"telemetryIntervalSeconds":60}"#).unwrap();
+        assert_eq!(c.telemetry, Some(TelemetryConfig { interval_secs: 60, level: log::LevelFilter::Warn }));
+        let c = ValidatedConfig::parse(br#"{"telemetryIntervalSeconds":1,"telemetryLevel":"INFO"}"#).unwrap();
+        assert_eq!(c.telemetry, Some(TelemetryConfig { interval_secs: 1, level: log::LevelFilter::Info }));
+        assert_eq!(ValidatedConfig::parse(br#"{"telemetryIntervalSeconds":0}"#).unwrap().telemetry, None);
+        assert_eq!(ValidatedConfig::parse(br#"{"telemetryLevel":"info"}"#).unwrap().telemetry, None);
+        assert!(matches!(
+            ValidatedConfig::parse(br#"{"telemetry":{"intervalSeconds":5}}"#),
+            Err(ConfigError::Parse(..))
+        ));
+        for (bad, key) in [
+            (&br#"{"telemetryIntervalSeconds":3601}"#[..], "telemetryIntervalSeconds"),
+            (br#"{"telemetryIntervalSeconds":60,"telemetryLevel":"off"}"#, "telemetryLevel"),
+            (br#"{"telemetryLevel":"loud"}"#, "telemetryLevel"),
+        ] {
+            let e = ValidatedConfig::parse(bad).unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+        }
     }
 
     #[test]

@@ -13,13 +13,15 @@
 //!      │                   upstream connect (SO_MARK: exempt from redirect) → relay response
 //!      │
 //!      ├── msp::key_keeper (status poll, key latch, attestation) → redirect policy map
+//!      ├── telemetry::uploader (optional: queued events → WireServer, MSP §7.2)
 //!      └── signals (signalfd), status timer
 //! ```
 //!
 //! Modules, one role each: [`limits`] (every capacity and timeout), [`config`], [`clock`],
 //! [`logger`], [`sys`] (all `unsafe`), [`redirect`] (eBPF load/attach/maps), [`identity`]
 //! (who is calling), [`http`] (parsing and framing), [`proxy`] (event loop and connections),
-//! [`msp`] (protocol: status document, key, signing), [`policy`] (allowlist).
+//! [`msp`] (protocol: status document, key, signing), [`policy`] (allowlist), [`telemetry`]
+//! (optional event upload).
 
 #![deny(unsafe_code)]
 
