@@ -115,3 +115,37 @@ pub fn milestone(message: &str) {
         drop(writeln!(console, "guest-proxy-agent: {message}"));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::queue;
+
+    /// How many events of each operation in `of` the process-wide queue holds (it is drained).
+    fn drain_counting<const N: usize>(of: [&str; N]) -> [u64; N] {
+        let mut seen = [0; N];
+        queue::global().pop_while(|e| {
+            for (count, operation) in seen.iter_mut().zip(of) {
+                *count += u64::from(e.operation == operation);
+            }
+            true
+        });
+        seen
+    }
+
+    #[test]
+    fn a_guest_triggered_flood_is_neither_printed_nor_queued_past_the_rate_limit() {
+        // The only test that installs the process-wide logger: stderr off, every level queued.
+        init(LevelFilter::Off, Some(LevelFilter::Trace));
+        drain_counting([]);
+        log::warn!(target: "gpa::loop_test", "not guest-triggered: queued");
+        for i in 0..500 {
+            log::warn!(target: "gpa::proxy::flood_test", "request denied: pid={i}");
+        }
+        let [other, flood] = drain_counting(["gpa::loop_test", "gpa::proxy::flood_test"]);
+        assert_eq!(other, 1);
+        // Some pass (a bucket is 20 a second); the loop may straddle one second boundary, so at
+        // most two buckets' worth: the other 460+ records were neither printed nor queued.
+        assert!((1..=2 * GUEST_TRIGGERED_LINES_PER_SECOND).contains(&flood), "{flood} of 500 flood records queued");
+    }
+}
