@@ -39,6 +39,9 @@ struct RawConfig {
     log_level: String<8>,
     redirect: String<16>,
     handover_socket: String<108>,
+    /// 0 (the default): no telemetry upload.
+    telemetry_interval_seconds: u32,
+    telemetry_level: String<8>,
 }
 
 impl Default for RawConfig {
@@ -64,6 +67,8 @@ impl Default for RawConfig {
             log_level: s("info"),
             redirect: s("hostModes"),
             handover_socket: s(DEFAULT_HANDOVER_SOCKET),
+            telemetry_interval_seconds: 0,
+            telemetry_level: s("warn"),
         }
     }
 }
@@ -128,6 +133,18 @@ pub struct ValidatedConfig {
     /// Run as the initramfs instance (`--early`, not a file setting): intercept every
     /// endpoint from the first instant and offer the listener on `handover_socket`.
     pub early: bool,
+    /// Telemetry upload to the WireServer; `None`: off (the default).
+    pub telemetry: Option<TelemetryConfig>,
+}
+
+/// The optional telemetry upload (MSP §7.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TelemetryConfig {
+    /// How often queued events are sent.
+    pub interval_secs: u64,
+    /// Log records at or below this level become events (milestones and module status changes
+    /// always do).
+    pub level: log::LevelFilter,
 }
 
 /// Why the configuration was refused.
@@ -210,14 +227,15 @@ impl ValidatedConfig {
         if raw.agent_mark == 0 {
             return Err(ConfigError::Invalid("agentMark", "must not be 0 (0 is every unmarked socket)"));
         }
-        let log_level = match raw.log_level.to_ascii_lowercase().as_str() {
-            "off" => log::LevelFilter::Off,
-            "error" => log::LevelFilter::Error,
-            "warn" => log::LevelFilter::Warn,
-            "info" => log::LevelFilter::Info,
-            "debug" => log::LevelFilter::Debug,
-            "trace" => log::LevelFilter::Trace,
-            _ => return Err(ConfigError::Invalid("logLevel", "expected off, error, warn, info, debug or trace")),
+        let log_level = parse_level(&raw.log_level)
+            .ok_or(ConfigError::Invalid("logLevel", "expected off, error, warn, info, debug or trace"))?;
+        let level = parse_level(&raw.telemetry_level)
+            .filter(|l| *l != log::LevelFilter::Off)
+            .ok_or(ConfigError::Invalid("telemetryLevel", "expected error, warn, info, debug or trace"))?;
+        let telemetry = match raw.telemetry_interval_seconds {
+            0 => None,
+            1..=3600 => Some(TelemetryConfig { interval_secs: u64::from(raw.telemetry_interval_seconds), level }),
+            _ => return Err(ConfigError::Invalid("telemetryIntervalSeconds", "must be 0 (off) or between 1 and 3600")),
         };
         let redirect = match raw.redirect.as_str() {
             "hostModes" => RedirectPolicy::HostModes,
@@ -254,8 +272,14 @@ impl ValidatedConfig {
                 Some(dir("handoverSocket", &raw.handover_socket)?)
             },
             early: false,
+            telemetry,
         })
     }
+}
+
+/// `off`, `error`, `warn`, `info`, `debug` or `trace`, in any case (`log`'s own parser).
+fn parse_level(text: &str) -> Option<log::LevelFilter> {
+    text.parse().ok()
 }
 
 #[cfg(test)]
@@ -276,6 +300,29 @@ mod tests {
         assert!(!c.early);
         assert!(ValidatedConfig::parse(br#"{"handoverSocket":""}"#).unwrap().handover_socket.is_none());
         assert!(ValidatedConfig::parse(br#"{"handoverSocket":"run/x.sock"}"#).is_err());
+        assert_eq!(c.telemetry, None, "telemetry is off unless configured");
+    }
+
+    #[test]
+    fn telemetry_is_on_only_with_an_interval() {
+        let c = ValidatedConfig::parse(br#"{"telemetryIntervalSeconds":60}"#).unwrap();
+        assert_eq!(c.telemetry, Some(TelemetryConfig { interval_secs: 60, level: log::LevelFilter::Warn }));
+        let c = ValidatedConfig::parse(br#"{"telemetryIntervalSeconds":1,"telemetryLevel":"INFO"}"#).unwrap();
+        assert_eq!(c.telemetry, Some(TelemetryConfig { interval_secs: 1, level: log::LevelFilter::Info }));
+        assert_eq!(ValidatedConfig::parse(br#"{"telemetryIntervalSeconds":0}"#).unwrap().telemetry, None);
+        assert_eq!(ValidatedConfig::parse(br#"{"telemetryLevel":"info"}"#).unwrap().telemetry, None);
+        assert!(matches!(
+            ValidatedConfig::parse(br#"{"telemetry":{"intervalSeconds":5}}"#),
+            Err(ConfigError::Parse(..))
+        ));
+        for (bad, key) in [
+            (&br#"{"telemetryIntervalSeconds":3601}"#[..], "telemetryIntervalSeconds"),
+            (br#"{"telemetryIntervalSeconds":60,"telemetryLevel":"off"}"#, "telemetryLevel"),
+            (br#"{"telemetryLevel":"loud"}"#, "telemetryLevel"),
+        ] {
+            let e = ValidatedConfig::parse(bad).unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+        }
     }
 
     #[test]

@@ -13,14 +13,16 @@
 //!      │                   upstream connect (SO_MARK: exempt from redirect) → relay response
 //!      │
 //!      ├── msp::key_keeper (status poll, key latch, attestation) → redirect policy map
+//!      ├── telemetry::uploader (optional: queued events → WireServer, MSP §7.2)
 //!      └── signals (signalfd), status timer
 //! ```
 //!
 //! Modules, one role each: [`limits`] (every capacity and timeout), [`config`], [`clock`],
 //! [`logger`], [`sys`] (all `unsafe`), [`redirect`] (eBPF load/attach/maps), [`identity`]
 //! (who is calling), [`http`] (parsing and framing), [`proxy`] (event loop and connections),
-//! [`msp`] (protocol: status document, key, signing), [`policy`] (allowlist), [`handover`]
-//! (passing the listener from the initramfs agent to the root file system's agent).
+//! [`msp`] (protocol: status document, key, signing), [`policy`] (allowlist), [`telemetry`]
+//! (optional event upload), [`handover`] (passing the listener from the initramfs agent to the
+//! root file system's agent).
 
 #![deny(unsafe_code)]
 
@@ -44,6 +46,7 @@ pub mod redirect;
 pub mod status;
 #[expect(unsafe_code, reason = "the one module allowed raw libc; every block has a SAFETY comment")]
 pub mod sys;
+pub mod telemetry;
 
 /// The agent's version, as printed by `--version` and reported in the status document.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

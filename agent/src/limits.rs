@@ -62,3 +62,32 @@ pub const GROUPS_PER_USER: usize = 16;
 pub const EXE_PATH_MAX_BYTES: usize = 512;
 /// Longest command line kept for audit (first items only, like the reference).
 pub const CMDLINE_MAX_BYTES: usize = 256;
+
+/// Telemetry events kept in memory before upload (MSP §7.2: a queue of 1,000 entries). A full
+/// queue drops new events and counts them; logging never waits for room.
+pub const TELEMETRY_QUEUE_EVENTS: usize = 1000;
+/// Bytes of event messages the telemetry queue holds at most, whatever their number: 64
+/// full-size messages, or the whole queue of typical one-line messages (≈ 250 bytes each).
+/// Bounds the queue's memory at about this plus [`TELEMETRY_QUEUE_EVENTS`] small headers.
+pub const TELEMETRY_QUEUE_BYTES: usize = 256 * 1024;
+/// Longest telemetry message (MSP §7.2: 4 KiB), cut on a character boundary after redaction.
+pub const TELEMETRY_MESSAGE_MAX_BYTES: usize = 4 * 1024;
+/// A log line is formatted into this much room before redaction and the cut to
+/// [`TELEMETRY_MESSAGE_MAX_BYTES`], so a secret that straddles 4 KiB is still recognised whole.
+pub const TELEMETRY_FORMAT_BYTES: usize = 2 * TELEMETRY_MESSAGE_MAX_BYTES;
+/// Largest `TelemetryData` body posted (MSP §7.2: batches ≤ 64 KiB).
+pub const TELEMETRY_BATCH_MAX_BYTES: usize = 64 * 1024;
+/// Further attempts after a failed upload before the batch is dropped (MSP §1.2 G).
+pub const TELEMETRY_UPLOAD_RETRIES: u32 = 5;
+/// Pause between upload attempts (MSP §1.2 G: 15 s apart).
+pub const TELEMETRY_RETRY_DELAY_MS: u64 = 15_000;
+/// VM metadata (goal state, shared config, IMDS) is fetched again after this long; it changes
+/// only on redeployment.
+pub const TELEMETRY_METADATA_MAX_AGE_MS: u64 = 60 * 60 * 1000;
+/// After start, uploads wait this long at most for the key latch, so the metadata calls can be
+/// signed; after it they go out regardless (a failing latch is when telemetry matters most).
+pub const TELEMETRY_KEY_WAIT_MS: u64 = 60_000;
+/// Longest value kept from a host document (ids, names, URLs).
+pub const TELEMETRY_VALUE_MAX_BYTES: usize = 256;
+/// Longest `SharedConfig` URL accepted from the goal state.
+pub const TELEMETRY_URL_MAX_BYTES: usize = 1024;

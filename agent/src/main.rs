@@ -191,7 +191,7 @@ fn run(args: &[String]) -> Result<ExitCode, MainError> {
                 config.early = true;
                 config.redirect = gpa::config::RedirectPolicy::All;
             }
-            logger::init(config.log_level);
+            logger::init(config.log_level, config.telemetry.as_ref().map(|t| t.level));
             // No core dumps and no same-uid ptrace: the key lives in this process.
             if let Err(e) = sys::set_not_dumpable() {
                 log::warn!(target: "gpa::main", "cannot clear the dumpable flag: {e}");

@@ -14,6 +14,8 @@
 //! - `canonical`: the canonical path is absolute, lower-case ASCII, without empty, `.` or
 //!   `..` segments, and canonicalising it again changes nothing (when it holds no `%`, `#`,
 //!   `;` or `?`: decoding is single-pass on purpose);
+//! - `telemetry`: a followed shared-config URL targets the WireServer with an origin-form
+//!   path; a `TelemetryData` batch stays under its limit and no value closes its CDATA;
 //! - the rest (`response_head`, `status_json`, `rules_json`, `signing_query`, `redact`):
 //!   bounded, panic-free, and self-consistent where they report lengths.
 //!
@@ -171,4 +173,46 @@ pub fn redact(data: &[u8]) {
     let again = out.clone();
     gpa::audit::redact(&again, &mut out);
     assert!(out.len() <= 2048);
+}
+
+/// The telemetry side (MSP §7.3): the host documents it reads (goal state, shared config,
+/// IMDS instance JSON, the shared-config URL) and the `TelemetryData` body it writes. The first
+/// byte picks the reader; the rest is its input, also used as an event message. A URL that is
+/// followed always targets the WireServer address with an origin-form path; a rendered batch
+/// is never over its limit and its CDATA sections are closed only by the renderer.
+pub fn telemetry(data: &[u8]) {
+    use gpa::telemetry::{event, imds, metadata, xml};
+    let Some((&pick, input)) = data.split_first() else { return };
+    let ws = std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(168, 63, 129, 16), 80);
+    let mut meta = metadata::VmMetadata::default();
+    match pick % 4 {
+        0 => {
+            if let Ok(g) = metadata::parse_goal_state(input) {
+                if let Ok((to, target)) = metadata::shared_config_target(&g.shared_config_url, ws) {
+                    assert_eq!(to.ip(), ws.ip());
+                    assert!(to.port() != 0 && target.starts_with('/'), "{target:?}");
+                    assert!(target.bytes().all(|b| b.is_ascii_graphic() && b != b'#'), "{target:?}");
+                }
+                meta.goal_state = g;
+            }
+        }
+        1 => meta.shared_config = metadata::parse_shared_config(input).unwrap_or_default(),
+        2 => meta.compute = imds::parse_compute(input).unwrap_or_default(),
+        _ => {}
+    }
+    let text = String::from_utf8_lossy(input);
+    let time = event::EventTime { pid: 1, tid: 1, unix_ms: 0 };
+    let e = event::Event::new(log::Level::Warn, &text, &text, format_args!("{text}"), time);
+    assert!(e.message.len() <= gpa::limits::TELEMETRY_MESSAGE_MAX_BYTES);
+    let limit = 2048 + usize::from(pick) * 64;
+    let mut batch = xml::Batch::new(limit);
+    for _ in 0..3 {
+        if !batch.try_add(&e, &meta) {
+            break;
+        }
+    }
+    let body = batch.finish();
+    assert!(body.len() <= limit, "{} > {limit}", body.len());
+    let text = String::from_utf8(body).expect("UTF-8 body");
+    assert_eq!(text.matches("]]>").count(), text.matches("<![CDATA[").count(), "a value closed a CDATA section");
 }

@@ -41,6 +41,15 @@ const SPACED_VALUE_SUFFIXES: [&[u8]; 3] = [b"pwd", b"passwd", b"password"];
 /// (cleared first). Output beyond `out`'s capacity is cut off.
 pub fn redact<const N: usize>(input: &[u8], out: &mut Vec<u8, N>) {
     out.clear();
+    // The work is done once for every capacity, into a plain slice: `resize` to the capacity
+    // cannot fail, and the result is cut back to what was written.
+    out.resize(N, 0).unwrap_or(());
+    let written = redact_into(input, out);
+    out.truncate(written);
+}
+
+/// [`redact`] into `out`, cut at its length; returns the bytes written.
+fn redact_into(input: &[u8], out: &mut [u8]) -> usize {
     let mut spans = Spans { list: Vec::new(), rest_from: input.len() };
     assignments(input, &mut spans);
     flags(input, &mut spans);
@@ -50,7 +59,7 @@ pub fn redact<const N: usize>(input: &[u8], out: &mut Vec<u8, N>) {
     url_credentials(input, &mut spans);
     key_shapes(input, &mut spans);
     entra_secrets(input, &mut spans);
-    spans.emit(input, out);
+    spans.emit(input, out)
 }
 
 struct Spans {
@@ -66,7 +75,7 @@ impl Spans {
         }
     }
 
-    fn emit<const N: usize>(mut self, input: &[u8], out: &mut Vec<u8, N>) {
+    fn emit(mut self, input: &[u8], out: &mut [u8]) -> usize {
         self.list.sort_unstable();
         let mut merged: Vec<(usize, usize), { MAX_SPANS + 1 }> = Vec::new();
         let rest = (self.rest_from < input.len()).then_some((self.rest_from, input.len()));
@@ -83,19 +92,23 @@ impl Spans {
                 _ => merged.push((start, end)).unwrap_or(()),
             }
         }
-        let mut cursor = 0;
+        let (mut cursor, mut written) = (0, 0);
         for (start, end) in merged {
-            push_capped(out, input.get(cursor..start).unwrap_or_default());
-            push_capped(out, REDACTED);
+            push_capped(out, &mut written, input.get(cursor..start).unwrap_or_default());
+            push_capped(out, &mut written, REDACTED);
             cursor = end;
         }
-        push_capped(out, input.get(cursor..).unwrap_or_default());
+        push_capped(out, &mut written, input.get(cursor..).unwrap_or_default());
+        written
     }
 }
 
-fn push_capped<const N: usize>(out: &mut Vec<u8, N>, bytes: &[u8]) {
-    let room = N - out.len();
-    out.extend_from_slice(&bytes[..bytes.len().min(room)]).unwrap_or(());
+/// Appends what fits of `bytes` at `out[*written..]`.
+fn push_capped(out: &mut [u8], written: &mut usize, bytes: &[u8]) {
+    let room = out.get_mut(*written..).unwrap_or_default();
+    let n = bytes.len().min(room.len());
+    room[..n].copy_from_slice(&bytes[..n]);
+    *written += n;
 }
 
 fn is_word(b: u8) -> bool {

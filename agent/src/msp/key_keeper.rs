@@ -128,6 +128,7 @@ impl KeyKeeper {
         m.write_fmt(args).ok();
         if m != self.message {
             log::info!(target: "gpa::keeper", "key latch: {m}");
+            crate::telemetry::module_status("KeyKeeper", &m);
         }
         self.message = m;
     }

@@ -2,9 +2,10 @@
 //! The proxy: one thread, one `mio` loop, a fixed table of connections.
 //!
 //! Event sources, each with a reserved token: the listener, the signalfd (SIGTERM, SIGINT,
-//! SIGHUP), the key keeper's host call; connections use two tokens per table slot from
-//! [`FIRST_CONNECTION`] (client, then upstream). Time is read once per turn and the poll
-//! timeout is the nearest deadline of any connection, the key keeper or the status timer.
+//! SIGHUP), the key keeper's host call, the telemetry uploader's host call; connections use two
+//! tokens per table slot from [`FIRST_CONNECTION`] (client, then upstream). Time is read once
+//! per turn and the poll timeout is the nearest deadline of any connection, the key keeper,
+//! the telemetry uploader or the status timer.
 
 pub mod connection;
 pub mod local;
@@ -32,7 +33,9 @@ use crate::policy::{Policy, snapshot};
 use crate::redirect::{AuditKey, Endpoint, RedirectError, Redirector};
 use crate::status::{KeyLatchStates, ModuleStatus, StatusInputs, StatusWriter, Summaries, SummaryKind, SummaryRecord};
 use crate::sys::{Signal, SignalFd};
-use crate::{clock, logger};
+use crate::telemetry::metadata::OsInfo;
+use crate::telemetry::{Uploader, UploaderConfig};
+use crate::{clock, logger, telemetry};
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -40,6 +43,7 @@ const KEEPER: Token = Token(2);
 /// The early agent's hand-over socket, and the taker connected to it (crate::handover).
 const HANDOVER_OFFER: Token = Token(4);
 const HANDOVER_PEER: Token = Token(5);
+const TELEMETRY: Token = Token(3);
 /// Connection tokens start here: slot `i` uses `FIRST_CONNECTION + 2i` (client) and `+ 1`
 /// (upstream).
 pub const FIRST_CONNECTION: usize = 16;
@@ -178,6 +182,8 @@ pub struct Shared {
     pub(crate) listener_message: String,
     /// Handing over to another agent: finish each exchange, keep no connection alive.
     pub(crate) draining: bool,
+    /// The telemetry uploader (`telemetryLoggerStatus`); `None`: not configured.
+    pub(crate) telemetry: Option<Uploader>,
 }
 
 impl Shared {
@@ -275,6 +281,9 @@ impl Shared {
     /// bytes (fewer summaries when it would not fit).
     pub(crate) fn render_status(&mut self, limit: usize) -> Option<&[u8]> {
         self.summaries.age(clock::wall_now().as_secs());
+        if let Some(t) = self.telemetry.as_mut() {
+            t.update_message();
+        }
         let inputs = StatusInputs {
             timestamp_unix_ms: u64::try_from(clock::wall_now().as_millis()).unwrap_or(0),
             version: crate::VERSION,
@@ -283,7 +292,10 @@ impl Shared {
             key_latch_states: Some(KeyLatchStates::from_keeper(&self.keeper)),
             ebpf_program: ModuleStatus::running(&self.ebpf_message),
             proxy_listener: ModuleStatus::running(&self.listener_message),
-            telemetry_logger: ModuleStatus::TELEMETRY_NOT_CONFIGURED,
+            telemetry_logger: self
+                .telemetry
+                .as_ref()
+                .map_or(ModuleStatus::TELEMETRY_NOT_CONFIGURED, |t| ModuleStatus::running(t.message())),
             proxy_connections_count: self.stats.requests,
             summaries: &self.summaries,
         };
@@ -476,6 +488,19 @@ impl EventLoop {
         let attach_ms = clock::now().saturating_duration_since(started).as_millis();
         logger::milestone(&format!("eBPF redirector attached to {} in {attach_ms} ms", cgroup.display()));
         let ebpf_message = format!("Started Redirector with eBPF maps - {attach_ms}");
+        telemetry::module_status("ProxyServer", &listener_message);
+        telemetry::module_status("Redirector", &ebpf_message);
+        // Read now: the seccomp filter installed after start does not allow `sysinfo`.
+        let telemetry = config.telemetry.map(|t| {
+            let uploader = UploaderConfig {
+                wire_server: config.wire_server,
+                imds: config.imds,
+                mark: config.agent_mark,
+                timeout_ms: config.host_timeout_ms,
+                interval: Duration::from_secs(t.interval_secs),
+            };
+            Uploader::new(uploader, OsInfo::collect(), clock::now())
+        });
 
         secure_rules_dir(&config.state_dir.join("rules"));
         let keeper = KeyKeeper::new(
@@ -525,6 +550,7 @@ impl EventLoop {
                 ebpf_message,
                 listener_message,
                 draining: false,
+                telemetry,
                 audit: match AuditLog::open(&config.log_dir, AUDIT_FILE_BYTES, AUDIT_FILES) {
                     Ok(a) => Some(a),
                     Err(e) => {
@@ -579,6 +605,7 @@ impl EventLoop {
                     KEEPER => self.drive_keeper(now),
                     HANDOVER_OFFER => self.offer_listener(),
                     HANDOVER_PEER => self.read_taker(now),
+                    TELEMETRY => self.drive_telemetry(now),
                     Token(t) if t >= FIRST_CONNECTION => self.drive_connection((t - FIRST_CONNECTION) / 2, now, false),
                     Token(_) => {}
                 }
@@ -688,6 +715,9 @@ impl EventLoop {
             Handover::Taking { deadline, .. } => deadline.min(self.shared.keeper.deadline()).min(self.next_status),
             _ => self.shared.keeper.deadline().min(self.next_status),
         };
+        if let Some(t) = self.shared.telemetry.as_ref().filter(|_| !self.shared.draining) {
+            next = next.min(t.deadline());
+        }
         if self.live > 0 {
             for slot in self.slots.iter() {
                 if let Some(c) = &slot.conn {
@@ -727,6 +757,15 @@ impl EventLoop {
         }
         if self.shared.keeper.ready() {
             self.shared.provision.key_latch_ready(self.shared.keeper.ready_at_unix_ns());
+        }
+    }
+
+    /// The telemetry uploader's call or timer (never touches connections: it only shares the
+    /// loop).
+    fn drive_telemetry(&mut self, now: Instant) {
+        let Shared { telemetry, keeper, .. } = &mut self.shared;
+        if let Some(t) = telemetry.as_mut() {
+            t.drive(self.poll.registry(), TELEMETRY, now, keeper);
         }
     }
 
@@ -856,6 +895,9 @@ impl EventLoop {
         let draining = self.shared.draining;
         if !draining && self.shared.keeper.deadline() <= now {
             self.drive_keeper(now);
+        }
+        if !draining && self.shared.telemetry.as_ref().is_some_and(|t| t.deadline() <= now) {
+            self.drive_telemetry(now);
         }
         if !draining && self.next_status <= now {
             self.shared.write_status_file();

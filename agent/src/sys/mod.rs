@@ -186,6 +186,33 @@ pub fn getpid() -> u32 {
     std::process::id()
 }
 
+/// The calling thread's id (telemetry events carry it, MSP §7.2).
+pub fn gettid() -> u32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    u32::try_from(tid).unwrap_or(0)
+}
+
+/// Total usable RAM in bytes (`sysinfo(2)`), 0 when unknown. Call it before the seccomp
+/// filter is installed (`sysinfo` is not on its list).
+pub fn total_ram_bytes() -> u64 {
+    // SAFETY: an all-zero `struct sysinfo` is a valid value.
+    let mut info: libc::sysinfo = unsafe { zeroed() };
+    // SAFETY: `info` is valid for writes of its full size.
+    if cvt(unsafe { libc::sysinfo(&raw mut info) }).is_err() {
+        return 0;
+    }
+    info.totalram.saturating_mul(u64::from(info.mem_unit.max(1)))
+}
+
+/// Processors online (`sysconf(_SC_NPROCESSORS_ONLN)`), 0 when unknown. Call it before the
+/// seccomp filter is installed.
+pub fn online_cpus() -> u32 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    u32::try_from(n).unwrap_or(0)
+}
+
 /// Effective uid of this process.
 pub fn geteuid() -> u32 {
     // SAFETY: geteuid cannot fail and has no preconditions.

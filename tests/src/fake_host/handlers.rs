@@ -25,6 +25,8 @@ const ACQUIRE_BODY: &[u8] = br#"{"authorizationScheme": "Azure-HMAC-SHA256"}"#;
 const ISSUED: &str = "2021-05-05T 12:00:00Z";
 /// Truncated status JSON for `malformedStatus`.
 const MALFORMED_STATUS: &str = r#"{"version": "2.0", "#;
+/// The telemetry upload (spec §1.2 G, §7.3): on the skip list of §3.7, so never signed.
+const TELEMETRY_TARGET: &str = "/machine/?comp=telemetrydata";
 const JSON: &str = "application/json; charset=utf-8";
 const XML: &str = "text/xml; charset=utf-8";
 
@@ -141,6 +143,8 @@ enum Route {
     Status,
     Acquire,
     Attest(String),
+    /// `POST /machine/?comp=telemetrydata` (exact target, case-insensitive, as in §3.7).
+    Telemetry,
     Data,
 }
 
@@ -152,6 +156,7 @@ fn route(endpoint: Endpoint, req: &Request) -> Route {
     match req.method.as_str() {
         "GET" | "HEAD" if path == "/secure-channel/status" => Route::Status,
         "POST" if path == "/secure-channel/key" => Route::Acquire,
+        "POST" if req.target.eq_ignore_ascii_case(TELEMETRY_TARGET) => Route::Telemetry,
         "POST" => path
             .strip_prefix("/secure-channel/key/")
             .and_then(|rest| rest.strip_suffix("/key-attestation"))
@@ -189,6 +194,10 @@ pub(crate) fn handle_endpoint(
                 state.stats.attest_calls += 1;
                 true
             }
+            Route::Telemetry => {
+                state.stats.telemetry_uploads += 1;
+                false
+            }
             Route::Data => false,
         };
         let seq = state.next_seq;
@@ -221,6 +230,7 @@ pub(crate) fn handle_endpoint(
         Route::Status => (status_response(&state), None),
         Route::Acquire => acquire_response(&mut state, req),
         Route::Attest(guid) => attest_response(&mut state, &guid, verdict),
+        Route::Telemetry => telemetry_response(&mut state),
         Route::Data => (data_response(&state, shared, endpoint, req, verdict), None),
     };
     let down = state.settings.down;
@@ -319,6 +329,17 @@ fn attest_response(state: &mut State, guid: &str, verdict: Verdict) -> (Response
     }
     state.current_key = Some(guid.to_owned());
     (Response::json(200, &json!({"guid": guid, "attested": true})), None)
+}
+
+/// `200` with an empty body (the body was recorded on arrival), or an injected `500`.
+fn telemetry_response(state: &mut State) -> (Response, Option<String>) {
+    if state.settings.telemetry_failures > 0 {
+        state.settings.telemetry_failures -= 1;
+        state.stats.telemetry_failures_injected += 1;
+        let body = json!({"error": "injected telemetry failure"});
+        return (Response::json(500, &body), Some("injected telemetry failure".to_owned()));
+    }
+    (Response::new(200, XML, Vec::new()), None)
 }
 
 fn data_response(state: &State, shared: &Shared, endpoint: Endpoint, req: &Request, verdict: Verdict) -> Response {
@@ -585,6 +606,11 @@ mod tests {
         assert_eq!(route(Endpoint::WireServer, &attest), Route::Attest("abc".to_owned()));
         let nested = request("POST", "/secure-channel/key/a/b/key-attestation", &[]);
         assert_eq!(route(Endpoint::WireServer, &nested), Route::Data);
+        let telemetry = request("POST", "/machine/?comp=TelemetryData", &[]);
+        assert_eq!(route(Endpoint::WireServer, &telemetry), Route::Telemetry);
+        assert_eq!(route(Endpoint::Imds, &telemetry), Route::Data);
+        let extra_query = request("POST", "/machine/?comp=telemetrydata&x=1", &[]);
+        assert_eq!(route(Endpoint::WireServer, &extra_query), Route::Data, "the exemption needs the exact target");
     }
 
     #[test]

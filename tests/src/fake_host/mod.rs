@@ -718,6 +718,37 @@ mod tests {
     }
 
     #[test]
+    fn telemetry_upload_is_unsigned_answered_empty_and_recorded_with_failures_on_demand() {
+        let host = FakeHost::start(FakeHostConfig::loopback()).unwrap();
+        let body = br#"<?xml version="1.0"?><TelemetryData version="1.0"></TelemetryData>"#;
+        let headers = &[("x-ms-version", "2012-11-30"), ("content-type", "text/xml; charset=utf-8")];
+        let upload = |host: &FakeHost| {
+            send(host.addrs().wireserver.unwrap(), "POST", "/machine/?comp=telemetrydata", headers, body, None)
+        };
+        // Enforce mode, unsigned: accepted (spec §3.7 skip list).
+        let ok = upload(&host);
+        assert_eq!((ok.status, ok.body.len()), (200, 0));
+        control(&host, &json!({"telemetryFailures": 2}));
+        assert_eq!(upload(&host).status, 500);
+        assert_eq!(upload(&host).status, 500);
+        assert_eq!(upload(&host).status, 200);
+        let log = get_json(&host, "/requests");
+        let uploads: Vec<&Value> =
+            log.as_array().unwrap().iter().filter(|r| r["target"] == "/machine/?comp=telemetrydata").collect();
+        assert_eq!(uploads.len(), 4);
+        assert_eq!(uploads[0]["body"], String::from_utf8_lossy(body).as_ref());
+        assert_eq!(uploads[0]["signature"], "missing");
+        let statuses: Vec<u64> = uploads.iter().map(|r| r["status"].as_u64().unwrap()).collect();
+        assert_eq!(statuses, [200, 500, 500, 200]);
+        let stats = get_json(&host, "/stats");
+        assert_eq!(
+            (stats["telemetryUploads"].as_u64(), stats["telemetryFailuresInjected"].as_u64()),
+            (Some(4), Some(2))
+        );
+        assert_eq!(get_json(&host, "/control")["telemetryFailures"], 0);
+    }
+
+    #[test]
     fn busy_port_is_a_bind_error() {
         let first = FakeHost::start(FakeHostConfig::loopback()).unwrap();
         let taken = first.addrs().wireserver;

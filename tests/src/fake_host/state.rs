@@ -106,6 +106,8 @@ pub(crate) struct Settings {
     pub(crate) rules: Option<Value>,
     pub(crate) down: bool,
     pub(crate) status_delay_ms: u64,
+    /// The next this many telemetry uploads are answered `500` (each one used up).
+    pub(crate) telemetry_failures: u64,
     pub(crate) status_http_status: u16,
     pub(crate) malformed_status: bool,
     pub(crate) status_content_type: Option<String>,
@@ -133,6 +135,7 @@ impl Settings {
             rules,
             down: false,
             status_delay_ms: 0,
+            telemetry_failures: 0,
             status_http_status: 0,
             malformed_status: false,
             status_content_type: None,
@@ -199,6 +202,7 @@ impl Settings {
             "rules": self.rules,
             "down": self.down,
             "statusDelayMs": self.status_delay_ms,
+            "telemetryFailures": self.telemetry_failures,
             "statusHttpStatus": self.status_http_status,
             "malformedStatus": self.malformed_status,
             "statusContentType": self.status_content_type,
@@ -245,6 +249,10 @@ impl Settings {
                 "down" => next.down = bool_field(name, value)?,
                 "statusDelayMs" => {
                     next.status_delay_ms =
+                        value.as_u64().ok_or_else(|| format!("{name}: expected a non-negative integer"))?;
+                }
+                "telemetryFailures" => {
+                    next.telemetry_failures =
                         value.as_u64().ok_or_else(|| format!("{name}: expected a non-negative integer"))?;
                 }
                 "statusHttpStatus" => next.status_http_status = status_field(name, value)?,
@@ -311,6 +319,9 @@ pub(crate) struct Stats {
     pub(crate) attest_calls: u64,
     pub(crate) attest_failures: u64,
     pub(crate) acquire_body_mismatches: u64,
+    /// `POST /machine/?comp=telemetrydata` requests, and how many were failed on purpose.
+    pub(crate) telemetry_uploads: u64,
+    pub(crate) telemetry_failures_injected: u64,
 }
 
 /// One request as received on an endpoint listener, and what the fake made of it.
@@ -453,6 +464,8 @@ impl State {
             "attestCalls": self.stats.attest_calls,
             "attestFailures": self.stats.attest_failures,
             "acquireBodyMismatches": self.stats.acquire_body_mismatches,
+            "telemetryUploads": self.stats.telemetry_uploads,
+            "telemetryFailuresInjected": self.stats.telemetry_failures_injected,
             "currentKeyGuid": self.current_key,
             "issuedKeys": self.keys.iter().map(|k| k.guid.as_str()).collect::<Vec<_>>(),
         })
