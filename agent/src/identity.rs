@@ -7,8 +7,10 @@
 //! `/proc/<pid>/exe` at accept time, and only if the process is provably the one that
 //! connected: its start time is not later than the connect (a reused pid started later), and
 //! the connecting thread's comm is unchanged (an `execve` after the connect renames it). The
-//! start time is read before and after the `readlink`, so a process that exits in between is
-//! caught too. When any check fails the caller has no executable identity — it never
+//! start time and the comm are read before and after the `readlink`, so a process that exits
+//! or execs in between is caught too. (Left: inside `execve` the kernel switches the
+//! executable a few microseconds before it renames the thread; a readlink that falls exactly
+//! there, with both comm reads around it, is not detected.) When any check fails the caller has no executable identity — it never
 //! inherits one, and uid 0 is never assumed.
 
 use std::fs;
@@ -129,13 +131,13 @@ impl Resolver {
         if before > record.connect_boot_ns {
             return None;
         }
-        let mut comm_buf = [0u8; 64];
         let comm_path = format!("{}/{}/task/{}/comm", self.proc_root, record.tgid, record.tid);
-        let comm = read_small(&comm_path, &mut comm_buf)?;
-        let comm = comm.strip_suffix(b"\n").unwrap_or(comm);
-        if comm != record.comm() {
-            return None;
-        }
+        let comm_unchanged = || {
+            let mut comm_buf = [0u8; 64];
+            let comm = read_small(&comm_path, &mut comm_buf)?;
+            (comm.strip_suffix(b"\n").unwrap_or(comm) == record.comm()).then_some(())
+        };
+        comm_unchanged()?;
         let exe_link = format_path(self.proc_root, record.tgid, "exe");
         let link = fs::read_link(&exe_link).ok()?;
         // The path names the running file only if it leads to the same inode in our mount
@@ -149,6 +151,10 @@ impl Resolver {
         if self.start_time_ns(record.tgid)? != before {
             return None;
         }
+        // Again after the readlink: an `execve` that completed between the first check and
+        // the readlink would otherwise lend the new program's path to the old connect (the
+        // security suite's exec-after-connect case hit this under load).
+        comm_unchanged()?;
         Vec::from_slice(link.as_os_str().as_bytes()).ok()
     }
 
