@@ -211,6 +211,18 @@ mod tests {
         dir
     }
 
+    /// The first non-pending event from the taker, waiting up to 2 s.
+    fn next_peer_event(offer: &mut Offer) -> PeerEvent {
+        for _ in 0..200 {
+            let event = offer.read_peer();
+            if event != PeerEvent::Pending {
+                return event;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        PeerEvent::Pending
+    }
+
     #[test]
     fn the_taker_receives_the_same_listening_socket_and_stop_reaches_the_offer() {
         let dir = temp_dir("roundtrip");
@@ -243,14 +255,7 @@ mod tests {
 
         assert_eq!(offer.read_peer(), PeerEvent::Pending);
         taken.taker.stop().unwrap();
-        let mut event = PeerEvent::Pending;
-        for _ in 0..200 {
-            event = offer.read_peer();
-            if event != PeerEvent::Pending {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let event = next_peer_event(&mut offer);
         assert_eq!(event, PeerEvent::Stop(std::process::id()));
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -280,14 +285,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         drop(taker.join().unwrap().unwrap().unwrap());
-        let mut event = PeerEvent::Pending;
-        for _ in 0..200 {
-            event = offer.read_peer();
-            if event != PeerEvent::Pending {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let event = next_peer_event(&mut offer);
         assert_eq!(event, PeerEvent::Gone);
         assert!(offer.peer().is_none());
         std::fs::remove_dir_all(&dir).unwrap();

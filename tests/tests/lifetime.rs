@@ -12,6 +12,13 @@ use gpa_system_tests::require_privileged;
 
 const IMDS: &str = "http://169.254.169.254/metadata/instance?api-version=2021-02-01";
 
+/// A fresh directory for an agent's config, state and logs (removed by the test).
+fn scratch(tag: &str) -> std::path::PathBuf {
+    let base = std::env::temp_dir().join(gpa_system_tests::harness::unique(tag));
+    std::fs::create_dir_all(&base).expect("state dir");
+    base
+}
+
 fn data_requests(host: &FakeHost, ns: &Netns) -> Vec<serde_json::Value> {
     host.requests(ns)
         .into_iter()
@@ -25,8 +32,7 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_adopts_without_stacking() {
     let ns = Netns::new("life");
     let cg = Cgroup::new("life");
     let pins = Bpffs::new("life-bpf");
-    let base = std::env::temp_dir().join(gpa_system_tests::harness::unique("life-state"));
-    std::fs::create_dir_all(&base).expect("state dir");
+    let base = scratch("life-state");
     let host = FakeHost::start(&ns, "enforce");
     let pin_config = pins.config();
     let mut agent = Agent::start_in(&ns, &cg, &base, &[&pin_config]);
@@ -63,8 +69,7 @@ fn detach_removes_the_pinned_redirect() {
     let cg = Cgroup::new("detach");
     let pins = Bpffs::new("detach-bpf");
     let host = FakeHost::start(&ns, "enforce");
-    let base = std::env::temp_dir().join(gpa_system_tests::harness::unique("detach-state"));
-    std::fs::create_dir_all(&base).expect("state dir");
+    let base = scratch("detach-state");
     let agent = Agent::start_in(&ns, &cg, &base, &[&pins.config()]);
     agent.wait_ready(&ns);
     let config = agent.config.clone();
@@ -92,8 +97,7 @@ fn no_request_bypasses_the_agent_while_it_is_killed_in_a_loop() {
     let ns = Netns::new("killloop");
     let cg = Cgroup::new("killloop");
     let pins = Bpffs::new("killloop-bpf");
-    let base = std::env::temp_dir().join(gpa_system_tests::harness::unique("killloop-state"));
-    std::fs::create_dir_all(&base).expect("state dir");
+    let base = scratch("killloop-state");
     let host = FakeHost::start(&ns, "enforce");
     let pin_config = pins.config();
     let agent = Agent::start_in(&ns, &cg, &base, &[&pin_config]);
@@ -162,8 +166,7 @@ fn a_keep_alive_connection_opened_before_the_agent_is_never_served_unsigned() {
     let ns = Netns::new("prestart");
     let cg = Cgroup::new("prestart");
     let host = FakeHost::start(&ns, "enforce");
-    let base = std::env::temp_dir().join(gpa_system_tests::harness::unique("prestart-state"));
-    std::fs::create_dir_all(&base).expect("state dir");
+    let base = scratch("prestart-state");
     let config = base.join("config.json");
     // A client in the protected cgroup opens a keep-alive connection while no agent runs,
     // waits until the agent is up (it polls the same config's --status), then reuses it and
@@ -216,10 +219,8 @@ fn the_early_agent_hands_its_listener_over_without_a_refused_connect() {
     let ns = Netns::new("handover");
     let cg = Cgroup::new("handover");
     let pins = Bpffs::new("handover-bpf");
-    let early_base = std::env::temp_dir().join(gpa_system_tests::harness::unique("handover-early"));
-    let late_base = std::env::temp_dir().join(gpa_system_tests::harness::unique("handover-late"));
-    std::fs::create_dir_all(&early_base).expect("state dir");
-    std::fs::create_dir_all(&late_base).expect("state dir");
+    let early_base = scratch("handover-early");
+    let late_base = scratch("handover-late");
     let host = FakeHost::start(&ns, "enforce");
     let socket = format!("\"handoverSocket\":\"{}\"", early_base.join("handover.sock").display());
     let extra = [pins.config(), socket, "\"pollIntervalSeconds\":1".to_owned()];
@@ -295,8 +296,7 @@ fn systemd_hears_ready_only_once_the_redirect_is_armed() {
     let ns = Netns::new("notify");
     let cg = Cgroup::new("notify");
     let _host = FakeHost::start(&ns, "enforce");
-    let base = std::env::temp_dir().join(gpa_system_tests::harness::unique("notify-state"));
-    std::fs::create_dir_all(&base).expect("state dir");
+    let base = scratch("notify-state");
     // The socket systemd would pass as $NOTIFY_SOCKET (Type=notify).
     let socket_path = base.join("notify.sock");
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("notify socket");

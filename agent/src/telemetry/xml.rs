@@ -141,19 +141,10 @@ fn param_with(out: &mut Vec<u8>, name: &str, value: &str, kind: &str, budget: us
     out.extend_from_slice(b"\" />");
 }
 
-fn param_u64(out: &mut Vec<u8>, name: &str, mut value: u64) {
-    // Decimal digits, written from the end (u64::MAX has 20).
+fn param_u64(out: &mut Vec<u8>, name: &str, value: u64) {
     let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + u8::try_from(value % 10).unwrap_or(0);
-        value /= 10;
-        if value == 0 {
-            break;
-        }
-    }
-    param_with(out, name, core::str::from_utf8(&digits[at..]).unwrap_or_default(), "mt:uint64", usize::MAX);
+    let text = crate::audit::decimal(value, &mut digits);
+    param_with(out, name, core::str::from_utf8(text).unwrap_or_default(), "mt:uint64", usize::MAX);
 }
 
 /// Appends `text` XML-escaped for an attribute value, at most `budget` bytes (whole escapes
