@@ -234,7 +234,32 @@ fn the_early_agent_hands_its_listener_over_without_a_refused_connect() {
     // each held open a moment before its request (so one is likely accepted but still
     // silent when the early agent is told to stop): every one must be answered through an
     // agent, signed. A refused connect, a reset, a 503 or any other answer is a gap.
-    let (client, late) = std::thread::scope(|s| {
+    // Beside it, a caller that keeps one connection alive and reuses it: the response the
+    // early agent gives after the hand-over says `connection: close`, so the caller moves to
+    // a new connection (the successor's) without ever meeting a closed socket.
+    let (client, keepalive, late) = std::thread::scope(|s| {
+        let reuse = s.spawn(|| {
+            gpa_system_tests::harness::python(
+                &ns,
+                root_in(&cg),
+                "import http.client,time\n\
+                 ok=errors=closes=0\n\
+                 c=None\n\
+                 end=time.time()+7\n\
+                 while time.time()<end:\n\
+                 \x20   try:\n\
+                 \x20       if c is None: c=http.client.HTTPConnection('169.254.169.254',80,timeout=5)\n\
+                 \x20       c.request('GET','/metadata/instance',headers={'Metadata':'true'})\n\
+                 \x20       r=c.getresponse(); r.read()\n\
+                 \x20       if r.status==200 and r.getheader('x-ms-azure-host-authorization')=='value': ok+=1\n\
+                 \x20       else: errors+=1; print('unexpected', r.status)\n\
+                 \x20       if r.will_close: closes+=1; c.close(); c=None\n\
+                 \x20   except Exception as e:\n\
+                 \x20       errors+=1; print('error', repr(e)); c=None\n\
+                 \x20   time.sleep(0.02)\n\
+                 print('keepalive ok',ok,'errors',errors,'closes',closes)\n",
+            )
+        });
         let handle = s.spawn(|| {
             gpa_system_tests::harness::python(
                 &ns,
@@ -259,9 +284,10 @@ fn the_early_agent_hands_its_listener_over_without_a_refused_connect() {
         std::thread::sleep(Duration::from_millis(1500));
         copy_keys(&early_base.join("state/keys"), &late_base.join("state/keys"));
         let late = Agent::start_with_args(&ns, &cg, &late_base, &extra, &[]);
-        (handle.join().expect("client thread"), late)
+        (handle.join().expect("client thread"), reuse.join().expect("keep-alive thread"), late)
     });
     println!("hand-over client loop: {client}");
+    println!("hand-over keep-alive caller: {keepalive}");
     let exit = early.proc.wait_timeout(Duration::from_secs(15));
     let logs = format!("--- early\n{}\n--- late\n{}", early.log(), late.log());
     assert!(
@@ -271,6 +297,7 @@ fn the_early_agent_hands_its_listener_over_without_a_refused_connect() {
     assert!(client.contains("refused 0 other 0"), "a caller met a gap during the hand-over: {client}\n{logs}");
     let ok: u32 = client.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
     assert!(ok > 40, "too few requests to mean anything: {client}");
+    assert!(keepalive.contains("errors 0 closes 1"), "a kept-alive caller met a gap: {keepalive}\n{logs}");
     assert!(early.log().contains("hand-over to pid"), "{logs}");
     assert!(late.log().contains("took over from the early agent"), "{logs}");
     // Both agents answered part of the loop, and the host saw nothing unsigned.

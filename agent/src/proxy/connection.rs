@@ -33,6 +33,10 @@ use crate::limits::{
 
 /// Added to every proxied response (MSP §5.7): tells the caller the call went through us.
 const MARKER: &[u8] = b"x-ms-azure-host-authorization: value\r\n";
+/// The marker plus `connection: close`, for a draining agent (handed over): the client learns
+/// from the response itself not to reuse the connection. Its own line comes first, so a
+/// client that reads only the first `Connection` header sees `close`.
+const MARKER_CLOSING: &[u8] = b"x-ms-azure-host-authorization: value\r\nconnection: close\r\n";
 
 /// The fixed buffers of one connection slot: a slice of one arena allocated at start-up for
 /// the whole table (see [`Buffers::arena`]) and reused by every connection in that slot.
@@ -153,8 +157,6 @@ pub(crate) struct Connection {
     remaining: Remaining,
     upstream_keep_alive: bool,
     exchange: Option<Exchange>,
-    /// Requests answered on this connection so far.
-    answered: u32,
 }
 
 /// What the event loop lends a connection for one drive.
@@ -198,7 +200,6 @@ impl Connection {
             remaining: Remaining::Done,
             upstream_keep_alive: false,
             exchange: None,
-            answered: 0,
         }
     }
 
@@ -209,12 +210,6 @@ impl Connection {
             drop(registry.deregister(&mut up));
         }
         (self.bufs, self.body.take())
-    }
-
-    /// Kept alive between requests, nothing of the next one read yet. A new connection
-    /// whose first request has not arrived is not idle: its caller is about to send it.
-    pub(crate) fn is_idle(&self) -> bool {
-        matches!(self.state, State::ReadingHead) && self.req_len == 0 && self.answered > 0
     }
 
     pub(crate) fn deadline(&self) -> Instant {
@@ -583,8 +578,8 @@ impl Connection {
 
     fn await_response(&mut self, ctx: &mut Ctx<'_>) -> Step {
         let Some(up) = self.upstream.as_mut() else { return Step::Close(CloseReason::Internal) };
-        // Keep room to insert the marker header into the head in place.
-        let limit = self.bufs.resp.len() - MARKER.len();
+        // Keep room to insert the marker header (and `connection: close`) into the head in place.
+        let limit = self.bufs.resp.len() - MARKER_CLOSING.len();
         if self.resp_len == limit {
             self.drop_upstream(ctx);
             self.respond(ctx, 502, &[], b"", true);
@@ -620,11 +615,12 @@ impl Connection {
             return Step::Progress;
         }
         // Insert the marker after the status line.
+        let marker = if ctx.shared.draining { MARKER_CLOSING } else { MARKER };
         let at = head.status_line_len;
-        self.bufs.resp.copy_within(at..self.resp_len, at + MARKER.len());
-        self.bufs.resp[at..at + MARKER.len()].copy_from_slice(MARKER);
-        self.resp_len += MARKER.len();
-        let body_start = head.head_len + MARKER.len();
+        self.bufs.resp.copy_within(at..self.resp_len, at + marker.len());
+        self.bufs.resp[at..at + marker.len()].copy_from_slice(marker);
+        self.resp_len += marker.len();
+        let body_start = head.head_len + marker.len();
         self.remaining = match head.framing {
             ResponseFraming::None => Remaining::Done,
             ResponseFraming::Length(n) => Remaining::Bytes(n),
@@ -634,7 +630,7 @@ impl Connection {
         self.upstream_keep_alive = head.keep_alive;
         if let Some(e) = self.exchange.as_mut() {
             e.status = head.status;
-            e.close |= !head.keep_alive;
+            e.close |= !head.keep_alive || ctx.shared.draining;
         }
         self.resp_start = 0;
         self.resp_len = body_start + self.track_body(body_start);
@@ -735,7 +731,6 @@ impl Connection {
 
     fn finish_exchange(&mut self, ctx: &mut Ctx<'_>) -> Step {
         let exchange = self.exchange.take();
-        self.answered = self.answered.saturating_add(1);
         let close = exchange.as_ref().is_some_and(|e| e.close);
         if let Some(e) = exchange {
             ctx.shared.record(self.caller.as_ref(), self.peer, &e, ctx.now);
@@ -774,6 +769,7 @@ impl Connection {
 
     /// Formats a response into the response buffer and switches to writing it.
     fn respond(&mut self, ctx: &mut Ctx<'_>, status: u16, extra: &[&[u8]], body: &[u8], close: bool) {
+        let close = close || ctx.shared.draining;
         let len_buf = upstream::decimal(body.len());
         let mut w = 0;
         let parts: [&[u8]; 6] = [

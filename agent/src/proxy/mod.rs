@@ -652,7 +652,10 @@ impl EventLoop {
     }
 
     /// Early agent, handed over: stop accepting (the successor accepts from the same socket),
-    /// end idle connections, finish the rest, then exit without unpinning.
+    /// answer what still comes on open connections with `connection: close`, then exit
+    /// without unpinning once the last one ends. A kept-alive connection is not cut while
+    /// idle (its client could be sending right then): it ends after its next response, or by
+    /// its own idle timeout; the deadline only bounds the wait.
     fn begin_drain(&mut self, successor: u32, now: Instant) {
         if self.accepting {
             drop(self.poll.registry().deregister(&mut self.listener));
@@ -663,14 +666,9 @@ impl EventLoop {
             drop(std::fs::remove_file(offer.path()));
         }
         logger::milestone(&format!("handed the listener over to pid {successor}; finishing {} connections", self.live));
-        self.handover =
-            Handover::Draining { deadline: clock::after(now, self.config.upstream_timeout_ms + 1_000), successor };
+        let wait_ms = crate::limits::IDLE_TIMEOUT_MS.max(self.config.upstream_timeout_ms) + 1_000;
+        self.handover = Handover::Draining { deadline: clock::after(now, wait_ms), successor };
         self.shared.draining = true;
-        for index in 0..self.slots.len() {
-            if self.slots[index].conn.as_ref().is_some_and(|c| c.is_idle()) {
-                self.close_connection(index, CloseReason::Idle);
-            }
-        }
     }
 
     /// Moves the hand-over along; `true` when this agent has handed over and is done.
