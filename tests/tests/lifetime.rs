@@ -12,11 +12,27 @@ use gpa_system_tests::require_privileged;
 
 const IMDS: &str = "http://169.254.169.254/metadata/instance?api-version=2021-02-01";
 
-/// A fresh directory for an agent's config, state and logs (removed by the test).
-fn scratch(tag: &str) -> std::path::PathBuf {
+/// A fresh directory for an agent's config, state and logs, removed when dropped (also when
+/// the test fails). Declared before the agents that use it, so they stop first.
+struct Scratch(std::path::PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        drop(std::fs::remove_dir_all(&self.0));
+    }
+}
+
+fn scratch(tag: &str) -> Scratch {
     let base = std::env::temp_dir().join(gpa_system_tests::harness::unique(tag));
     std::fs::create_dir_all(&base).expect("state dir");
-    base
+    Scratch(base)
 }
 
 fn data_requests(host: &FakeHost, ns: &Netns) -> Vec<serde_json::Value> {
@@ -59,7 +75,6 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_adopts_without_stacking() {
     assert_eq!(status, 200, "{text}\n{}", agent.log());
     assert_eq!(data_requests(&host, &ns).last().expect("request")["signature"], "valid");
     drop(agent);
-    std::fs::remove_dir_all(&base).ok();
 }
 
 #[test]
@@ -88,7 +103,6 @@ fn detach_removes_the_pinned_redirect() {
     let (status, _) = curl(&ns, root_in(&cg), &["-H", "Metadata: true", IMDS]);
     assert_eq!(status, 401);
     assert_eq!(data_requests(&host, &ns).last().expect("request")["signature"], "missing");
-    std::fs::remove_dir_all(&base).ok();
 }
 
 #[test]
@@ -157,7 +171,6 @@ fn no_request_bypasses_the_agent_while_it_is_killed_in_a_loop() {
         assert_eq!(r["signature"], "valid", "an unsigned request reached the host: {r}");
     }
     assert_eq!(attached_programs(&cg).len(), 3, "restarts must not stack programs");
-    std::fs::remove_dir_all(&base).ok();
 }
 
 #[test]
@@ -201,7 +214,6 @@ fn a_keep_alive_connection_opened_before_the_agent_is_never_served_unsigned() {
         assert!(r["signature"] == "valid" || status == 401, "an unsigned request was served: {r}");
     }
     drop(agent);
-    std::fs::remove_dir_all(&base).ok();
 }
 
 /// Copies the latched key files the way the unit's `handover` step does (never overwriting).
@@ -313,8 +325,6 @@ fn the_early_agent_hands_its_listener_over_without_a_refused_connect() {
     assert_eq!(status, 200, "{text}\n{logs}");
     drop(late);
     drop(early);
-    std::fs::remove_dir_all(&early_base).ok();
-    std::fs::remove_dir_all(&late_base).ok();
 }
 
 #[test]
@@ -337,5 +347,4 @@ fn systemd_hears_ready_only_once_the_redirect_is_armed() {
     assert_eq!(attached_programs(&cg).len(), 3, "READY=1 before the programs were attached");
     assert!(agent.log().contains("eBPF redirector attached"), "{}", agent.log());
     drop(agent);
-    std::fs::remove_dir_all(&base).ok();
 }
