@@ -43,8 +43,7 @@ impl<'a> LineWriter<'a> {
     }
 
     pub(super) fn u64(&mut self, value: u64) {
-        let mut digits = [0_u8; 20];
-        self.raw(decimal(value, &mut digits));
+        self.raw(&crate::http::decimal(value));
     }
 
     pub(super) fn hex(&mut self, bytes: &[u8]) {
@@ -332,21 +331,6 @@ impl<'a> Cursor<'a> {
         let len = self.at - start;
         (len == 1 || self.bytes.get(start) != Some(&b'0')).then_some(value)
     }
-}
-
-/// `value` in decimal, written into `digits` (u64::MAX has 20) without going through
-/// `core::fmt` (the audit line and the telemetry XML write numbers per record).
-pub(crate) fn decimal(mut value: u64, digits: &mut [u8; 20]) -> &[u8] {
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + u8::try_from(value % 10).unwrap_or(0);
-        value /= 10;
-        if value == 0 {
-            break;
-        }
-    }
-    &digits[at..]
 }
 
 #[cfg(test)]

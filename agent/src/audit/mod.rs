@@ -70,7 +70,6 @@ use std::path::{Path, PathBuf};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-pub(crate) use self::line::decimal;
 use self::line::{Kind, LineWriter, parse_record};
 pub use self::redact::{REDACTED, redact};
 pub use self::verify::{VerifyReport, verify_files, why};

@@ -15,6 +15,22 @@ pub use self::chunked::{ChunkError, ChunkedDecoder};
 pub use self::request::{BodyFraming, HeadError, RequestHead};
 pub use self::response::{ResponseFraming, ResponseHead};
 
+/// `value` in decimal ASCII (`u64::MAX` has 20 digits), without going through `core::fmt`:
+/// `content-length` values, audit lines and telemetry parameters are written per request.
+pub fn decimal(mut value: u64) -> heapless::Vec<u8, 20> {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + u8::try_from(value % 10).unwrap_or(0);
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    heapless::Vec::from_slice(&digits[at..]).unwrap_or_default()
+}
+
 /// Case-insensitive ASCII comparison of a header name or token.
 pub fn eq_ignore_case(a: &[u8], b: &[u8]) -> bool {
     a.eq_ignore_ascii_case(b)
@@ -52,6 +68,13 @@ pub fn parse_content_length(v: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimal_writes_every_width() {
+        assert_eq!(decimal(0).as_slice(), b"0");
+        assert_eq!(decimal(4096).as_slice(), b"4096");
+        assert_eq!(decimal(u64::MAX).as_slice(), b"18446744073709551615");
+    }
 
     #[test]
     fn content_length_is_strict() {

@@ -770,7 +770,7 @@ impl Connection {
     /// Formats a response into the response buffer and switches to writing it.
     fn respond(&mut self, ctx: &mut Ctx<'_>, status: u16, extra: &[&[u8]], body: &[u8], close: bool) {
         let close = close || ctx.shared.draining;
-        let len_buf = upstream::decimal(body.len());
+        let len_buf = crate::http::decimal(u64::try_from(body.len()).unwrap_or(u64::MAX));
         let mut w = 0;
         let parts: [&[u8]; 6] = [
             b"HTTP/1.1 ",

@@ -708,14 +708,20 @@ impl EventLoop {
     }
 
     fn next_deadline(&self, now: Instant) -> Option<Instant> {
-        let mut next = match self.handover {
-            Handover::Draining { deadline, .. } => deadline,
-            Handover::Taking { deadline, .. } => deadline.min(self.shared.keeper.deadline()).min(self.next_status),
-            _ => self.shared.keeper.deadline().min(self.next_status),
+        let mut next = match &self.handover {
+            // A draining agent waits only for its connections and the drain deadline.
+            Handover::Draining { deadline, .. } => *deadline,
+            other => {
+                let mut timers = self.shared.keeper.deadline().min(self.next_status);
+                if let Some(t) = &self.shared.telemetry {
+                    timers = timers.min(t.deadline());
+                }
+                if let Handover::Taking { deadline, .. } = other {
+                    timers = timers.min(*deadline);
+                }
+                timers
+            }
         };
-        if let Some(t) = self.shared.telemetry.as_ref().filter(|_| !self.shared.draining) {
-            next = next.min(t.deadline());
-        }
         if self.live > 0 {
             for slot in self.slots.iter() {
                 if let Some(c) = &slot.conn {
@@ -890,16 +896,17 @@ impl EventLoop {
 
     fn expire(&mut self, now: Instant) {
         // A draining agent has handed the host calls and the status file to its successor.
-        let draining = self.shared.draining;
-        if !draining && self.shared.keeper.deadline() <= now {
-            self.drive_keeper(now);
-        }
-        if !draining && self.shared.telemetry.as_ref().is_some_and(|t| t.deadline() <= now) {
-            self.drive_telemetry(now);
-        }
-        if !draining && self.next_status <= now {
-            self.shared.write_status_file();
-            self.next_status = now + Duration::from_secs(self.config.status_interval_secs);
+        if !self.shared.draining {
+            if self.shared.keeper.deadline() <= now {
+                self.drive_keeper(now);
+            }
+            if self.shared.telemetry.as_ref().is_some_and(|t| t.deadline() <= now) {
+                self.drive_telemetry(now);
+            }
+            if self.next_status <= now {
+                self.shared.write_status_file();
+                self.next_status = now + Duration::from_secs(self.config.status_interval_secs);
+            }
         }
         if self.live == 0 {
             return;

@@ -75,7 +75,7 @@ pub fn write_request_head(
     let version: &[u8] = if head.minor_version == 0 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" };
     w.put(&[method, b" ", target, version])?;
 
-    let length_buf = decimal(body.len());
+    let length_buf = crate::http::decimal(u64::try_from(body.len()).unwrap_or(u64::MAX));
     let length = length_buf.as_slice();
     let claims = if endorsement.is_root { signing::CLAIMS_ROOT } else { signing::CLAIMS_NOT_ROOT };
 
@@ -111,20 +111,4 @@ pub fn write_request_head(
     }
     w.put(&[b"\r\n"])?;
     Ok(w.len)
-}
-
-/// Decimal digits of `v` without allocating.
-pub(crate) fn decimal(v: usize) -> heapless::Vec<u8, 20> {
-    let mut digits = heapless::Vec::<u8, 20>::new();
-    let mut v = v;
-    loop {
-        // 20 digits hold any u64; push cannot fail.
-        digits.push(b'0' + u8::try_from(v % 10).unwrap_or(0)).ok();
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    digits.reverse();
-    digits
 }

@@ -142,9 +142,8 @@ fn param_with(out: &mut Vec<u8>, name: &str, value: &str, kind: &str, budget: us
 }
 
 fn param_u64(out: &mut Vec<u8>, name: &str, value: u64) {
-    let mut digits = [0u8; 20];
-    let text = crate::audit::decimal(value, &mut digits);
-    param_with(out, name, core::str::from_utf8(text).unwrap_or_default(), "mt:uint64", usize::MAX);
+    let text = crate::http::decimal(value);
+    param_with(out, name, core::str::from_utf8(&text).unwrap_or_default(), "mt:uint64", usize::MAX);
 }
 
 /// Appends `text` XML-escaped for an attribute value, at most `budget` bytes (whole escapes
