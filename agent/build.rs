@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: MIT
-//! Compiles the kernel programs in `../ebpf` with clang into `OUT_DIR`; `redirect::OBJECT`
-//! embeds the result with `include_bytes!`, so the agent ships as one file.
+//! Compiles the kernel programs in `../ebpf` with clang into `OUT_DIR`, twice: `redirect.bpf.o`
+//! reads the connecting task with CO-RE (needs kernel BTF), `redirect-procfs.bpf.o` does not
+//! (the fallback). `redirect::OBJECT` and `redirect::OBJECT_PROCFS` embed them with
+//! `include_bytes!`, so the agent ships as one file.
 
 use std::env;
 use std::path::PathBuf;
@@ -13,21 +15,25 @@ fn main() {
     let source = ebpf.join("redirect.bpf.c");
     println!("cargo:rerun-if-changed={}", source.display());
     println!("cargo:rerun-if-changed={}", ebpf.join("maps.h").display());
+    println!("cargo:rerun-if-changed={}", ebpf.join("task.h").display());
     println!("cargo:rerun-if-env-changed=CLANG");
 
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".to_owned());
     // The object is architecture-neutral; only the host's asm/ headers are needed to parse
     // <linux/bpf.h>, whatever the Rust target is.
     let host_multiarch = if cfg!(target_arch = "aarch64") { "aarch64-linux-gnu" } else { "x86_64-linux-gnu" };
-    let object = out.join("redirect.bpf.o");
-    let status = Command::new(&clang)
-        .args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror"])
-        .arg(format!("-I/usr/include/{host_multiarch}"))
-        .arg("-c")
-        .arg(&source)
-        .arg("-o")
-        .arg(&object)
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {clang} (apt-get install clang libbpf-dev): {e}"));
-    assert!(status.success(), "{clang} failed to compile {}", source.display());
+    for (name, defines) in [("redirect.bpf.o", &["-DGPA_TASK_BTF"][..]), ("redirect-procfs.bpf.o", &[][..])] {
+        let object = out.join(name);
+        let status = Command::new(&clang)
+            .args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror"])
+            .arg(format!("-I/usr/include/{host_multiarch}"))
+            .args(defines)
+            .arg("-c")
+            .arg(&source)
+            .arg("-o")
+            .arg(&object)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {clang} (apt-get install clang libbpf-dev): {e}"));
+        assert!(status.success(), "{clang} failed to compile {} into {name}", source.display());
+    }
 }

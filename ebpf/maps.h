@@ -29,27 +29,44 @@ struct gpa_policy_key {
 	__u16 _pad;
 };
 
-/* policy map value: where to send it instead (network byte order) and which endpoint it is. */
+/* policy map value: which endpoint it is. Where the connect goes instead is not here: it is
+ * the agent's own listening socket, found in gpa_listeners (see the kernel program). */
 struct gpa_policy_value {
-	__u32 proxy_ip;
-	__u16 proxy_port;
 	__u16 endpoint;
+	__u16 _pad;
+	__u32 _pad2;
 };
 
-/* Who connected, captured in the kernel at connect() time. */
+/* gpa_caller.flags */
+#define GPA_CALLER_TASK_READ (1u << 0)  /* exe_dev, exe_ino, start_boot_ns, euid, egid are the kernel's */
+#define GPA_CALLER_TRACED (1u << 1)     /* the connecting task was being ptraced at connect time */
+#define GPA_CALLER_NO_EXE (1u << 2)     /* the task had no executable (kernel thread, exiting mm) */
+
+/*
+ * Who connected, captured in the kernel at connect() time: nothing here can be changed by the
+ * caller afterwards (an execve, a setresuid, a new thread name). The executable is identified by
+ * the device and inode of mm->exe_file, not by a name.
+ */
 struct gpa_caller {
 	__u64 cgroup_id;
 	__u64 netns_cookie;
-	__u64 connect_boot_ns; /* bpf_ktime_get_boot_ns(): lets the agent detect pid reuse */
+	__u64 connect_boot_ns; /* bpf_ktime_get_boot_ns() at connect */
+	__u64 syn_boot_ns;     /* bpf_ktime_get_boot_ns() when the SYN left (sockops); 0 before */
+	__u64 start_boot_ns;   /* the thread group leader's start_boottime (pid reuse) */
+	__u64 exe_ino;         /* mm->exe_file->f_inode->i_ino */
+	__u32 exe_dev;         /* ...->i_sb->s_dev, kernel encoding (major << 20 | minor) */
 	__u32 tgid;
 	__u32 tid;
 	__u32 uid; /* real uid: low 32 bits of bpf_get_current_uid_gid() */
 	__u32 gid; /* real gid: high 32 bits */
-	__u32 orig_ip;   /* network byte order */
-	__u16 orig_port; /* network byte order */
-	__u16 endpoint;  /* enum gpa_endpoint */
-	__u32 is_v6;     /* 1 when the caller used an AF_INET6 socket (v4-mapped destination) */
-	__u32 _pad;
+	__u32 euid;
+	__u32 egid;
+	__u32 generation; /* gpa_config.generation when recorded: records of another agent are refused */
+	__u32 flags;      /* GPA_CALLER_* */
+	__u32 orig_ip;    /* network byte order */
+	__u16 orig_port;  /* network byte order */
+	__u16 endpoint;   /* enum gpa_endpoint */
+	__u32 is_v6;      /* 1 when the caller used an AF_INET6 socket (v4-mapped destination) */
 	char comm[GPA_COMM_LEN];
 };
 
@@ -61,10 +78,10 @@ struct gpa_audit_key {
 	__u16 _pad;
 };
 
-/* config map (one slot): how the agent marks its own sockets so they are never redirected. */
+/* config map (one slot). */
 struct gpa_config {
-	__u32 agent_mark;
-	__u32 _pad;
+	__u32 agent_mark; /* SO_MARK of the agent's own sockets: never redirected */
+	__u32 generation; /* stamped into every record; a new agent picks a new one */
 };
 
 #endif

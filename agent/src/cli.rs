@@ -305,7 +305,16 @@ pub struct StatusOutcome {
     pub message: String,
 }
 
-fn query_provision(listen: SocketAddrV4, tick_ns: u64, notify: bool) -> Option<Provision> {
+fn query_provision(listen: SocketAddrV4, tick_ns: u64, notify: bool) -> Result<Provision, String> {
+    // Only the agent's (root's) socket is asked: a user who squats the port while the agent
+    // is down must not be able to answer "ready". Checked before and after the exchange.
+    crate::listener::held_by_root_only(listen)?;
+    let provision = exchange_provision(listen, tick_ns, notify).ok_or_else(String::new)?;
+    crate::listener::held_by_root_only(listen)?;
+    Ok(provision)
+}
+
+fn exchange_provision(listen: SocketAddrV4, tick_ns: u64, notify: bool) -> Option<Provision> {
     let mut s = TcpStream::connect_timeout(&listen.into(), Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let notify = if notify { "x-ms-azure-notify: true\r\n" } else { "" };
@@ -328,8 +337,13 @@ pub fn status(listen: SocketAddrV4, wait_secs: u64) -> StatusOutcome {
     let start = crate::clock::now();
     let tick_ns = u64::try_from(crate::clock::wall_now().as_nanos()).unwrap_or(0);
     let mut first = true;
+    let mut why = String::new();
     loop {
-        if let Some(p) = query_provision(listen, tick_ns, first)
+        let answer = query_provision(listen, tick_ns, first);
+        if let Err(e) = &answer {
+            why.clone_from(e);
+        }
+        if let Ok(p) = answer
             && p.finished
         {
             {
@@ -348,7 +362,12 @@ pub fn status(listen: SocketAddrV4, wait_secs: u64) -> StatusOutcome {
         }
         first = false;
         if crate::clock::now().saturating_duration_since(start) >= Duration::from_secs(wait_secs) {
-            return StatusOutcome { exit_code: 1, message: "Provisioning has not finished.".into() };
+            let message = if why.is_empty() {
+                "Provisioning has not finished.".to_owned()
+            } else {
+                format!("Provisioning has not finished ({why}).")
+            };
+            return StatusOutcome { exit_code: 1, message };
         }
         std::thread::sleep(Duration::from_millis(100));
     }

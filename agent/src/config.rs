@@ -38,6 +38,7 @@ struct RawConfig {
     agent_mark: u32,
     log_level: String<8>,
     redirect: String<16>,
+    caller_identity: String<16>,
     handover_socket: String<108>,
     /// 0 (the default): no telemetry upload.
     telemetry_interval_seconds: u32,
@@ -66,6 +67,7 @@ impl Default for RawConfig {
             agent_mark: DEFAULT_AGENT_MARK,
             log_level: s("info"),
             redirect: s("hostModes"),
+            caller_identity: s("kernel"),
             handover_socket: s(DEFAULT_HANDOVER_SOCKET),
             telemetry_interval_seconds: 0,
             telemetry_level: s("warn"),
@@ -89,6 +91,17 @@ pub enum RedirectPolicy {
     /// Intercept every endpoint from the start, whatever the host says (deployments that want
     /// attribution and the allowlist even before MSP is enabled).
     All,
+}
+
+/// Where the caller's executable identity comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallerIdentity {
+    /// The kernel's connect-time record of the task (executable device and inode, start time,
+    /// effective ids, traced), read with CO-RE; falls back to `Procfs` where the kernel has no
+    /// BTF or refuses the program (the default).
+    Kernel,
+    /// `/proc` at accept time only (the fallback, forced): weaker, see docs/DESIGN.md.
+    Procfs,
 }
 
 /// The validated configuration.
@@ -127,6 +140,8 @@ pub struct ValidatedConfig {
     pub log_level: log::LevelFilter,
     /// Which endpoints to intercept.
     pub redirect: RedirectPolicy,
+    /// Where the executable identity comes from (`callerIdentity`).
+    pub caller_identity: CallerIdentity,
     /// Unix socket of the listener hand-over (`handoverSocket`); `None`: never offered nor
     /// taken.
     pub handover_socket: Option<PathBuf>,
@@ -242,6 +257,11 @@ impl ValidatedConfig {
             "all" => RedirectPolicy::All,
             _ => return Err(ConfigError::Invalid("redirect", "expected hostModes or all")),
         };
+        let caller_identity = match raw.caller_identity.as_str() {
+            "kernel" => CallerIdentity::Kernel,
+            "procfs" => CallerIdentity::Procfs,
+            _ => return Err(ConfigError::Invalid("callerIdentity", "expected kernel or procfs")),
+        };
         let dir = |key: &'static str, v: &str| {
             if v.starts_with('/') {
                 Ok(PathBuf::from(v))
@@ -266,6 +286,7 @@ impl ValidatedConfig {
             agent_mark: raw.agent_mark,
             log_level,
             redirect,
+            caller_identity,
             handover_socket: if raw.handover_socket.is_empty() {
                 None
             } else {

@@ -11,7 +11,7 @@
 //! | `bpf-syscall` | `/proc/sys/kernel/unprivileged_bpf_disabled` | missing: kernel without `CONFIG_BPF_SYSCALL` |
 //! | `kernel-filesystems` | `/proc/filesystems` | no `cgroup2` (or no `bpf` while `pinPath` is set) |
 //! | `cgroup2-mount` | `/proc/self/mountinfo` | no cgroup v2 mount, or `cgroupPath` not on one |
-//! | `pinned-programs` | mountinfo, `<pinPath>/v1/` | pin dir not on bpffs, or a link/map pin missing |
+//! | `pinned-programs` | mountinfo, `<pinPath>/v2/` | pin dir not on bpffs, or a link/map pin missing |
 //! | `listener-loopback` | `/proc/net/tcp`, `/proc/net/tcp6` | nothing listens on the port, or a non-loopback address does |
 //! | `key-directory` | `<stateDir>/keys` | dir not 0700 root-owned, or a file there not a 0600 root-owned regular file |
 //! | `status-file` | `<logDir>/status.json` | missing, symlink, not 0640 root-owned, unparsable, or older than 3 × `statusIntervalSeconds` |
@@ -20,7 +20,7 @@
 //!
 //! Attachment is checked through the pins: a pinned cgroup link keeps its program attached
 //! to the cgroup it was created on, so `link-gpa_sockops`, `link-gpa_connect4` and
-//! `link-gpa_connect6` under `<pinPath>/v1/` mean the programs are attached. Which cgroup
+//! `link-gpa_connect6` under `<pinPath>/v2/` mean the programs are attached. Which cgroup
 //! they are attached to is not visible without the BPF syscall (`bpftool cgroup tree` shows
 //! it). Clock skew against the host is not measured here (that needs a host call); the skew
 //! the agent recorded is reported when the status document carries it.
@@ -44,7 +44,7 @@ use crate::status::writer::{STATUS_FILE_MODE, STATUS_FILE_NAME};
 /// The pinned links (one per program of `redirect`, in its attach order).
 const PINNED_LINKS: [&str; 3] = ["link-gpa_sockops", "link-gpa_connect4", "link-gpa_connect6"];
 /// The pinned maps (`redirect`'s map names).
-const PINNED_MAPS: [&str; 5] = ["gpa_policy", "gpa_skip", "gpa_config", "gpa_pending", "gpa_audit"];
+const PINNED_MAPS: [&str; 6] = ["gpa_policy", "gpa_skip", "gpa_config", "gpa_pending", "gpa_audit", "gpa_listeners"];
 /// `bpf_link` for cgroup programs (`BPF_LINK_CREATE` on cgroups) arrived in Linux 5.7.
 const MIN_KERNEL: (u32, u32) = (5, 7);
 /// A status file older than this many write intervals is stale.
@@ -403,7 +403,7 @@ fn listeners(table: &str, port: u16) -> Vec<IpAddr> {
 }
 
 /// The kernel prints each 32-bit word of the address as a native-endian hex number.
-fn proc_net_addr(hex: &str) -> Option<IpAddr> {
+pub(crate) fn proc_net_addr(hex: &str) -> Option<IpAddr> {
     let word = |i: usize| hex.get(i * 8..i * 8 + 8).and_then(|w| u32::from_str_radix(w, 16).ok()).map(u32::to_ne_bytes);
     match hex.len() {
         8 => Some(IpAddr::V4(Ipv4Addr::from(word(0)?))),
@@ -781,7 +781,7 @@ mod tests {
         );
         f.dir("cgroup", 0o755);
         for name in PINNED_LINKS.iter().chain(PINNED_MAPS.iter()) {
-            f.write(&format!("bpf/gpa/v1/{name}"), "", 0o600);
+            f.write(&format!("bpf/gpa/v2/{name}"), "", 0o600);
         }
         f.write("proc/sys/kernel/osrelease", "6.8.0-1015-azure\n", 0o644);
         f.write("proc/sys/kernel/unprivileged_bpf_disabled", "2\n", 0o644);
@@ -885,12 +885,12 @@ mod tests {
         // Pinning off: a warning, not a failure.
         assert_eq!(check_pins(Some(&info), None).outcome, Outcome::Warn);
         // A missing link is a failure that names it.
-        fs::remove_file(pins.join("v1/link-gpa_connect4")).unwrap();
+        fs::remove_file(pins.join("v2/link-gpa_connect4")).unwrap();
         let c = check_pins(Some(&info), Some(&pins));
         assert_eq!(c.outcome, Outcome::Fail);
         assert!(c.detail.contains("missing link-gpa_connect4"), "{}", c.detail);
         // A symlink in its place is not accepted.
-        symlink(pins.join("v1/gpa_policy"), pins.join("v1/link-gpa_connect4")).unwrap();
+        symlink(pins.join("v2/gpa_policy"), pins.join("v2/link-gpa_connect4")).unwrap();
         assert!(
             check_pins(Some(&info), Some(&pins)).detail.contains("unusable (symlink or unreadable) link-gpa_connect4")
         );

@@ -1,17 +1,25 @@
 // SPDX-License-Identifier: MIT
-//! Who is calling: the kernel's record of the connect (pid, tid, real uid, gid, comm, time)
-//! turned into the caller the allowlist matches on (executable path, process name, user and
-//! group names).
+//! Who is calling: the kernel's record of the connect turned into the caller the allowlist
+//! matches on (executable path, process name, user and group names).
 //!
-//! Binding the attributes to the caller (MSP §11 item 3): the executable is read from
-//! `/proc/<pid>/exe` at accept time, and only if the process is provably the one that
-//! connected: its start time is not later than the connect (a reused pid started later), and
-//! the connecting thread's comm is unchanged (an `execve` after the connect renames it). The
-//! start time and the comm are read before and after the `readlink`, so a process that exits
-//! or execs in between is caught too. (Left: inside `execve` the kernel switches the
-//! executable a few microseconds before it renames the thread; a readlink that falls exactly
-//! there, with both comm reads around it, is not detected.) When any check fails the caller has no executable identity — it never
-//! inherits one, and uid 0 is never assumed.
+//! Binding the executable to the caller (MSP §11 item 3). The kernel programs record, at the
+//! moment of the connect, the device and inode of the task's executable (`mm->exe_file`), the
+//! process start time, the effective ids and whether the task was being traced. None of that
+//! can be changed afterwards: an `execve` after the connect, a thread name set with
+//! `PR_SET_NAME`, a deferred SYN (`TCP_FASTOPEN_CONNECT`) written by another process: the
+//! record still names the program that connected. A path is trusted only if the file it names
+//! *in the agent's mount namespace* is that same (device, inode): the path comes from
+//! `/proc/<pid>/exe` at accept time, so a process that exec'd since, a reused pid, a replaced
+//! or deleted file, a memfd, or a bind mount in the caller's namespace all resolve to a path
+//! whose file is another inode, and the caller then has no executable identity, never a
+//! borrowed one. A task traced at connect (its code may be someone else's) has none either.
+//!
+//! The fallback (`callerIdentity: procfs`, or a kernel without BTF) has no inode: the path is
+//! read from `/proc` at accept and bound by the start time and the comm, before and after the
+//! `readlink`; a connect whose SYN left more than `DEFERRED_SYN_MS` after it (TCP Fast Open
+//! connect, first write by someone else) has no executable identity. The exec-after-connect
+//! race that the comm cannot close (the caller chooses its comm) remains there, and `doctor` and
+//! the status say so. uid 0 is never assumed in either mode.
 
 use std::fs;
 use std::io::Read;
@@ -21,8 +29,10 @@ use std::path::Path;
 
 use heapless::{String, Vec};
 
-use crate::limits::{CMDLINE_MAX_BYTES, EXE_PATH_MAX_BYTES, GROUPS_PER_USER, IDENTITY_CACHE_ENTRIES, NAME_MAX_BYTES};
-use crate::redirect::CallerRecord;
+use crate::limits::{
+    CMDLINE_MAX_BYTES, DEFERRED_SYN_MS, EXE_PATH_MAX_BYTES, GROUPS_PER_USER, IDENTITY_CACHE_ENTRIES, NAME_MAX_BYTES,
+};
+use crate::redirect::{CALLER_NO_EXE, CALLER_TRACED, CallerRecord};
 
 /// A user or group name.
 pub type Name = String<NAME_MAX_BYTES>;
@@ -109,7 +119,7 @@ impl Resolver {
             }
         }
         let exe = self.bound_executable(&record);
-        let cmdline = if exe.is_some() { self.cmdline(record.tgid) } else { Vec::new() };
+        let cmdline = if exe.is_some() && self.same_process(&record) { self.cmdline(record.tgid) } else { Vec::new() };
         let entry = self.user_entry(record.uid, record.gid);
         Caller { record, exe, cmdline, user: entry.user, groups: entry.groups }
     }
@@ -126,6 +136,44 @@ impl Resolver {
     }
 
     fn bound_executable(&self, record: &CallerRecord) -> Option<Vec<u8, EXE_PATH_MAX_BYTES>> {
+        if record.task_read() { self.bound_by_inode(record) } else { self.bound_by_procfs(record) }
+    }
+
+    /// The kernel named the executable by (device, inode) at connect: any path whose file in
+    /// our namespace is that inode names it. `lstat`, not `stat`: a symlink at the path is a
+    /// name someone made, not the file.
+    fn bound_by_inode(&self, record: &CallerRecord) -> Option<Vec<u8, EXE_PATH_MAX_BYTES>> {
+        if record.flags & (CALLER_TRACED | CALLER_NO_EXE) != 0 {
+            return None;
+        }
+        let link = fs::read_link(format_path(self.proc_root, record.tgid, "exe")).ok()?;
+        let named = fs::symlink_metadata(&link).ok()?;
+        if !named.is_file() || (named.dev(), named.ino()) != (record.exe_dev_userspace(), record.exe_ino) {
+            return None;
+        }
+        Vec::from_slice(link.as_os_str().as_bytes()).ok()
+    }
+
+    /// Whether the process now at `record.tgid` is the one that connected (its start time is
+    /// the recorded one); only the kernel record has the start time, the fallback compares
+    /// against the connect time.
+    fn same_process(&self, record: &CallerRecord) -> bool {
+        let Some(started) = self.start_time_ns(record.tgid) else { return false };
+        if !record.task_read() {
+            return started <= record.connect_boot_ns;
+        }
+        // /proc shows the start time in clock ticks: compare at that precision.
+        let tick_ns = 1_000_000_000 / self.ticks_per_second.max(1);
+        started / tick_ns == record.start_boot_ns / tick_ns
+    }
+
+    fn bound_by_procfs(&self, record: &CallerRecord) -> Option<Vec<u8, EXE_PATH_MAX_BYTES>> {
+        // The SYN of an ordinary connect leaves inside the connect call. Much later means a
+        // deferred SYN (TCP_FASTOPEN_CONNECT), which another process may have sent after the
+        // connecting one exec'd: /proc could only show the new program.
+        if record.syn_boot_ns.saturating_sub(record.connect_boot_ns) > DEFERRED_SYN_MS * 1_000_000 {
+            return None;
+        }
         let before = self.start_time_ns(record.tgid)?;
         // A process that started after the connect cannot have made it: the pid was reused.
         if before > record.connect_boot_ns {
@@ -152,8 +200,7 @@ impl Resolver {
             return None;
         }
         // Again after the readlink: an `execve` that completed between the first check and
-        // the readlink would otherwise lend the new program's path to the old connect (the
-        // security suite's exec-after-connect case hit this under load).
+        // the readlink would otherwise lend the new program's path to the old connect.
         comm_unchanged()?;
         Vec::from_slice(link.as_os_str().as_bytes()).ok()
     }
@@ -304,37 +351,82 @@ mod tests {
         assert_eq!(e.groups[0].as_str(), "adm");
     }
 
-    #[test]
-    fn own_process_resolves_and_a_later_connect_time_is_required() {
-        let mut r = Resolver::new();
+    /// A record of this test process as the procfs fallback object would make it.
+    fn procfs_record_of_self() -> CallerRecord {
         let me = std::process::id();
         let comm = fs::read(format!("/proc/{me}/task/{me}/comm")).unwrap();
+        let now = crate::sys::boottime_ns();
         let mut record = CallerRecord {
-            cgroup_id: 0,
-            netns_cookie: 0,
-            connect_boot_ns: crate::sys::boottime_ns(),
+            connect_boot_ns: now,
+            syn_boot_ns: now,
             tgid: me,
             tid: me,
-            uid: 0,
-            gid: 0,
-            orig_ip: 0,
-            orig_port: 0,
             endpoint: 1,
-            is_v6: 0,
-            pad: 0,
-            comm: [0; 16],
+            ..CallerRecord::zeroed()
         };
         let n = comm.len().saturating_sub(1).min(15);
         record.comm[..n].copy_from_slice(&comm[..n]);
-        let caller = r.resolve(record, crate::clock::now());
+        record
+    }
+
+    /// The same as the task-reading object would make it: the executable's inode and the
+    /// process start time from the kernel.
+    fn kernel_record_of_self() -> CallerRecord {
+        let exe = fs::metadata("/proc/self/exe").unwrap();
+        let r = Resolver::new();
+        let (major, minor) = (libc::major(exe.dev()), libc::minor(exe.dev()));
+        CallerRecord {
+            flags: crate::redirect::CALLER_TASK_READ,
+            exe_ino: exe.ino(),
+            exe_dev: (major << 20) | minor,
+            start_boot_ns: r.start_time_ns(std::process::id()).unwrap(),
+            ..procfs_record_of_self()
+        }
+    }
+
+    #[test]
+    fn procfs_fallback_binds_by_start_time_comm_and_an_immediate_syn() {
+        let mut r = Resolver::new();
         let exe = fs::read_link("/proc/self/exe").unwrap();
+        let record = procfs_record_of_self();
+        let caller = r.resolve(record, crate::clock::now());
         assert_eq!(caller.exe.as_deref(), Some(exe.as_os_str().as_bytes()));
         // A connect "before the process started" means the pid was reused: no identity.
-        record.connect_boot_ns = 1;
-        assert!(r.resolve(record, crate::clock::now()).exe.is_none());
+        assert!(
+            r.resolve(CallerRecord { connect_boot_ns: 1, syn_boot_ns: 1, ..record }, crate::clock::now()).exe.is_none()
+        );
         // A different comm means the process exec'd or renamed since the connect.
-        record.connect_boot_ns = crate::sys::boottime_ns();
-        record.comm = *b"not-the-caller\0\0";
-        assert!(r.resolve(record, crate::clock::now()).exe.is_none());
+        assert!(r.resolve(CallerRecord { comm: *b"not-the-caller\0\0", ..record }, crate::clock::now()).exe.is_none());
+        // A SYN long after the connect (TCP_FASTOPEN_CONNECT) proves nothing about who wrote.
+        let late_syn = record.connect_boot_ns + (DEFERRED_SYN_MS + 1) * 1_000_000;
+        assert!(r.resolve(CallerRecord { syn_boot_ns: late_syn, ..record }, crate::clock::now()).exe.is_none());
+    }
+
+    #[test]
+    fn kernel_record_binds_by_inode_only() {
+        let mut r = Resolver::new();
+        let exe = fs::read_link("/proc/self/exe").unwrap();
+        let record = kernel_record_of_self();
+        let caller = r.resolve(record, crate::clock::now());
+        assert_eq!(caller.exe.as_deref(), Some(exe.as_os_str().as_bytes()));
+        assert!(!caller.cmdline.is_empty(), "same start time: the command line is read");
+        // The comm and the SYN time do not matter: the inode is the kernel's.
+        let renamed = CallerRecord { comm: *b"anything\0\0\0\0\0\0\0\0", syn_boot_ns: u64::MAX, ..record };
+        assert!(r.resolve(renamed, crate::clock::now()).exe.is_some());
+        // Another inode at connect time (the caller exec'd since): no identity, never this path.
+        let other = fs::metadata("/proc/self/cwd").unwrap();
+        assert!(r.resolve(CallerRecord { exe_ino: other.ino(), ..record }, crate::clock::now()).exe.is_none());
+        assert!(r.resolve(CallerRecord { exe_dev: record.exe_dev ^ 1, ..record }, crate::clock::now()).exe.is_none());
+        // Traced at connect, or no executable at all: no identity.
+        for flag in [CALLER_TRACED, CALLER_NO_EXE] {
+            assert!(
+                r.resolve(CallerRecord { flags: record.flags | flag, ..record }, crate::clock::now()).exe.is_none()
+            );
+        }
+        // Another start time (a reused pid): the path still names the recorded inode, but the
+        // command line belongs to someone else and is not read.
+        let reused = CallerRecord { start_boot_ns: record.start_boot_ns + 10_000_000_000, ..record };
+        let caller = r.resolve(reused, crate::clock::now());
+        assert!(caller.exe.is_some() && caller.cmdline.is_empty());
     }
 }

@@ -38,6 +38,7 @@ pub mod handover;
 pub mod http;
 pub mod identity;
 pub mod limits;
+pub mod listener;
 pub mod logger;
 pub mod msp;
 pub mod policy;

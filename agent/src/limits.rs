@@ -51,6 +51,20 @@ pub const EVENTS_PER_TURN: usize = 256;
 pub const POLICY_MAX_ENTRIES: u32 = 16;
 /// See [`POLICY_MAX_ENTRIES`].
 pub const AUDIT_MAX_ENTRIES: u32 = 16_384;
+/// The agent listeners the kernel can redirect to (`LISTENERS_MAX_ENTRIES`, one per network
+/// namespace served).
+pub const LISTENERS_MAX_ENTRIES: u32 = 64;
+/// The oldest kernel record the proxy still takes, measured from the connect. A redirected
+/// connect is accepted within milliseconds; the slow legitimate cases (a TCP Fast Open connect
+/// whose first write comes later, a full accept queue while the agent catches up) are seconds.
+/// Anything older is not trusted to belong to the connection that presents it.
+pub const RECORD_MAX_AGE_MS: u64 = 30_000;
+/// Longest gap between the connect and its SYN that still counts as one `connect()` call. A
+/// normal connect sends the SYN within the same system call (microseconds); `TCP_FASTOPEN_CONNECT`
+/// defers it to the first write, which may come from another process after an `execve`. Only
+/// the `/proc` fallback needs this: with the kernel's task record the executable is fixed at
+/// the connect whatever happens later.
+pub const DEFERRED_SYN_MS: u64 = 100;
 
 /// Entries in the uid → user/groups cache (bounded; evicts round-robin when full).
 pub const IDENTITY_CACHE_ENTRIES: usize = 64;

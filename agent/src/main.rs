@@ -147,7 +147,7 @@ fn run(args: &[String]) -> Result<ExitCode, MainError> {
         }
         Command::Status { config, wait_secs } => {
             let config = ValidatedConfig::load(&config).map_err(MainError::Config)?;
-            let outcome = cli::status(config.listen, wait_secs);
+            let outcome = cli::status(gpa::listener::address_in_use(&config.state_dir, config.listen), wait_secs);
             println!("{}", outcome.message);
             Ok(ExitCode::from(outcome.exit_code))
         }

@@ -219,13 +219,21 @@ fn network_exposure_is_loopback_only_and_interception_is_complete() {
     assert!(remote[0].error.as_deref().is_some_and(|m| m.contains("ConnectionRefused")), "{}", remote[0].brief());
     run.pass("A1c/A2", ":3080 on the namespace's external address refused, from itself and from the peer namespace");
 
-    // W8/W9: no trace_printk on the hot path; cgroup hooks only (no kprobe, no CO-RE reads).
+    // W8/W9: no trace_printk on the hot path; cgroup hooks only (no kprobe). CO-RE reads of
+    // the connecting task are deliberate (issue 12) and live only in the GPA_TASK_BTF build.
     let source =
         fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../ebpf/redirect.bpf.c")).expect("ebpf source");
-    for banned in ["bpf_printk(", "bpf_trace_printk(", "SEC(\"kprobe", "SEC(\"kretprobe", "BPF_CORE_READ("] {
+    for banned in ["bpf_printk(", "bpf_trace_printk(", "SEC(\"kprobe", "SEC(\"kretprobe"] {
         assert!(!source.contains(banned), "ebpf/redirect.bpf.c uses {banned}");
     }
-    run.pass("W8", "redirect.bpf.c has no bpf_printk/trace_printk (and no kprobe or CO-RE read)");
+    let core_reads = source.matches("BPF_CORE_READ(").count();
+    let in_task_build: usize = source
+        .split("#ifdef GPA_TASK_BTF")
+        .skip(1)
+        .map(|block| block.split("#endif").next().unwrap_or("").matches("BPF_CORE_READ(").count())
+        .sum();
+    assert!(core_reads > 0 && in_task_build == core_reads, "CO-RE reads outside the GPA_TASK_BTF build");
+    run.pass("W8", format!("redirect.bpf.c has no bpf_printk/trace_printk and no kprobe; its {core_reads} CO-RE reads are in the task-reading build only"));
     e.check_oracle();
 }
 

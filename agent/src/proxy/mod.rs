@@ -23,14 +23,14 @@ use mio::{Events, Interest, Poll, Token};
 
 use self::connection::{Buffers, Connection, Ctx, Next, peer_v4};
 use crate::audit::{AuditLog, AuditRecord, derive_checkpoint_key};
-use crate::config::{RedirectPolicy, ValidatedConfig};
+use crate::config::{CallerIdentity, RedirectPolicy, ValidatedConfig};
 use crate::identity::{Caller, Resolver};
 use crate::limits::{BODY_BUFFERS, EVENTS_PER_TURN, GROUPS_PER_USER, REQUEST_BODY_MAX_BYTES};
 use crate::msp::key_keeper::{KeeperConfig, KeyKeeper};
 use crate::msp::signing::{self, SigningKey};
 use crate::policy::decide::{CallerView, Outcome};
 use crate::policy::{Policy, snapshot};
-use crate::redirect::{AuditKey, Endpoint, RedirectError, Redirector};
+use crate::redirect::{AttachOptions, AuditKey, Endpoint, NoRecord, RedirectError, Redirector, TaskIdentity};
 use crate::status::{KeyLatchStates, ModuleStatus, StatusInputs, StatusWriter, Summaries, SummaryKind, SummaryRecord};
 use crate::sys::{Signal, SignalFd};
 use crate::telemetry::metadata::OsInfo;
@@ -468,9 +468,15 @@ impl EventLoop {
             poll.registry().register(&mut listener, LISTENER, Interest::READABLE).map_err(StartError::Poll)?;
         }
         let netns_cookie = crate::sys::netns_cookie(listener.as_fd()).unwrap_or(0);
+        let listen = match listener.local_addr() {
+            Ok(std::net::SocketAddr::V4(a)) => a,
+            _ => config.listen,
+        };
+        if let Err(e) = crate::listener::record_address(&config.state_dir, listen) {
+            log::warn!(target: "gpa::loop", "cannot record the listener address for --status: {e}");
+        }
         logger::milestone(&format!(
-            "proxy listener ready on {}{}",
-            config.listen,
+            "proxy listener ready on {listen}{}",
             if shared_listener { " (shared by the early agent)" } else { "" }
         ));
 
@@ -482,12 +488,26 @@ impl EventLoop {
             "Started proxy listener, ready to accept request - {}",
             clock::now().saturating_duration_since(started).as_millis()
         );
-        let redirector =
-            Redirector::attach(&cgroup, config.agent_mark, crate::sys::getpid(), config.pin_dir.as_deref())
-                .map_err(StartError::Redirect)?;
+        let redirector = Redirector::attach(
+            &cgroup,
+            &AttachOptions {
+                agent_mark: config.agent_mark,
+                agent_tgid: crate::sys::getpid(),
+                pins: config.pin_dir.as_deref(),
+                listener: listener.as_fd(),
+                netns_cookie,
+                kernel_identity: config.caller_identity == CallerIdentity::Kernel,
+                keep_records: shared_listener,
+            },
+        )
+        .map_err(StartError::Redirect)?;
         let attach_ms = clock::now().saturating_duration_since(started).as_millis();
-        logger::milestone(&format!("eBPF redirector attached to {} in {attach_ms} ms", cgroup.display()));
-        let ebpf_message = format!("Started Redirector with eBPF maps - {attach_ms}");
+        let identity = match redirector.task_identity() {
+            TaskIdentity::Kernel => "executable identity from the kernel's connect-time record".to_owned(),
+            TaskIdentity::Procfs(why) => format!("executable identity from /proc only ({why})"),
+        };
+        logger::milestone(&format!("eBPF redirector attached to {} in {attach_ms} ms; {identity}", cgroup.display()));
+        let ebpf_message = format!("Started Redirector with eBPF maps - {attach_ms}; {identity}");
         telemetry::module_status("ProxyServer", &listener_message);
         telemetry::module_status("Redirector", &ebpf_message);
         // Read now: the seccomp filter installed after start does not allow `sysinfo`.
@@ -529,7 +549,7 @@ impl EventLoop {
             listener,
             accepting,
             handover,
-            listen: config.listen,
+            listen,
             signals,
             slots,
             free,
@@ -570,7 +590,7 @@ impl EventLoop {
         for (i, destination) in
             [this.config.wire_server, this.config.imds, this.config.host_ga_plugin].into_iter().enumerate()
         {
-            this.routes[i] = this.redirector.routed(destination, this.listen);
+            this.routes[i] = this.redirector.routed(destination);
         }
         this.apply_routes();
         Ok(this)
@@ -791,7 +811,7 @@ impl EventLoop {
                 continue;
             }
             let result = if want {
-                self.redirector.set_route(destination, self.listen, endpoint)
+                self.redirector.set_route(destination, endpoint)
             } else {
                 self.redirector.remove_route(destination)
             };
@@ -832,7 +852,15 @@ impl EventLoop {
                 src_port: peer.port(),
                 pad: 0,
             };
-            let record = self.redirector.take_caller(&key);
+            let record = match self.redirector.take_caller(&key, crate::sys::boottime_ns()) {
+                Ok(record) => Some(record),
+                Err(why) => {
+                    if why != NoRecord::Missing {
+                        log::warn!(target: "gpa::proxy", "connection without identity: peer={peer} reason={}", why.as_str());
+                    }
+                    None
+                }
+            };
             let Some(index) = self.free.pop() else {
                 self.shared.stats.refused_full += 1;
                 drop(stream.write(SERVER_FULL));
@@ -994,5 +1022,21 @@ fn bind_listener(addr: SocketAddrV4) -> Result<TcpListener, StartError> {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
-    Err(StartError::Bind(addr, last.unwrap_or_else(|| io::Error::other("bind failed"))))
+    let last = last.unwrap_or_else(|| io::Error::other("bind failed"));
+    if last.kind() != io::ErrorKind::AddrInUse {
+        return Err(StartError::Bind(addr, last));
+    }
+    // Someone else holds the port (a squatter, or a stuck process). The kernel redirects only
+    // to this agent's own socket, wherever it listens, so take a free port on the same address
+    // rather than leave the callers unprotected; the holder never receives a caller.
+    let holders = crate::listener::owners_now(addr);
+    let l = crate::sys::listen_tcp(SocketAddrV4::new(*addr.ip(), 0), LISTEN_BACKLOG)
+        .map_err(|e| StartError::Bind(addr, e))?;
+    let actual = l.local_addr().map_err(|e| StartError::Bind(addr, e))?;
+    log::error!(
+        target: "gpa::loop",
+        "listenAddress {addr} is held by another socket (owner uid {holders:?}); listening on {actual} instead. \
+         Redirected callers reach only this agent; find the holder with `ss -ltnp`"
+    );
+    Ok(TcpListener::from_std(l))
 }

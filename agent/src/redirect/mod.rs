@@ -11,29 +11,68 @@ pub mod maps;
 use std::fmt;
 use std::fs::File;
 use std::net::SocketAddrV4;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, MapData, MapError};
+use aya::maps::{Array, HashMap, MapData, MapError, SockHash};
 use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps};
-use aya::{Ebpf, EbpfError, EbpfLoader};
+use aya::{Btf, Ebpf, EbpfError, EbpfLoader};
 
-pub use self::maps::{AuditKey, CallerRecord, Endpoint};
+pub use self::maps::{AuditKey, CALLER_NO_EXE, CALLER_TASK_READ, CALLER_TRACED, CallerRecord, Endpoint};
 use self::maps::{ConfigValue, PolicyKey, PolicyValue};
 
-/// The compiled kernel programs, built from `ebpf/redirect.bpf.c` by `build.rs`.
+/// The compiled kernel programs, built from `ebpf/redirect.bpf.c` by `build.rs`: this one reads
+/// the connecting task with CO-RE (needs the kernel's BTF).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect.bpf.o"));
+/// The same programs without the task read, for kernels without BTF (the agent then binds the
+/// executable through `/proc`, see `identity`).
+pub static OBJECT_PROCFS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-procfs.bpf.o"));
 
 /// Program names in the object, in attach order (sockops first, so that no connect is
 /// rewritten before its identity can be re-keyed).
 const PROGRAMS: [&str; 3] = ["gpa_sockops", "gpa_connect4", "gpa_connect6"];
 /// Map names in the object (all pinned when pinning is on).
-const MAPS: [&str; 5] = ["gpa_policy", "gpa_skip", "gpa_config", "gpa_pending", "gpa_audit"];
+const MAPS: [&str; 6] = ["gpa_policy", "gpa_skip", "gpa_config", "gpa_pending", "gpa_audit", "gpa_listeners"];
 /// Sub-directory of the pin path for this map layout. A change to any struct in
 /// `ebpf/maps.h` must bump it, so an upgraded agent never reuses maps of another layout.
-pub const PIN_LAYOUT: &str = "v1";
+pub const PIN_LAYOUT: &str = "v2";
+/// Earlier layouts: their pinned links are adopted (the new program swapped in atomically) and
+/// their pins removed, so an upgrade neither stacks programs nor opens a window.
+const OLDER_PIN_LAYOUTS: [&str; 1] = ["v1"];
+
+/// Where the caller's executable identity comes from, as loaded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskIdentity {
+    /// The kernel records the executable's device and inode, the start time and the
+    /// effective ids at connect (the CO-RE object).
+    Kernel,
+    /// The fallback object: `/proc` at accept time; the text says why.
+    Procfs(String),
+}
+
+/// Why the proxy did not get a caller for a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoRecord {
+    /// No record: a direct connect to the listener, or an evicted entry.
+    Missing,
+    /// Made under another agent's generation (left over from before a restart).
+    OtherGeneration,
+    /// Older than `RECORD_MAX_AGE_MS`.
+    Stale,
+}
+
+impl NoRecord {
+    /// Short reason for logs and audit records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Missing => "no kernel record",
+            Self::OtherGeneration => "record of another agent generation",
+            Self::Stale => "stale kernel record",
+        }
+    }
+}
 
 /// Why the redirector could not start or change.
 #[derive(Debug)]
@@ -79,52 +118,97 @@ impl fmt::Display for RedirectError {
 impl std::error::Error for RedirectError {}
 
 /// Loaded and attached kernel programs plus the maps the agent uses.
-#[derive(Debug)]
 pub struct Redirector {
     // Owns the programs and their links while they are not pinned: dropping the redirector
     // then detaches them. With pins the kernel holds them and the loader's memory is freed.
     _ebpf: Option<Ebpf>,
     policy: HashMap<MapData, PolicyKey, PolicyValue>,
     audit: HashMap<MapData, AuditKey, CallerRecord>,
+    listeners: SockHash<MapData, u64>,
     cgroup: PathBuf,
+    generation: u32,
+    task_identity: TaskIdentity,
+}
+
+impl fmt::Debug for Redirector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // aya's SockHash has no Debug; the maps are kernel objects anyway.
+        f.debug_struct("Redirector")
+            .field("cgroup", &self.cgroup)
+            .field("generation", &self.generation)
+            .field("task_identity", &self.task_identity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Redirector::attach`] needs besides the cgroup.
+#[derive(Debug)]
+pub struct AttachOptions<'a> {
+    /// `SO_MARK` of the agent's own sockets.
+    pub agent_mark: u32,
+    /// The agent's tgid (also never redirected).
+    pub agent_tgid: u32,
+    /// Pin directory on a bpffs, or `None`.
+    pub pins: Option<&'a Path>,
+    /// The agent's listening socket: the only place redirected connects can go.
+    pub listener: BorrowedFd<'a>,
+    /// Its network namespace cookie.
+    pub netns_cookie: u64,
+    /// Whether to try the kernel task record at all (`callerIdentity: kernel`).
+    pub kernel_identity: bool,
+    /// Keep the pinned generation and records: the listener is shared with an early agent
+    /// that is still accepting from it (hand-over).
+    pub keep_records: bool,
 }
 
 impl Redirector {
-    /// Loads the embedded object, exempts the agent (by `SO_MARK` and by tgid), and attaches
-    /// the programs to `cgroup`.
+    /// Loads the embedded object, exempts the agent (by `SO_MARK` and by tgid), registers the
+    /// agent's listener as the only redirect target, and attaches the programs to `cgroup`.
     ///
     /// With `pins` (a directory on a bpf filesystem), the maps and links are pinned there so
     /// that the redirect outlives this process: while no agent runs, redirected connects are
-    /// refused instead of reaching the endpoints (fail-closed, MSP §11 item 8). A later agent
-    /// *adopts* that state: it reuses the pinned maps (routes stay installed) and swaps its
-    /// freshly loaded programs into the pinned links with `BPF_LINK_UPDATE` — atomically, so
-    /// there is never a moment with no program or with two.
+    /// refused in the kernel (the listener entry went with the socket: fail-closed, MSP §11
+    /// item 8). A later agent *adopts* that state: it reuses the pinned maps (routes stay
+    /// installed) and swaps its freshly loaded programs into the pinned links with
+    /// `BPF_LINK_UPDATE`, atomically, so there is never a moment with no program or with two.
+    /// Unless it shares the listener with a still-running early agent, it starts a new record
+    /// generation and deletes every record left in the maps: nothing recorded for another agent
+    /// can be claimed by a connection to this one.
     ///
     /// Without pins, the policy map starts empty and dropping the redirector detaches.
-    pub fn attach(cgroup: &Path, agent_mark: u32, agent_tgid: u32, pins: Option<&Path>) -> Result<Self, RedirectError> {
-        let pin_dir = pins.map(prepare_pin_dir).transpose()?;
-        let mut loader = EbpfLoader::new();
-        // The programs read no kernel structures (no CO-RE): parsing the kernel's multi-MiB
-        // BTF would only cost start-up time and memory.
-        loader.btf(None);
-        let map_paths: Vec<(&str, PathBuf)> =
-            pin_dir.iter().flat_map(|dir| MAPS.iter().map(move |name| (*name, dir.join(name)))).collect();
-        for (name, path) in &map_paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let mut ebpf = loader.load(OBJECT).map_err(RedirectError::LoadObject)?;
+    pub fn attach(cgroup: &Path, opts: &AttachOptions<'_>) -> Result<Self, RedirectError> {
+        let pin_dir = opts.pins.map(prepare_pin_dir).transpose()?;
+        let (mut ebpf, task_identity) = load_object(pin_dir.as_deref(), opts.kernel_identity)?;
 
         let mut config: Array<_, ConfigValue> = take_map(&mut ebpf, "gpa_config")?;
-        config.set(0, ConfigValue { agent_mark, pad: 0 }, 0).map_err(|e| RedirectError::Map("gpa_config", e))?;
+        let previous = config.get(&0, 0).map(|c| c.generation).unwrap_or(0);
+        let generation = match (opts.keep_records, previous) {
+            (true, g) if g != 0 => g,
+            (_, g) => g.wrapping_add(1).max(1),
+        };
+        config
+            .set(0, ConfigValue { agent_mark: opts.agent_mark, generation }, 0)
+            .map_err(|e| RedirectError::Map("gpa_config", e))?;
         let mut skip: HashMap<_, u32, u32> = take_map(&mut ebpf, "gpa_skip")?;
         // A previous agent's tgid may belong to another process by now: only ours stays.
-        let stale: Vec<u32> = skip.keys().filter_map(Result::ok).filter(|k| *k != agent_tgid).collect();
+        let stale: Vec<u32> = skip.keys().filter_map(Result::ok).filter(|k| *k != opts.agent_tgid).collect();
         for tgid in stale {
             drop(skip.remove(&tgid));
         }
-        skip.insert(agent_tgid, 1, 0).map_err(|e| RedirectError::Map("gpa_skip", e))?;
+        skip.insert(opts.agent_tgid, 1, 0).map_err(|e| RedirectError::Map("gpa_skip", e))?;
         let policy = take_map(&mut ebpf, "gpa_policy")?;
-        let audit = take_map(&mut ebpf, "gpa_audit")?;
+        let mut audit: HashMap<MapData, AuditKey, CallerRecord> = take_map(&mut ebpf, "gpa_audit")?;
+        let mut pending: HashMap<MapData, u64, CallerRecord> = take_map(&mut ebpf, "gpa_pending")?;
+        if !opts.keep_records {
+            let cleared = clear(&mut audit) + clear(&mut pending);
+            if cleared > 0 {
+                log::info!(target: "gpa::redirect", "deleted {cleared} kernel records left by an earlier agent");
+            }
+        }
+        let mut listeners: SockHash<MapData, u64> = take_map(&mut ebpf, "gpa_listeners")?;
+        listeners
+            .insert(opts.netns_cookie, opts.listener.as_raw_fd(), 0)
+            .map_err(|e| RedirectError::Map("gpa_listeners", e))?;
 
         let cgroup_dir = File::open(cgroup).map_err(|e| RedirectError::OpenCgroup(cgroup.to_owned(), e))?;
         // On cgroup v2 the directory's inode number is the cgroup id links report.
@@ -132,7 +216,7 @@ impl Redirector {
         for name in PROGRAMS {
             let program = ebpf.program_mut(name).ok_or(RedirectError::MissingProgram(name))?;
             let link_pin = pin_dir.as_ref().map(|d| d.join(format!("link-{name}")));
-            let pinned = link_pin.as_deref().filter(|p| p.exists());
+            let pinned = link_pin.as_deref().and_then(|p| pinned_link(p, name));
             let program_err = |e| RedirectError::Program(name, e);
             let pin_err = |e: aya::programs::links::LinkError| RedirectError::Pin(name, std::io::Error::other(e));
             // SockOps and CgroupSockAddr share the method names but no trait: one macro body
@@ -141,9 +225,11 @@ impl Redirector {
                 ($program:ty) => {{
                     let p: &mut $program = program.try_into().map_err(program_err)?;
                     p.load().map_err(program_err)?;
-                    let adopted = match pinned {
-                        Some(path) => adopt_pinned_link(name, path, cgroup_id, p.fd().map_err(program_err)?.as_fd())?,
-                        None => false,
+                    let adopted = match (&pinned, &link_pin) {
+                        (Some(found), Some(want)) => {
+                            adopt_pinned_link(name, found, want, cgroup_id, p.fd().map_err(program_err)?.as_fd())?
+                        }
+                        _ => false,
                     };
                     if !adopted {
                         let id = p.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(program_err)?;
@@ -160,16 +246,33 @@ impl Redirector {
                 load_and_attach!(CgroupSockAddr);
             }
         }
+        if let Some(dir) = &pin_dir {
+            remove_older_layouts(dir);
+        }
         let ebpf = if pin_dir.is_some() { None } else { Some(ebpf) };
-        Ok(Self { _ebpf: ebpf, policy, audit, cgroup: cgroup.to_owned() })
+        Ok(Self { _ebpf: ebpf, policy, audit, listeners, cgroup: cgroup.to_owned(), generation, task_identity })
     }
 
-    /// Whether connects to `destination` are currently sent to `proxy` (after adopting pinned
-    /// state, these are the previous agent's routes; one to another address does not count).
-    pub fn routed(&self, destination: SocketAddrV4, proxy: SocketAddrV4) -> bool {
-        self.policy
-            .get(&policy_key(destination), 0)
-            .is_ok_and(|v| v.proxy_ip == u32::from(*proxy.ip()).to_be() && v.proxy_port == proxy.port().to_be())
+    /// Where executable identities come from with the programs as loaded.
+    pub fn task_identity(&self) -> &TaskIdentity {
+        &self.task_identity
+    }
+
+    /// The record generation this agent accepts.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Whether the kernel currently holds a live listener of this agent for `netns_cookie`
+    /// (the entry disappears when the socket closes).
+    pub fn listener_registered(&self, netns_cookie: u64) -> bool {
+        self.listeners.get(&netns_cookie, 0).is_ok()
+    }
+
+    /// Whether connects to `destination` are currently intercepted (after adopting pinned
+    /// state, these are the previous agent's routes).
+    pub fn routed(&self, destination: SocketAddrV4) -> bool {
+        self.policy.get(&policy_key(destination), 0).is_ok()
     }
 
     /// The cgroup the programs are attached to.
@@ -177,18 +280,10 @@ impl Redirector {
         &self.cgroup
     }
 
-    /// Starts intercepting TCP connects to `destination`, sending them to `proxy`.
-    pub fn set_route(
-        &mut self,
-        destination: SocketAddrV4,
-        proxy: SocketAddrV4,
-        endpoint: Endpoint,
-    ) -> Result<(), RedirectError> {
-        let value = PolicyValue {
-            proxy_ip: u32::from(*proxy.ip()).to_be(),
-            proxy_port: proxy.port().to_be(),
-            endpoint: endpoint.to_raw(),
-        };
+    /// Starts intercepting TCP connects to `destination`, sending them to the agent's
+    /// listener.
+    pub fn set_route(&mut self, destination: SocketAddrV4, endpoint: Endpoint) -> Result<(), RedirectError> {
+        let value = PolicyValue { endpoint: endpoint.to_raw(), pad: 0, pad2: 0 };
         self.policy.insert(policy_key(destination), value, 0).map_err(|e| RedirectError::Map("gpa_policy", e))
     }
 
@@ -200,16 +295,72 @@ impl Redirector {
         }
     }
 
-    /// Reads and deletes the caller recorded for a redirected connection. `None` means the
-    /// connection was not redirected (a direct connect to the listener) or its record was
-    /// evicted: either way it has no identity.
-    pub fn take_caller(&mut self, key: &AuditKey) -> Option<CallerRecord> {
-        let record = self.audit.get(key, 0).ok()?;
-        // A failed delete only leaves a stale LRU entry that a later connection from the
-        // same port would overwrite in the kernel first (BPF_ANY), so it cannot be misused.
+    /// Reads and deletes the caller recorded for a redirected connection. A record is taken
+    /// once, by the connection it was made for: it must carry this agent's generation and be
+    /// fresh (`now_boot_ns` is `CLOCK_BOOTTIME`); the kernel already removed it if the client
+    /// socket that made it closed. Anything else means the connection has no identity.
+    pub fn take_caller(&mut self, key: &AuditKey, now_boot_ns: u64) -> Result<CallerRecord, NoRecord> {
+        let record = self.audit.get(key, 0).map_err(|_absent| NoRecord::Missing)?;
+        // A failed delete only leaves an entry that the kernel removes when its socket closes
+        // and that a later take refuses as taken-too-late or of another generation.
         drop(self.audit.remove(key));
-        Some(record)
+        accept_record(record, self.generation, now_boot_ns)
     }
+}
+
+/// The freshness and generation rules of [`Redirector::take_caller`], apart for unit tests.
+fn accept_record(record: CallerRecord, generation: u32, now_boot_ns: u64) -> Result<CallerRecord, NoRecord> {
+    if record.generation != generation {
+        return Err(NoRecord::OtherGeneration);
+    }
+    let age_ns = now_boot_ns.saturating_sub(record.connect_boot_ns);
+    if age_ns > crate::limits::RECORD_MAX_AGE_MS * 1_000_000 {
+        return Err(NoRecord::Stale);
+    }
+    Ok(record)
+}
+
+/// Loads the CO-RE object with the kernel's BTF when asked and possible, else the fallback.
+fn load_object(pin_dir: Option<&Path>, kernel_identity: bool) -> Result<(Ebpf, TaskIdentity), RedirectError> {
+    let map_paths: Vec<(&str, PathBuf)> =
+        pin_dir.iter().flat_map(|dir| MAPS.iter().map(move |name| (*name, dir.join(name)))).collect();
+    let load = |object: &[u8], btf: Option<&Btf>| {
+        let mut loader = EbpfLoader::new();
+        loader.btf(btf);
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader.load(object)
+    };
+    let why = if kernel_identity {
+        match Btf::from_sys_fs() {
+            Ok(btf) => {
+                // The parsed kernel BTF (several MiB) is dropped as soon as the relocations are
+                // done: it is needed only here.
+                let loaded = load(OBJECT, Some(&btf));
+                drop(btf);
+                match loaded {
+                    Ok(ebpf) => return Ok((ebpf, TaskIdentity::Kernel)),
+                    Err(e) => format!("the kernel refused the task-reading programs: {e}"),
+                }
+            }
+            Err(e) => format!("no kernel BTF (/sys/kernel/btf/vmlinux): {e}"),
+        }
+    } else {
+        "callerIdentity is procfs".to_owned()
+    };
+    if kernel_identity {
+        log::warn!(target: "gpa::redirect", "caller identity falls back to /proc: {why}");
+    }
+    // The fallback reads no kernel structures: no BTF to parse.
+    let ebpf = load(OBJECT_PROCFS, None).map_err(RedirectError::LoadObject)?;
+    Ok((ebpf, TaskIdentity::Procfs(why)))
+}
+
+/// Deletes every entry of a record map; returns how many.
+fn clear<K: aya::Pod>(map: &mut HashMap<MapData, K, CallerRecord>) -> usize {
+    let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    keys.iter().filter(|k| map.remove(k).is_ok()).count()
 }
 
 /// Makes sure `pins` is a usable directory on a bpf filesystem, mounting bpffs at its parent
@@ -233,24 +384,51 @@ fn pin_link(name: &'static str, link: FdLink, path: &Path) -> Result<(), Redirec
     link.pin(path).map(drop).map_err(|e| RedirectError::Pin(name, std::io::Error::other(e)))
 }
 
-/// Swaps `program` into the link pinned at `path` when that link is alive and attached to
-/// `cgroup_id`. Returns `false` (after removing the stale pin) when it is not — its cgroup
-/// was removed, or it belongs to another cgroup — so the caller attaches afresh.
+/// The pinned link for `name`: at `path` (this layout), else in an older layout's directory.
+fn pinned_link(path: &Path, name: &str) -> Option<PathBuf> {
+    if path.exists() {
+        return Some(path.to_owned());
+    }
+    let root = path.parent()?.parent()?;
+    OLDER_PIN_LAYOUTS.iter().map(|l| root.join(l).join(format!("link-{name}"))).find(|p| p.exists())
+}
+
+/// Swaps `program` into the link pinned at `found` when that link is alive and attached to
+/// `cgroup_id`, and makes sure it is pinned at `want` (an older layout's pin moves). Returns
+/// `false` (after removing the stale pin) when it is not — its cgroup was removed, or it
+/// belongs to another cgroup — so the caller attaches afresh.
 fn adopt_pinned_link(
     name: &'static str,
-    path: &Path,
+    found: &Path,
+    want: &Path,
     cgroup_id: u64,
-    program: std::os::fd::BorrowedFd<'_>,
+    program: BorrowedFd<'_>,
 ) -> Result<bool, RedirectError> {
-    let link = crate::sys::bpf_obj_get(path).map_err(|e| RedirectError::Pin(name, e))?;
+    let link = crate::sys::bpf_obj_get(found).map_err(|e| RedirectError::Pin(name, e))?;
     let attached_to = crate::sys::bpf_link_cgroup_id(link.as_fd()).map_err(|e| RedirectError::Pin(name, e))?;
     if attached_to != cgroup_id {
         log::warn!(target: "gpa::redirect", "stale pinned link replaced: program={name} pinned_cgroup={attached_to} configured_cgroup={cgroup_id}");
-        std::fs::remove_file(path).map_err(|e| RedirectError::Pin(name, e))?;
+        std::fs::remove_file(found).map_err(|e| RedirectError::Pin(name, e))?;
         return Ok(false);
     }
     crate::sys::bpf_link_update(link.as_fd(), program).map_err(|e| RedirectError::Pin(name, e))?;
+    if found != want {
+        crate::sys::bpf_obj_pin(link.as_fd(), want).map_err(|e| RedirectError::Pin(name, e))?;
+        std::fs::remove_file(found).map_err(|e| RedirectError::Pin(name, e))?;
+        log::info!(target: "gpa::redirect", "adopted {name} from an older pin layout");
+    }
     Ok(true)
+}
+
+/// Removes what is left of older pin layouts (their maps; their links were adopted).
+fn remove_older_layouts(dir: &Path) {
+    let Some(root) = dir.parent() else { return };
+    for layout in OLDER_PIN_LAYOUTS {
+        let old = root.join(layout);
+        if old.exists() {
+            drop(std::fs::remove_dir_all(&old));
+        }
+    }
 }
 
 /// Removes the pinned links and maps under `pins` (`guest-proxy-agent detach`): once no
@@ -310,9 +488,22 @@ mod tests {
     }
 
     #[test]
-    fn embedded_object_is_an_elf_bpf_file() {
-        assert_eq!(&OBJECT[..4], b"\x7fELF");
-        // e_machine EM_BPF (247), little-endian.
-        assert_eq!(u16::from_le_bytes([OBJECT[18], OBJECT[19]]), 247);
+    fn embedded_objects_are_elf_bpf_files() {
+        for object in [OBJECT, OBJECT_PROCFS] {
+            assert_eq!(&object[..4], b"\x7fELF");
+            // e_machine EM_BPF (247), little-endian.
+            assert_eq!(u16::from_le_bytes([object[18], object[19]]), 247);
+        }
+    }
+
+    #[test]
+    fn a_record_is_taken_only_fresh_and_of_this_generation() {
+        let rec = CallerRecord { generation: 7, connect_boot_ns: 1_000_000_000, ..CallerRecord::zeroed() };
+        assert_eq!(accept_record(rec, 7, 1_000_000_000 + 5_000_000).map(|r| r.generation), Ok(7));
+        assert_eq!(accept_record(rec, 8, 1_000_000_000), Err(NoRecord::OtherGeneration));
+        let late = 1_000_000_000 + crate::limits::RECORD_MAX_AGE_MS * 1_000_000 + 1;
+        assert_eq!(accept_record(rec, 7, late), Err(NoRecord::Stale));
+        // A clock that reads earlier than the connect (never on one machine) is not "old".
+        assert!(accept_record(rec, 7, 0).is_ok());
     }
 }

@@ -332,6 +332,26 @@ pub fn bpf_obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+/// `BPF_OBJ_PIN`: pins a BPF object (here: a link) at a bpffs path.
+pub fn bpf_obj_pin(object: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<()> {
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let attr = ObjPin {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: u32::try_from(object.as_raw_fd()).map_err(io::Error::other)?,
+        file_flags: 0,
+    };
+    // SAFETY: the attr prefix is fully initialised and `c` outlives the call.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, &raw const attr, size_of::<ObjPin>()) };
+    if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
 /// The cgroup id a cgroup BPF link is attached to (`BPF_OBJ_GET_INFO_BY_FD`); 0 when the
 /// link is defunct (its cgroup was removed).
 pub fn bpf_link_cgroup_id(link: BorrowedFd<'_>) -> io::Result<u64> {
