@@ -273,6 +273,7 @@ int gpa_sockops(struct bpf_sock_ops *skops)
 	if (!caller)
 		return 1;
 	caller->syn_boot_ns = bpf_ktime_get_boot_ns();
+	caller->syn_tgid = bpf_get_current_pid_tgid() >> 32;
 	client_key(skops, &key);
 	bpf_map_update_elem(&gpa_audit, &key, caller, BPF_ANY);
 	bpf_map_delete_elem(&gpa_pending, &cookie);

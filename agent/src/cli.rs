@@ -332,40 +332,44 @@ fn exchange_provision(listen: SocketAddrV4, tick_ns: u64, notify: bool) -> Optio
     serde_json_core::from_slice_escaped::<Provision>(&resp[body_at..], &mut unescape).ok().map(|(p, _)| p)
 }
 
-/// Runs `--status [--wait N]` against the agent on `listen`.
-pub fn status(listen: SocketAddrV4, wait_secs: u64) -> StatusOutcome {
+/// Runs `--status [--wait N]` against the agent: at the address it recorded, else at the
+/// configured one (`candidates`, in that order; a killed agent leaves a stale record).
+pub fn status(candidates: &[SocketAddrV4], wait_secs: u64) -> StatusOutcome {
     let start = crate::clock::now();
     let tick_ns = u64::try_from(crate::clock::wall_now().as_nanos()).unwrap_or(0);
     let mut first = true;
-    let mut why = String::new();
+    let mut why = Vec::new();
     loop {
-        let answer = query_provision(listen, tick_ns, first);
-        if let Err(e) = &answer {
-            why.clone_from(e);
+        why.clear();
+        let mut answer = None;
+        for listen in candidates {
+            match query_provision(*listen, tick_ns, first) {
+                Ok(p) => {
+                    answer = Some(p);
+                    break;
+                }
+                Err(e) if !e.is_empty() && !why.contains(&e) => why.push(e),
+                Err(_) => {}
+            }
         }
-        if let Ok(p) = answer
+        if let Some(p) = answer
             && p.finished
         {
-            {
-                return if p.error_message.is_empty() {
-                    StatusOutcome {
-                        exit_code: 0,
-                        message: "Provisioning finished: the guest proxy agent is ready.".into(),
-                    }
-                } else {
-                    StatusOutcome {
-                        exit_code: 2,
-                        message: format!("Provisioning finished with errors: {}", p.error_message.trim_end()),
-                    }
-                };
-            }
+            return if p.error_message.is_empty() {
+                StatusOutcome { exit_code: 0, message: "Provisioning finished: the guest proxy agent is ready.".into() }
+            } else {
+                StatusOutcome {
+                    exit_code: 2,
+                    message: format!("Provisioning finished with errors: {}", p.error_message.trim_end()),
+                }
+            };
         }
         first = false;
         if crate::clock::now().saturating_duration_since(start) >= Duration::from_secs(wait_secs) {
             let message = if why.is_empty() {
                 "Provisioning has not finished.".to_owned()
             } else {
-                format!("Provisioning has not finished ({why}).")
+                format!("Provisioning has not finished ({}).", why.join("; "))
             };
             return StatusOutcome { exit_code: 1, message };
         }
@@ -463,7 +467,7 @@ mod tests {
     #[test]
     fn status_without_an_agent_is_not_finished() {
         // Port 9 on loopback: nothing listens there.
-        let outcome = status("127.0.0.1:9".parse().unwrap(), 0);
+        let outcome = status(&["127.0.0.1:9".parse().unwrap()], 0);
         assert_eq!(outcome.exit_code, 1);
     }
 }

@@ -64,7 +64,7 @@ pub const RECORD_MAX_AGE_MS: u64 = 30_000;
 /// defers it to the first write, which may come from another process after an `execve`. Only
 /// the `/proc` fallback needs this: with the kernel's task record the executable is fixed at
 /// the connect whatever happens later.
-pub const DEFERRED_SYN_MS: u64 = 100;
+pub const DEFERRED_SYN_MS: u64 = 10;
 
 /// Entries in the uid → user/groups cache (bounded; evicts round-robin when full).
 pub const IDENTITY_CACHE_ENTRIES: usize = 64;

@@ -147,7 +147,12 @@ fn run(args: &[String]) -> Result<ExitCode, MainError> {
         }
         Command::Status { config, wait_secs } => {
             let config = ValidatedConfig::load(&config).map_err(MainError::Config)?;
-            let outcome = cli::status(gpa::listener::address_in_use(&config.state_dir, config.listen), wait_secs);
+            let recorded = gpa::listener::address_in_use(&config.state_dir, config.listen);
+            let mut candidates = vec![recorded];
+            if recorded != config.listen {
+                candidates.push(config.listen);
+            }
+            let outcome = cli::status(&candidates, wait_secs);
             println!("{}", outcome.message);
             Ok(ExitCode::from(outcome.exit_code))
         }

@@ -25,16 +25,20 @@
 #![allow(clippy::disallowed_methods, reason = "system tests wait on real agents and hosts in real time")]
 #![allow(clippy::print_stdout, clippy::print_stderr, reason = "the suite prints its case table")]
 
+#[path = "security/adversarial.rs"]
+mod adversarial;
 #[path = "security/support.rs"]
 mod support;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use gpa_system_tests::harness::{Agent, As, Cgroup, attached_programs, client, curl, http};
+use gpa_system_tests::harness::{Agent, As, Bpffs, Cgroup, attached_programs, client, curl, eventually, http};
 use serde_json::{Value, json};
 use support::*;
 
@@ -57,6 +61,12 @@ const T_FLOOD: &str = "connection_floods_and_audit_map_churn_do_not_starve_a_leg
 const T_BURST: &str = "a_burst_of_connects_does_not_stall_callers";
 const T_FUZZ: &str = "generated_byte_streams_never_crash_the_agent_or_reach_the_host_unsigned";
 const T_TABLE: &str = "zz_catalog_table";
+// The adversarial layer (issue 12, security/adversarial.rs).
+const T_EXEC: &str = "exec_after_connect_never_lends_an_executable_identity";
+const T_EXEFILE: &str = "the_executable_is_the_file_that_ran_at_connect";
+const T_RECORDS: &str = "a_record_is_claimed_only_by_the_connection_it_was_made_for";
+const T_SQUAT: &str = "a_squatter_on_the_proxy_port_never_receives_a_caller_and_the_agent_still_starts";
+const T_TARGETS: &str = "ambiguous_request_targets_are_refused_before_authorization";
 
 /// Tests marked `#[ignore]` because they expose an agent bug; the reason is repeated here so
 /// the table can show it (an attribute cannot take a constant).
@@ -1316,11 +1326,7 @@ fn read_only_or_full_state_fails_closed() {
     let base = TempDir::new("state-base");
     let state = SmallFs::new(&base.0.join("state"), "64k");
     let remount = |opts: &str| {
-        let out = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,{opts}")])
-            .arg(&state.0)
-            .output()
-            .expect("mount");
+        let out = Command::new("mount").args(["-o", &format!("remount,{opts}")]).arg(&state.0).output().expect("mount");
         assert!(out.status.success(), "remount {opts}: {}", String::from_utf8_lossy(&out.stderr));
     };
     let provision = |w: &World, notify: bool| {
@@ -1460,7 +1466,7 @@ fn audit_records_cannot_be_forged_through_argv_comm_or_exe_names() {
     assert!(!raw.lines().any(|l| l.starts_with("{\"seq\":999999")), "an injected line");
     // The agent's own verifier agrees, checkpoints included (MACs from the latched key).
     let guid = e.stats()["currentKeyGuid"].as_str().expect("guid").to_owned();
-    let verify = std::process::Command::new(gpa_system_tests::harness::binary("guest-proxy-agent"))
+    let verify = Command::new(gpa_system_tests::harness::binary("guest-proxy-agent"))
         .args(["audit", "verify", "--key-file"])
         .arg(e.agent.state_dir.join(format!("keys/{guid}.key")))
         .arg(e.agent.log_dir.join("audit.ndjson"))
@@ -1726,7 +1732,7 @@ fn generated_byte_streams_never_crash_the_agent_or_reach_the_host_unsigned() {
         })
         .collect();
     let replies = e.raw(root(&e.cg), &reqs);
-    let mut histogram = std::collections::BTreeMap::<u16, u32>::new();
+    let mut histogram = BTreeMap::<u16, u32>::new();
     for (i, r) in replies.iter().enumerate() {
         *histogram.entry(r.status()).or_default() += 1;
         assert!(!r.timed_out, "case {i} (seed {seed:#x}) hung: {:?}", String::from_utf8_lossy(&reqs[i].parts[0].1));
@@ -1944,6 +1950,32 @@ const CATALOG: &[(&str, &str, Cover)] = &[
     ("X-localfaults", "key file truncated (deleted/symlink/older: E2/E5; RO/full: E3)", Cover::Test(T_KEYS)),
     ("X-exhaust", "thousands of connections, slow-loris, idle keep-alive floods", Cover::Test(T_FLOOD)),
     ("FUZZ", "property test: mutated byte streams through the real agent", Cover::Test(T_FUZZ)),
+    (
+        "ADV-exec",
+        "exec after connect as 65534 with comm spoofed: TFO deferred SYN, plain race, leader connects/thread execs, thread connects/leader execs, posix_spawn child, memfd exec, comm only",
+        Cover::Test(T_EXEC),
+    ),
+    ("ADV-exec-procfs", "the /proc fallback (no BTF): TFO deferred-SYN exec and comm spoofing", Cover::Test(T_EXEC)),
+    (
+        "ADV-exefile",
+        "traced at connect, deleted and replaced executables, setuid-root and file-capability binaries, scripts via their interpreter",
+        Cover::Test(T_EXEFILE),
+    ),
+    (
+        "ADV-records",
+        "stale kernel records after restarts (refused while down, queued when killed) claimed by direct connects from probed ports",
+        Cover::Test(T_RECORDS),
+    ),
+    (
+        "ADV-squat",
+        "65534 listens on 127.0.0.1/0.0.0.0(+SO_REUSEPORT)/[::]:3080 while the agent is down; shares the port while it runs",
+        Cover::Test(T_SQUAT),
+    ),
+    (
+        "ADV-targets",
+        "'#', dot segments, backslashes, %2F, %00 in the target vs a query-conditioned deny",
+        Cover::Test(T_TARGETS),
+    ),
     ("SIG", "signature oracle over every world", Cover::Test(T_TABLE)),
 ];
 

@@ -75,6 +75,64 @@ pub fn traversal_guard(raw_path: &[u8]) -> Result<(), GuardError> {
     Ok(())
 }
 
+/// A request target that no real client sends and that the allowlist and a real upstream could
+/// read differently (MSP §11 as extended in docs/DESIGN.md "Targets refused before
+/// authorization"). Answered `400` before anything else looks at the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AmbiguousTarget {
+    /// `#` anywhere: a fragment is never sent on the wire; a server may read past it, the
+    /// allowlist (like a browser) would not.
+    Fragment,
+    /// A path segment that is `.` or `..` once percent-decoded: servers differ on whether
+    /// and when they remove them.
+    DotSegment,
+    /// `\` or `%5C` in the path: some servers treat it as a separator.
+    Backslash,
+    /// `%2F` in the path: an encoded separator that some servers decode before routing.
+    EncodedSlash,
+    /// `%00` or a raw control byte: C-string truncation upstream.
+    NulOrControl,
+}
+
+impl AmbiguousTarget {
+    /// Short name for the audit record and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fragment => "target-fragment",
+            Self::DotSegment => "target-dot-segment",
+            Self::Backslash => "target-backslash",
+            Self::EncodedSlash => "target-encoded-slash",
+            Self::NulOrControl => "target-nul",
+        }
+    }
+}
+
+/// Checks a raw request target (path and query) for the forms of [`AmbiguousTarget`].
+pub fn ambiguous_target(target: &[u8]) -> Result<(), AmbiguousTarget> {
+    if target.contains(&b'#') {
+        return Err(AmbiguousTarget::Fragment);
+    }
+    if target.iter().any(|b| b.is_ascii_control()) || LenientDecode::new(target).any(|b| b == 0) {
+        return Err(AmbiguousTarget::NulOrControl);
+    }
+    let path = target.split(|b| *b == b'?').next().unwrap_or(target);
+    if path.contains(&b'\\') || LenientDecode::new(path).any(|b| b == b'\\') {
+        return Err(AmbiguousTarget::Backslash);
+    }
+    if LenientDecode::new(path).filter(|b| *b == b'/').count() != path.iter().filter(|b| **b == b'/').count() {
+        return Err(AmbiguousTarget::EncodedSlash);
+    }
+    for segment in path.split(|b| *b == b'/') {
+        let mut decoded = LenientDecode::new(segment);
+        let (first, second, third) = (decoded.next(), decoded.next(), decoded.next());
+        let dots = matches!((first, second, third), (Some(b'.'), None, None) | (Some(b'.'), Some(b'.'), None));
+        if dots {
+            return Err(AmbiguousTarget::DotSegment);
+        }
+    }
+    Ok(())
+}
+
 /// Why a request target could not be taken apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TargetError {
@@ -845,5 +903,35 @@ mod tests {
         let mut out = String::new();
         write_escaped(&mut out, b"/a\"b\\c\r\n\xff").expect("string write");
         assert_eq!(out, "/a\\\"b\\\\c\\x0d\\x0a\\xff");
+    }
+
+    #[test]
+    fn ambiguous_targets_are_named_and_real_ones_pass() {
+        for ok in [
+            &b"/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net"[..],
+            b"/metadata/instance?api-version=2021-02-01&format=json",
+            b"/machine?comp=goalstate",
+            b"/vmAgentLog",
+            b"/metadata/identity/oauth2/token?resource=https%3A%2F%2Fmanagement.azure.com%2F&mi_res_id=%2Fsubscriptions%2Fx",
+            b"/a.b/c..d/.e/f.",
+            b"/metadata/identity/oauth2/token?resource=https://vault.azure.net",
+        ] {
+            assert_eq!(ambiguous_target(ok), Ok(()), "{}", String::from_utf8_lossy(ok));
+        }
+        for (bad, why) in [
+            (&b"/metadata/identity/oauth2/token#?resource=https://vault.azure.net"[..], AmbiguousTarget::Fragment),
+            (b"/metadata/identity/oauth2/token?api-version=2018-02-01#&resource=x", AmbiguousTarget::Fragment),
+            (b"/metadata/./identity/oauth2/token", AmbiguousTarget::DotSegment),
+            (b"/metadata/%2e/identity", AmbiguousTarget::DotSegment),
+            (b"/metadata/identity/.", AmbiguousTarget::DotSegment),
+            (b"/metadata/x/%2E%2e/identity", AmbiguousTarget::DotSegment),
+            (b"/metadata\\identity\\oauth2\\token", AmbiguousTarget::Backslash),
+            (b"/metadata%5cidentity/oauth2/token", AmbiguousTarget::Backslash),
+            (b"/metadata%2Fidentity/oauth2/token", AmbiguousTarget::EncodedSlash),
+            (b"/metadata/identity%00/x", AmbiguousTarget::NulOrControl),
+            (b"/metadata/instance?x=%00", AmbiguousTarget::NulOrControl),
+        ] {
+            assert_eq!(ambiguous_target(bad), Err(why), "{}", String::from_utf8_lossy(bad));
+        }
     }
 }

@@ -319,6 +319,13 @@ impl Connection {
             self.respond_method_not_allowed(ctx);
             return Step::Progress;
         }
+        // Before local endpoints, identity and authorization: a target the allowlist and the
+        // upstream could read differently is refused whoever sends it (issue 12).
+        if let Err(why) = crate::policy::canonical::ambiguous_target(target) {
+            self.set_decision(why.as_str());
+            self.respond(ctx, 400, &[], b"", true);
+            return Step::Progress;
+        }
         if crate::policy::canonical::traversal_guard(head.path(req)).is_err() {
             self.respond(ctx, 403, &[], b"", true);
             return Step::Progress;
