@@ -12,7 +12,8 @@
 //! | `kernel-filesystems` | `/proc/filesystems` | no `cgroup2` (or no `bpf` while `pinPath` is set) |
 //! | `cgroup2-mount` | `/proc/self/mountinfo` | no cgroup v2 mount, or `cgroupPath` not on one |
 //! | `pinned-programs` | mountinfo, `<pinPath>/v2/` | pin dir not on bpffs, or a link/map pin missing |
-//! | `listener-loopback` | `/proc/net/tcp`, `/proc/net/tcp6` | nothing listens on the port, or a non-loopback address does |
+//! | `listener-loopback` | `/proc/net/tcp`, `/proc/net/tcp6`, `<stateDir>/listener` | nothing listens on the port, a non-loopback address does, or a non-root user holds it |
+//! | `caller-identity` | `/sys/kernel/btf/vmlinux`, the config | never (WARN when executable identity falls back to `/proc`) |
 //! | `key-directory` | `<stateDir>/keys` | dir not 0700 root-owned, or a file there not a 0600 root-owned regular file |
 //! | `status-file` | `<logDir>/status.json` | missing, symlink, not 0640 root-owned, unparsable, or older than 3 × `statusIntervalSeconds` |
 //! | `agent-status` | the status document | overall status `ERROR` |
@@ -112,12 +113,19 @@ pub struct Environment {
     pub owner_uid: u32,
     /// Now, Unix milliseconds.
     pub now_unix_ms: u64,
+    /// The kernel's BTF (`/sys/kernel/btf/vmlinux`), which the task-reading programs need.
+    pub kernel_btf: PathBuf,
 }
 
 impl Environment {
     /// The real system at `now_unix_ms`.
     pub fn system(now_unix_ms: u64) -> Self {
-        Self { proc_root: PathBuf::from("/proc"), owner_uid: 0, now_unix_ms }
+        Self {
+            proc_root: PathBuf::from("/proc"),
+            owner_uid: 0,
+            now_unix_ms,
+            kernel_btf: PathBuf::from("/sys/kernel/btf/vmlinux"),
+        }
     }
 
     fn proc(&self, rel: &str) -> PathBuf {
@@ -135,7 +143,12 @@ pub fn run_checks(config: &ValidatedConfig, env: &Environment) -> Vec<Check> {
         check_kernel_filesystems(read("filesystems").as_deref().ok(), config.pin_dir.is_some()),
         check_cgroup2(mountinfo.as_deref().ok(), config.cgroup.as_deref()),
         check_pins(mountinfo.as_deref().ok(), config.pin_dir.as_deref()),
-        check_listener(read("net/tcp").as_deref().ok(), read("net/tcp6").as_deref().unwrap_or(""), config.listen),
+        check_listener(
+            read("net/tcp").as_deref().ok(),
+            read("net/tcp6").as_deref().unwrap_or(""),
+            crate::listener::address_in_use(&config.state_dir, config.listen),
+        ),
+        check_caller_identity(&env.kernel_btf, config.caller_identity),
         check_key_directory(&config.state_dir.join("keys"), env.owner_uid),
     ];
     let (status_check, document) = check_status_file(&config.log_dir, config.status_interval_secs, env);
@@ -449,8 +462,36 @@ pub fn check_listener(tcp: Option<&str>, tcp6: &str, listen: SocketAddrV4) -> Ch
             "listenAddress must be a loopback address; find the program holding the port with `ss -ltnp`",
         );
     }
+    if let Some(uid) = crate::listener::owners(tcp, tcp6, listen).into_iter().find(|uid| *uid != 0) {
+        return Check::fail(
+            NAME,
+            format!("{listen} is held by uid {uid}, not by the agent"),
+            "callers are never redirected to it, but the agent is not serving there: find the holder with `ss -ltnp`",
+        );
+    }
     let addrs: Vec<String> = found.iter().map(|ip| format!("{ip}:{port}")).collect();
     Check::pass(NAME, format!("listening on {} only", addrs.join(", ")))
+}
+
+/// `caller-identity`: whether the executable identity can come from the kernel's record.
+pub fn check_caller_identity(kernel_btf: &Path, mode: crate::config::CallerIdentity) -> Check {
+    const NAME: &str = "caller-identity";
+    const HINT: &str =
+        "without the kernel record an execve racing the agent's /proc read can lend a program's path (docs/DESIGN.md)";
+    match mode {
+        crate::config::CallerIdentity::Procfs => {
+            Check::warn(NAME, "callerIdentity is procfs: executable identity from /proc only".into(), Some(HINT))
+        }
+        crate::config::CallerIdentity::Kernel if kernel_btf.is_file() => Check::pass(
+            NAME,
+            format!("kernel BTF at {}: executable identity from the connect-time record", kernel_btf.display()),
+        ),
+        crate::config::CallerIdentity::Kernel => Check::warn(
+            NAME,
+            format!("no kernel BTF at {}: executable identity falls back to /proc", kernel_btf.display()),
+            Some(HINT),
+        ),
+    }
 }
 
 /// `key-directory`: `<stateDir>/keys` is 0700 and owned by `owner`; every entry in it is a
@@ -702,7 +743,12 @@ mod tests {
         }
 
         fn env(&self) -> Environment {
-            Environment { proc_root: self.path("proc"), owner_uid: self.uid, now_unix_ms: NOW_MS }
+            Environment {
+                proc_root: self.path("proc"),
+                owner_uid: self.uid,
+                now_unix_ms: NOW_MS,
+                kernel_btf: self.path("sys/kernel/btf/vmlinux"),
+            }
         }
 
         fn config(&self) -> ValidatedConfig {
@@ -784,6 +830,7 @@ mod tests {
             f.write(&format!("bpf/gpa/v2/{name}"), "", 0o600);
         }
         f.write("proc/sys/kernel/osrelease", "6.8.0-1015-azure\n", 0o644);
+        f.write("sys/kernel/btf/vmlinux", "", 0o444);
         f.write("proc/sys/kernel/unprivileged_bpf_disabled", "2\n", 0o644);
         f.write("proc/filesystems", "nodev\tsysfs\nnodev\tcgroup\nnodev\tcgroup2\nnodev\tbpf\n\text4\n", 0o644);
         let tcp = tcp_table(&[
@@ -808,7 +855,7 @@ mod tests {
         let f = Fixture::new("healthy");
         healthy(&f);
         let checks = run_checks(&f.config(), &f.env());
-        assert_eq!(checks.len(), 10);
+        assert_eq!(checks.len(), 11);
         for c in &checks {
             assert_eq!(c.outcome, Outcome::Pass, "{c:?}");
         }
@@ -1048,7 +1095,23 @@ mod tests {
         let config = ValidatedConfig::parse(b"{}").unwrap();
         let start = crate::clock::now();
         let checks = run_checks(&config, &Environment::system(NOW_MS));
-        assert_eq!(checks.len(), 10);
+        assert_eq!(checks.len(), 11);
         assert!(crate::clock::now().saturating_duration_since(start) < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_fallback_identity_warns_and_a_squatted_port_fails() {
+        use crate::config::CallerIdentity;
+        let missing = Path::new("/nonexistent/btf/vmlinux");
+        assert_eq!(check_caller_identity(missing, CallerIdentity::Kernel).outcome, Outcome::Warn);
+        assert_eq!(check_caller_identity(missing, CallerIdentity::Procfs).outcome, Outcome::Warn);
+        let header =
+            "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
+        let squatted = format!(
+            "{header}   0: 0100007F:0C08 00000000:0000 0A 00000000:00000000 00:00000000 00000000 65534        0 1 1\n"
+        );
+        let c = check_listener(Some(&squatted), "", "127.0.0.1:3080".parse().unwrap());
+        assert_eq!(c.outcome, Outcome::Fail, "{c:?}");
+        assert!(c.detail.contains("uid 65534"), "{c:?}");
     }
 }

@@ -222,7 +222,11 @@ fn the_proxy_answers_its_documented_error_codes() {
     assert!(t.to_ascii_lowercase().contains("allow: get, head, post, put, delete, options, patch"), "{t}");
     let (s, t) = curl(&e.ns, root, &["--path-as-is", "http://169.254.169.254/metadata//instance"]);
     assert_eq!(s, 403, "{t}");
+    // A dot segment is refused as ambiguous before the traversal guard (400, issue 12); `..`
+    // inside a segment is still the guard's (403, MSP §4.8).
     let (s, t) = curl(&e.ns, root, &["--path-as-is", "http://169.254.169.254/metadata/%2e%2e/x"]);
+    assert_eq!(s, 400, "{t}");
+    let (s, t) = curl(&e.ns, root, &["--path-as-is", "http://169.254.169.254/metadata/a%2e%2eb/x"]);
     assert_eq!(s, 403, "{t}");
     let (s, t) = curl(&e.ns, root, &["-H", "Content-Length: 102401", "-X", "POST", "http://169.254.169.254/x"]);
     assert_eq!(s, 413, "{t}");

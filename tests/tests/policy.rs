@@ -116,6 +116,9 @@ enum Expect {
     Deny,
     /// The proxy's `403` from the traversal guard, before any rule (decision `refused`).
     Refused,
+    /// The proxy's `400` for a target the allowlist and an upstream could read differently
+    /// (dot segments, `#`, backslashes; decision `target-…`), before any rule.
+    Ambiguous,
 }
 
 /// What one request produced.
@@ -285,6 +288,11 @@ impl Env {
                 assert!(seen.relayed, "{what}: not relayed by the proxy");
                 let want = if expect == Expect::Allow { "allow" } else { "audit-deny" };
                 assert_eq!(decision.as_deref(), Some(want), "{what}");
+            }
+            Expect::Ambiguous => {
+                assert_eq!(seen.status, 400, "{what}\n{}", self.log_tail());
+                assert!(!seen.relayed, "{what}: an ambiguous target is never relayed");
+                assert!(decision.as_deref().is_some_and(|d| d.starts_with("target-")), "{what}");
             }
             Expect::Deny | Expect::Refused => {
                 assert_eq!(seen.status, 403, "{what}\n{}", self.log_tail());
@@ -504,16 +512,23 @@ fn identity_selectors_match_real_callers_in_enforce_and_audit() {
         "/metadata/identity/oauth2%2ftoken?api-version=2018-02-01&resource=https://management.azure.com/",
         "/METADATA/Identity/OAuth2/Token?api-version=2018-02-01&resource=https://management.azure.com/",
         "/metadata/identity/oauth2/token;x=1?api-version=2018-02-01&resource=https://management.azure.com/",
-        "/metadata/identity/oauth2/token/./?api-version=2018-02-01&resource=https://management.azure.com/",
         "/metadata/identity/oauth2/token%3Fapi-version=2018-02-01",
     ] {
         e.check("enforce encoded", ROOT_PY, Ep::Imds, target, Expect::Deny);
         e.check("enforce encoded", ROOT_CURL, Ep::Imds, target, Expect::Allow);
     }
+    // Dot segments are refused as ambiguous (400) for everyone, the trusted identity too.
     for target in [
+        "/metadata/identity/oauth2/token/./?api-version=2018-02-01&resource=https://management.azure.com/",
         "/metadata/instance/../identity/oauth2/token?resource=https://management.azure.com/",
         "/metadata/instance/%2e%2e/identity/oauth2/token",
         "/metadata/instance/.%2E/identity/oauth2/token",
+    ] {
+        e.check("ambiguous", ROOT_PY, Ep::Imds, target, Expect::Ambiguous);
+        e.check("ambiguous", ROOT_CURL, Ep::Imds, target, Expect::Ambiguous);
+    }
+    for target in [
+        "/metadata/instance/x..y/identity/oauth2/token",
         "//metadata/identity/oauth2/token",
         "/metadata/identity//oauth2/token",
     ] {
@@ -532,8 +547,9 @@ fn identity_selectors_match_real_callers_in_enforce_and_audit() {
     e.check(c, ROOT_CURL, Ep::Imds, network, Expect::AuditDeny);
     e.check(c, ROOT_CURL, Ep::Imds, versions, Expect::AuditDeny);
     e.check(c, ROOT_PY, Ep::Imds, versions, Expect::Allow);
-    // The traversal guard does not depend on the mode.
-    e.check(c, ROOT_PY, Ep::Imds, "/metadata/instance/../identity/oauth2/token", Expect::Refused);
+    // The traversal guard and the ambiguous-target refusal do not depend on the mode.
+    e.check(c, ROOT_PY, Ep::Imds, "/metadata/instance/x..y/identity/oauth2/token", Expect::Refused);
+    e.check(c, ROOT_PY, Ep::Imds, "/metadata/instance/../identity/oauth2/token", Expect::Ambiguous);
     // WireServer stays root-only in audit.
     e.control(&json!({"wireserverMode": "audit", "hostgaMode": "audit"}));
     e.check(c, NOBODY_PY, Ep::Ws, GOAL_STATE, Expect::Deny);
@@ -616,7 +632,7 @@ fn local_rule_files_matrix() {
         ("/metadata/identity/oauth2%2ftoken?api-version=2018-02-01", Expect::Deny),
         ("/metadata%252Finstance?api-version=2021-02-01", Expect::Deny),
         ("/metadata/identity/oauth2/token%3Fx=/metadata/instance", Expect::Deny),
-        ("/metadata/instance/./../identity/oauth2/token?api-version=2018-02-01", Expect::Refused),
+        ("/metadata/instance/./../identity/oauth2/token?api-version=2018-02-01", Expect::Ambiguous),
         ("/metadata/instance%2F..%2F..%2Fidentity/oauth2/token", Expect::Refused),
         ("//metadata/instance?api-version=2021-02-01", Expect::Refused),
         ("/metadata%2Finstance?api-version=2021-02-01", Expect::Allow),
@@ -773,7 +789,7 @@ fn rule_content_changes_apply_without_an_id_change() {
                 Expect::Deny => seen.status == 403 && decision == "deny",
                 Expect::Allow => seen.status == 200 && decision == "allow",
                 Expect::AuditDeny => seen.status == 200 && decision == "audit-deny",
-                Expect::Direct | Expect::Refused => false,
+                Expect::Direct | Expect::Refused | Expect::Ambiguous => false,
             };
             if done {
                 return;

@@ -1973,7 +1973,7 @@ const CATALOG: &[(&str, &str, Cover)] = &[
     ),
     (
         "ADV-targets",
-        "'#', dot segments, backslashes, %2F, %00 in the target vs a query-conditioned deny",
+        "'#', dot segments, backslashes, %5C, %00 in the target vs a query-conditioned deny",
         Cover::Test(T_TARGETS),
     ),
     ("SIG", "signature oracle over every world", Cover::Test(T_TABLE)),
