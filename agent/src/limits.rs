@@ -47,6 +47,25 @@ pub const CLIENT_WRITE_TIMEOUT_MS: u64 = 30_000;
 /// mio events handled per poll turn.
 pub const EVENTS_PER_TURN: usize = 256;
 
+/// Connection-table slots only uid 0 callers may take: while other users hold the rest, the
+/// provisioning and guest agents (root) are still served (issue 13).
+pub const ROOT_RESERVED_CONNECTIONS: usize = 64;
+/// Of [`BODY_BUFFERS`], how many only root callers may take (a health report or log upload
+/// must not wait for other users' slow uploads).
+pub const ROOT_RESERVED_BODY_BUFFERS: usize = 4;
+/// Live connections without identity (direct connects to the listener, which can only ask the
+/// local endpoints): more are refused at once.
+pub const NO_IDENTITY_MAX_CONNECTIONS: usize = 64;
+/// Head timeout of a connection without identity: it can only ask a local endpoint, which
+/// takes one short request.
+pub const NO_IDENTITY_HEAD_TIMEOUT_MS: u64 = 2_000;
+/// After `accept` failed for lack of descriptors, the listener is tried again this soon (the
+/// queue may hold connections that no new readiness event will announce).
+pub const ACCEPT_RETRY_MS: u64 = 50;
+/// Descriptors beyond two per connection slot: listener, epoll, signalfd, the spare, host
+/// calls, the audit and status files, the hand-over socket.
+pub const FD_RESERVE: u64 = 64;
+
 /// Capacities of the kernel maps; must equal the `*_MAX_ENTRIES` in `ebpf/redirect.bpf.c`.
 pub const POLICY_MAX_ENTRIES: u32 = 16;
 /// See [`POLICY_MAX_ENTRIES`].

@@ -110,6 +110,8 @@ enum Step {
 pub(crate) enum Next {
     /// Keep it; wake it at the deadline.
     Continue(Instant),
+    /// Keep it and drive it again on the loop's next turn (its step budget ran out).
+    Again,
     /// Remove it.
     Close(CloseReason),
 }
@@ -179,11 +181,14 @@ impl Connection {
         Self {
             client,
             peer,
-            caller,
             upstream: None,
             upstream_reused: false,
             state: State::ReadingHead,
-            deadline: clock::after(now, CLIENT_HEAD_TIMEOUT_MS),
+            // Without identity only a local endpoint can be asked: one short request.
+            deadline: clock::after(
+                now,
+                if caller.is_some() { CLIENT_HEAD_TIMEOUT_MS } else { crate::limits::NO_IDENTITY_HEAD_TIMEOUT_MS },
+            ),
             bufs,
             req_len: 0,
             parsed_len: usize::MAX,
@@ -200,6 +205,7 @@ impl Connection {
             remaining: Remaining::Done,
             upstream_keep_alive: false,
             exchange: None,
+            caller,
         }
     }
 
@@ -239,10 +245,30 @@ impl Connection {
             match step {
                 Step::Progress => {}
                 Step::Blocked => return Next::Continue(self.deadline),
-                Step::Close(reason) => return Next::Close(reason),
+                Step::Close(reason) => {
+                    self.audit_abandoned(ctx);
+                    return Next::Close(reason);
+                }
             }
         }
-        Next::Continue(self.deadline)
+        // Work is left (a long pipeline) and no readiness event will announce it: the loop
+        // drives this connection again on its next turn (issue 13).
+        Next::Again
+    }
+
+    /// A request whose head was read but that was never answered (the client went away
+    /// mid-body, say) still leaves an audit record: abandoned requests are evidence too.
+    fn audit_abandoned(&mut self, ctx: &mut Ctx<'_>) {
+        if let Some(mut e) = self.exchange.take() {
+            e.status = 0;
+            e.decision = "abandoned";
+            ctx.shared.record(self.caller.as_ref(), self.peer, &e, ctx.now);
+        }
+    }
+
+    /// Whether the kernel gave this connection a caller.
+    pub(crate) fn has_identity(&self) -> bool {
+        self.caller.is_some()
     }
 
     /// A deadline passed: answer what the state calls for.
@@ -365,7 +391,7 @@ impl Connection {
         if head.framing == BodyFraming::None {
             return self.prepare_upstream(ctx);
         }
-        let Some(body) = ctx.shared.pool.take() else {
+        let Some(body) = ctx.shared.pool.take(self.caller.as_ref().is_some_and(Caller::is_root)) else {
             // Every body buffer is in use: degrade predictably rather than queue.
             self.respond(ctx, 503, &[], b"", true);
             return Step::Progress;
@@ -402,8 +428,9 @@ impl Connection {
         match read_some(&mut self.client, &mut self.bufs.req[self.req_len..]) {
             Ok(0) => Step::Close(CloseReason::ClientClosed),
             Ok(n) => {
+                // The body deadline is absolute (set when the body started): a byte every few
+                // seconds must not hold a body buffer for ever (issue 13).
                 self.req_len += n;
-                self.deadline = clock::after(ctx.now, CLIENT_BODY_TIMEOUT_MS);
                 Step::Progress
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,

@@ -25,7 +25,10 @@ use self::connection::{Buffers, Connection, Ctx, Next, peer_v4};
 use crate::audit::{AuditLog, AuditRecord, derive_checkpoint_key};
 use crate::config::{CallerIdentity, RedirectPolicy, ValidatedConfig};
 use crate::identity::{Caller, Resolver};
-use crate::limits::{BODY_BUFFERS, EVENTS_PER_TURN, GROUPS_PER_USER, REQUEST_BODY_MAX_BYTES};
+use crate::limits::{
+    ACCEPT_RETRY_MS, BODY_BUFFERS, EVENTS_PER_TURN, GROUPS_PER_USER, NO_IDENTITY_MAX_CONNECTIONS,
+    REQUEST_BODY_MAX_BYTES, ROOT_RESERVED_BODY_BUFFERS, ROOT_RESERVED_CONNECTIONS,
+};
 use crate::msp::key_keeper::{KeeperConfig, KeyKeeper};
 use crate::msp::signing::{self, SigningKey};
 use crate::policy::decide::{CallerView, Outcome};
@@ -115,7 +118,13 @@ impl BodyPool {
         Self { free: Vec::with_capacity(BODY_BUFFERS), allocated: 0 }
     }
 
-    pub(crate) fn take(&mut self) -> Option<Box<[u8]>> {
+    /// A body buffer; the last `ROOT_RESERVED_BODY_BUFFERS` go to root callers only, so slow
+    /// uploads of other users can never hold every buffer (issue 13).
+    pub(crate) fn take(&mut self, for_root: bool) -> Option<Box<[u8]>> {
+        let in_use = self.allocated - self.free.len();
+        if !for_root && in_use + ROOT_RESERVED_BODY_BUFFERS >= BODY_BUFFERS {
+            return None;
+        }
         if let Some(b) = self.free.pop() {
             return Some(b);
         }
@@ -134,6 +143,11 @@ impl BodyPool {
 /// Counters since start.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Stats {
+    /// Local-endpoint requests without identity (direct connections), counted instead of
+    /// audited one by one.
+    pub local_unaudited: u64,
+    /// Connections refused because the caller is not root and only the root reserve is left.
+    pub refused_reserved: u64,
     /// HTTP requests handled (`proxyConnectionsCount`).
     pub requests: u64,
     /// Requests forwarded with a signature.
@@ -354,6 +368,13 @@ impl Shared {
             _ => {}
         }
         self.summarise(caller, peer, exchange);
+        // `/provision` and friends asked on a direct connection carry no identity and nothing
+        // security-relevant: counted, never written one by one, so a flood of them cannot
+        // rotate the audit trail (issue 13).
+        if caller.is_none() && exchange.decision == "local" {
+            self.stats.local_unaudited += 1;
+            return;
+        }
         let Some(audit) = self.audit.as_mut() else { return };
         let endpoint = caller.map(|c| Endpoint::from_raw(c.record.endpoint));
         let latency = now.saturating_duration_since(exchange.started);
@@ -438,6 +459,17 @@ pub struct EventLoop {
     slots: Box<[Slot]>,
     free: Vec<usize>,
     live: usize,
+    /// Live connections without identity (capped: `NO_IDENTITY_MAX_CONNECTIONS`).
+    no_identity_live: usize,
+    /// Connections to drive again on the next turn (their step budget ran out).
+    redrive: Vec<usize>,
+    /// `accept` stopped for lack of descriptors: try again when a slot frees or at
+    /// `accept_retry`.
+    accept_stalled: bool,
+    accept_retry: Option<Instant>,
+    /// A descriptor held in reserve so that, out of descriptors, one queued connection can
+    /// still be accepted and shed.
+    spare_fd: Option<std::fs::File>,
     shared: Shared,
     redirector: Redirector,
     resolver: Resolver,
@@ -453,6 +485,29 @@ impl EventLoop {
     /// key keeper (or intercepts everything with `redirect: all`).
     pub fn start(config: ValidatedConfig) -> Result<Self, StartError> {
         let started = clock::now();
+        // Two descriptors per slot (client and upstream) plus the loop's own: a full table must
+        // never run the process out of descriptors (issue 13). The unit's LimitNOFILE allows it.
+        let wanted = 2 * config.max_connections as u64 + crate::limits::FD_RESERVE;
+        let max_connections = match crate::sys::raise_nofile(wanted) {
+            Ok((soft, _)) if soft < wanted => {
+                // A table the descriptors cannot back would end in EMFILE, where the queue
+                // stalls; a smaller table ends in `503`, which drains it and keeps the root
+                // reserve meaningful.
+                let fits = usize::try_from(soft.saturating_sub(crate::limits::FD_RESERVE) / 2).unwrap_or(0);
+                let fits = fits.max(ROOT_RESERVED_CONNECTIONS + 1).min(config.max_connections);
+                log::warn!(
+                    target: "gpa::loop",
+                    "descriptor limit {soft} is below the {wanted} a table of {} needs (raise LimitNOFILE): serving {fits} connections",
+                    config.max_connections
+                );
+                fits
+            }
+            Ok(_) => config.max_connections,
+            Err(e) => {
+                log::warn!(target: "gpa::loop", "cannot read or raise RLIMIT_NOFILE: {e}");
+                config.max_connections
+            }
+        };
         // Early boot has `lo` down; the listener needs it. Failure shows up at bind.
         drop(crate::sys::loopback_up());
         let poll = Poll::new().map_err(StartError::Poll)?;
@@ -538,12 +593,12 @@ impl EventLoop {
             None if config.early => offer_handover(&config, &poll),
             None => Handover::None,
         };
-        let slots = Buffers::arena(config.max_connections)
+        let slots = Buffers::arena(max_connections)
             .into_iter()
             .map(|bufs| Slot { conn: None, spare: Some(bufs) })
             .collect::<Vec<_>>()
             .into_boxed_slice();
-        let free = (0..config.max_connections).rev().collect();
+        let free = (0..max_connections).rev().collect();
         let mut this = Self {
             poll,
             listener,
@@ -554,6 +609,11 @@ impl EventLoop {
             slots,
             free,
             live: 0,
+            no_identity_live: 0,
+            redrive: Vec::new(),
+            accept_stalled: false,
+            accept_retry: None,
+            spare_fd: std::fs::File::open("/dev/null").ok(),
             shared: Shared {
                 pool: BodyPool::new(),
                 agent_mark: config.agent_mark,
@@ -749,6 +809,12 @@ impl EventLoop {
                 }
             }
         }
+        if let Some(retry) = self.accept_retry {
+            next = next.min(retry);
+        }
+        if !self.redrive.is_empty() {
+            return Some(now);
+        }
         // Never spin: a deadline in the past fires on this turn's expire() anyway.
         Some(next.max(now))
     }
@@ -831,11 +897,18 @@ impl EventLoop {
         loop {
             let (mut stream, addr) = match self.listener.accept() {
                 Ok(pair) => pair,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.accept_stalled = false;
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: log, let the loop come back on the next event.
-                    log::warn!(target: "gpa::proxy", "accept failed: {e}");
+                    // EMFILE/ENFILE (or ENOBUFS): the queue still holds connections, and with
+                    // edge-triggered readiness no new event may ever come for them. Shed one
+                    // with the spare descriptor, and come back on a timer (issue 13).
+                    self.accept_stalled = true;
+                    self.accept_retry = Some(clock::after(now, ACCEPT_RETRY_MS));
+                    self.shed_one_with_spare(&e);
                     return;
                 }
             };
@@ -861,6 +934,19 @@ impl EventLoop {
                     None
                 }
             };
+            // Fair shares (issue 13): the last slots are root's; connections without identity
+            // (direct connects, which can only ask a local endpoint) have a cap of their own.
+            let is_root = record.is_some_and(|r| r.uid == 0);
+            let over_share = if record.is_none() {
+                self.no_identity_live >= NO_IDENTITY_MAX_CONNECTIONS
+            } else {
+                !is_root && self.free.len() <= ROOT_RESERVED_CONNECTIONS
+            };
+            if over_share {
+                self.shared.stats.refused_reserved += 1;
+                drop(stream.write(SERVER_FULL));
+                continue;
+            }
             let Some(index) = self.free.pop() else {
                 self.shared.stats.refused_full += 1;
                 drop(stream.write(SERVER_FULL));
@@ -869,6 +955,7 @@ impl EventLoop {
             let caller = record.map(|r| self.resolver.resolve(r, now));
             if caller.is_none() {
                 self.shared.stats.without_identity += 1;
+                self.no_identity_live += 1;
             }
             let token = Token(FIRST_CONNECTION + 2 * index);
             if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
@@ -894,6 +981,21 @@ impl EventLoop {
         }
     }
 
+    /// Out of descriptors: release the spare, accept one queued connection and close it at
+    /// once (its caller sees a reset and retries), then take the spare back. Keeps the queue
+    /// moving while the table's own connections drain.
+    fn shed_one_with_spare(&mut self, error: &io::Error) {
+        log::warn!(target: "gpa::proxy", "accept failed: {error}; retrying in {ACCEPT_RETRY_MS} ms");
+        if self.spare_fd.take().is_none() {
+            return;
+        }
+        if let Ok((stream, _)) = self.listener.accept() {
+            self.shared.stats.refused_full += 1;
+            drop(stream);
+        }
+        self.spare_fd = std::fs::File::open("/dev/null").ok();
+    }
+
     fn drive_connection(&mut self, index: usize, now: Instant, timed_out: bool) {
         let Some(slot) = self.slots.get_mut(index) else { return };
         let Some(conn) = slot.conn.as_mut() else { return };
@@ -903,8 +1005,14 @@ impl EventLoop {
         let next = if timed_out { conn.on_timeout(&mut ctx) } else { conn.drive(&mut ctx) };
         // Take the connection out only when it is closing (a tuple pattern would take it
         // unconditionally and drop a live connection).
-        if let Next::Close(reason) = next {
-            self.close_connection(index, reason);
+        match next {
+            Next::Close(reason) => self.close_connection(index, reason),
+            Next::Again => {
+                if !self.redrive.contains(&index) {
+                    self.redrive.push(index);
+                }
+            }
+            Next::Continue(_) => {}
         }
     }
 
@@ -913,6 +1021,9 @@ impl EventLoop {
         let Some(slot) = self.slots.get_mut(index) else { return };
         let Some(conn) = slot.conn.take() else { return };
         log::debug!(target: "gpa::proxy", "connection closed: slot={index} reason={reason:?}");
+        if !conn.has_identity() {
+            self.no_identity_live = self.no_identity_live.saturating_sub(1);
+        }
         let (bufs, body) = conn.into_parts(self.poll.registry());
         if let Some(body) = body {
             self.shared.pool.give_back(body);
@@ -920,9 +1031,21 @@ impl EventLoop {
         slot.spare = Some(bufs);
         self.free.push(index);
         self.live -= 1;
+        // A slot (and its descriptors) came free: if accepting had stopped for lack of either,
+        // try the queue now rather than wait for an edge that may never come.
+        if self.accept_stalled && self.accept_retry.is_none() {
+            self.accept_retry = Some(clock::now());
+        }
     }
 
     fn expire(&mut self, now: Instant) {
+        if self.accept_retry.is_some_and(|t| t <= now) && self.accepting {
+            self.accept_retry = None;
+            self.accept_all(now);
+        }
+        for index in std::mem::take(&mut self.redrive) {
+            self.drive_connection(index, now, false);
+        }
         // A draining agent has handed the host calls and the status file to its successor.
         if !self.shared.draining {
             if self.shared.keeper.deadline() <= now {

@@ -332,6 +332,21 @@ pub fn bpf_obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to at least `wanted` (never above the hard limit, never
+/// lowering it). Returns the (soft, hard) limits now in force.
+pub fn raise_nofile(wanted: u64) -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into `lim`, which is valid for writes.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) })?;
+    let target = wanted.min(lim.rlim_max);
+    if lim.rlim_cur < target {
+        lim.rlim_cur = target;
+        // SAFETY: setrlimit reads one valid rlimit.
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) })?;
+    }
+    Ok((lim.rlim_cur, lim.rlim_max))
+}
+
 /// `BPF_OBJ_PIN`: pins a BPF object (here: a link) at a bpffs path.
 pub fn bpf_obj_pin(object: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<()> {
     const BPF_OBJ_PIN: libc::c_long = 6;
