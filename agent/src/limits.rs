@@ -50,6 +50,9 @@ pub const EVENTS_PER_TURN: usize = 256;
 /// Connection-table slots only uid 0 callers may take: while other users hold the rest, the
 /// provisioning and guest agents (root) are still served (issue 13).
 pub const ROOT_RESERVED_CONNECTIONS: usize = 64;
+/// One non-root uid may hold at most `maxConnections / PER_UID_SHARE_DIVISOR` connections, so a
+/// single user cannot take the table from the others (root has its reserve on top).
+pub const PER_UID_SHARE_DIVISOR: usize = 4;
 /// Of [`BODY_BUFFERS`], how many only root callers may take (a health report or log upload
 /// must not wait for other users' slow uploads).
 pub const ROOT_RESERVED_BODY_BUFFERS: usize = 4;

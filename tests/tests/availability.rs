@@ -41,13 +41,14 @@ fn unit_fd_limit() {
 const ROOT_LOOP: &str = r#"
 import http.client, json, sys, time
 count, gap = int(sys.argv[1]), float(sys.argv[2])
+only_imds = len(sys.argv) > 3 and sys.argv[3] == "imds"
 ok, failed, statuses, lat = 0, 0, {}, []
 reqs = [("168.63.129.16", "GET", "/machine?comp=goalstate", {"x-ms-version": "2012-11-30"}, None),
         ("169.254.169.254", "GET", "/metadata/instance?api-version=2021-02-01", {"Metadata": "true"}, None),
         ("168.63.129.16", "POST", "/machine?comp=health", {"x-ms-version": "2012-11-30", "Content-Type": "text/xml"},
          b"<Health><GoalStateIncarnation>1</GoalStateIncarnation></Health>")]
 for i in range(count):
-    host, method, path, headers, body = reqs[i % len(reqs)]
+    host, method, path, headers, body = reqs[1] if only_imds else reqs[i % len(reqs)]
     t = time.monotonic()
     try:
         c = http.client.HTTPConnection(host, 80, timeout=5)
@@ -149,8 +150,16 @@ fn under_attack(e: &Env, attack: &[&str], inside: bool, count: u32, gap: f64) ->
         std::thread::sleep(Duration::from_millis(1500));
         let count = count.to_string();
         let gap = gap.to_string();
+        // Another unprivileged user (uid 1000) asks IMDS meanwhile: one user's flood must
+        // not take the table from the others either.
+        let neighbour = s.spawn(|| {
+            let who = As { ids: Some((1000, 1000)), cgroup: Some(&e.cg) };
+            client(&e.ns, who, &[PYTHON, "-c", ROOT_LOOP, "8", "0.5", "imds"])
+        });
         let root_loop = client(&e.ns, root(&e.cg), &[PYTHON, "-c", ROOT_LOOP, &count, &gap]);
         let attack_out = attacker.join().expect("attacker");
+        let neighbour = json_of(&neighbour.join().expect("neighbour"), "uid 1000 loop");
+        assert_eq!(neighbour["failed"], 0, "uid 1000 failed during {attack:?}: {neighbour}");
         (json_of(&root_loop, "root loop"), json_of(&attack_out, "attack"))
     })
 }
@@ -200,7 +209,7 @@ fn root_callers_never_fail_while_an_unprivileged_user_attacks_availability() {
         // thousands adds no more lines than root's own requests and a few checkpoints.
         let added = e.agent.audit().len().saturating_sub(audit_before);
         if attack[0] == "provision-flood" {
-            assert!(added <= 60, "{what}: {added} audit lines added (attack {attack_result})");
+            assert!(added <= 80, "{what}: {added} audit lines added (attack {attack_result})");
         }
         assert_eq!(
             root_result["failed"],
@@ -249,7 +258,7 @@ fn after_descriptor_exhaustion_the_proxy_recovers_by_itself() {
     }
     let e = World::new("fdstorm").ready(&[]);
     let pid = e.agent.proc.pid().to_string();
-    let limited = std::process::Command::new("prlimit").args(["--pid", &pid, "--nofile=300:300"]).status();
+    let limited = std::process::Command::new("prlimit").args(["--pid", &pid, "--nofile=200:200"]).status();
     assert!(limited.is_ok_and(|s| s.success()), "prlimit");
     let who = As { ids: Some((65534, 65534)), cgroup: Some(&e.cg) };
     let storm = client(&e.ns, who, &[PYTHON, "-c", ATTACK, "fd-storm", "5", "1500"]);
@@ -259,7 +268,7 @@ fn after_descriptor_exhaustion_the_proxy_recovers_by_itself() {
     let after = recovers(&e, "after EMFILE");
     assert!(started.elapsed() < Duration::from_secs(2), "recovery took {:?}", started.elapsed());
     assert!(e.agent.log().contains("accept failed"), "EMFILE was not reached: {storm}\n{}", tail(&e.agent.log()));
-    eprintln!("[availability] EMFILE (prlimit 300): storm {storm}; root after: {after}");
+    eprintln!("[availability] EMFILE (prlimit 200): storm {storm}; root after: {after}");
     e.check_oracle();
 }
 

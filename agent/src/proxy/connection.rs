@@ -266,9 +266,9 @@ impl Connection {
         }
     }
 
-    /// Whether the kernel gave this connection a caller.
-    pub(crate) fn has_identity(&self) -> bool {
-        self.caller.is_some()
+    /// The caller's uid, if the kernel gave this connection a caller.
+    pub(crate) fn uid(&self) -> Option<u32> {
+        self.caller.as_ref().map(Caller::uid)
     }
 
     /// A deadline passed: answer what the state calls for.

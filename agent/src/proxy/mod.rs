@@ -461,6 +461,10 @@ pub struct EventLoop {
     live: usize,
     /// Live connections without identity (capped: `NO_IDENTITY_MAX_CONNECTIONS`).
     no_identity_live: usize,
+    /// Live connections per caller uid, and the most one non-root uid may hold (a quarter of
+    /// the table: one user cannot take every slot from the others).
+    uid_live: std::collections::HashMap<u32, usize>,
+    per_uid_max: usize,
     /// Connections to drive again on the next turn (their step budget ran out).
     redrive: Vec<usize>,
     /// `accept` stopped for lack of descriptors: try again when a slot frees or at
@@ -610,6 +614,8 @@ impl EventLoop {
             free,
             live: 0,
             no_identity_live: 0,
+            uid_live: std::collections::HashMap::with_capacity(64),
+            per_uid_max: (max_connections / crate::limits::PER_UID_SHARE_DIVISOR).max(1),
             redrive: Vec::new(),
             accept_stalled: false,
             accept_retry: None,
@@ -937,10 +943,13 @@ impl EventLoop {
             // Fair shares (issue 13): the last slots are root's; connections without identity
             // (direct connects, which can only ask a local endpoint) have a cap of their own.
             let is_root = record.is_some_and(|r| r.uid == 0);
-            let over_share = if record.is_none() {
-                self.no_identity_live >= NO_IDENTITY_MAX_CONNECTIONS
-            } else {
-                !is_root && self.free.len() <= ROOT_RESERVED_CONNECTIONS
+            let over_share = match record {
+                None => self.no_identity_live >= NO_IDENTITY_MAX_CONNECTIONS,
+                Some(_) if is_root => false,
+                Some(r) => {
+                    self.free.len() <= ROOT_RESERVED_CONNECTIONS
+                        || self.uid_live.get(&r.uid).copied().unwrap_or(0) >= self.per_uid_max
+                }
             };
             if over_share {
                 self.shared.stats.refused_reserved += 1;
@@ -953,9 +962,12 @@ impl EventLoop {
                 continue;
             };
             let caller = record.map(|r| self.resolver.resolve(r, now));
-            if caller.is_none() {
-                self.shared.stats.without_identity += 1;
-                self.no_identity_live += 1;
+            match &caller {
+                None => {
+                    self.shared.stats.without_identity += 1;
+                    self.no_identity_live += 1;
+                }
+                Some(c) => *self.uid_live.entry(c.uid()).or_insert(0) += 1,
             }
             let token = Token(FIRST_CONNECTION + 2 * index);
             if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
@@ -1021,8 +1033,16 @@ impl EventLoop {
         let Some(slot) = self.slots.get_mut(index) else { return };
         let Some(conn) = slot.conn.take() else { return };
         log::debug!(target: "gpa::proxy", "connection closed: slot={index} reason={reason:?}");
-        if !conn.has_identity() {
-            self.no_identity_live = self.no_identity_live.saturating_sub(1);
+        match conn.uid() {
+            None => self.no_identity_live = self.no_identity_live.saturating_sub(1),
+            Some(uid) => {
+                if let Some(n) = self.uid_live.get_mut(&uid) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.uid_live.remove(&uid);
+                    }
+                }
+            }
         }
         let (bufs, body) = conn.into_parts(self.poll.registry());
         if let Some(body) = body {
