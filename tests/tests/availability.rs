@@ -175,12 +175,7 @@ fn recovers(e: &Env, what: &str) -> Value {
 
 #[test]
 fn root_callers_never_fail_while_an_unprivileged_user_attacks_availability() {
-    let run = Run::start("root_callers_never_fail_while_an_unprivileged_user_attacks_availability");
-    if let Some(reason) = gpa_system_tests::harness::skip_reason() {
-        eprintln!("SKIPPED: {reason}");
-        run.skip(&reason);
-        return;
-    }
+    let _run = begin!("root_callers_never_fail_while_an_unprivileged_user_attacks_availability");
     unit_fd_limit();
     let mut e = World::new("avail").ready(&[]);
     // Evidence written before the attacks: a denial of uid 65534 at the WireServer.
@@ -251,11 +246,7 @@ fn root_callers_never_fail_while_an_unprivileged_user_attacks_availability() {
 /// serves again at once, instead of waiting for a readiness edge that never comes.
 #[test]
 fn after_descriptor_exhaustion_the_proxy_recovers_by_itself() {
-    let _run = Run::start("after_descriptor_exhaustion_the_proxy_recovers_by_itself");
-    if let Some(reason) = gpa_system_tests::harness::skip_reason() {
-        eprintln!("SKIPPED: {reason}");
-        return;
-    }
+    let _run = begin!("after_descriptor_exhaustion_the_proxy_recovers_by_itself");
     let e = World::new("fdstorm").ready(&[]);
     let pid = e.agent.proc.pid().to_string();
     let limited = std::process::Command::new("prlimit").args(["--pid", &pid, "--nofile=200:200"]).status();
@@ -274,11 +265,7 @@ fn after_descriptor_exhaustion_the_proxy_recovers_by_itself() {
 
 #[test]
 fn a_long_pipeline_of_local_requests_is_answered_to_the_end() {
-    let _run = Run::start("a_long_pipeline_of_local_requests_is_answered_to_the_end");
-    if let Some(reason) = gpa_system_tests::harness::skip_reason() {
-        eprintln!("SKIPPED: {reason}");
-        return;
-    }
+    let _run = begin!("a_long_pipeline_of_local_requests_is_answered_to_the_end");
     let e = World::new("pipeline").ready(&[]);
     let n = 1000;
     let code = format!(
