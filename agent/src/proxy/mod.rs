@@ -1183,3 +1183,25 @@ fn bind_listener(addr: SocketAddrV4) -> Result<TcpListener, StartError> {
     );
     Ok(TcpListener::from_std(l))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_body_buffers_are_roots() {
+        let mut pool = BodyPool::new();
+        let mut held = Vec::new();
+        while let Some(b) = pool.take(false) {
+            held.push(b);
+        }
+        assert_eq!(held.len(), BODY_BUFFERS - ROOT_RESERVED_BODY_BUFFERS, "others stop at the reserve");
+        while let Some(b) = pool.take(true) {
+            held.push(b);
+        }
+        assert_eq!(held.len(), BODY_BUFFERS, "root gets the reserve");
+        pool.give_back(held.pop().expect("one"));
+        assert!(pool.take(false).is_none(), "a freed reserved buffer is still root's");
+        assert!(pool.take(true).is_some());
+    }
+}
