@@ -67,9 +67,6 @@ struct gpa_caller {
 	__u16 orig_port;  /* network byte order */
 	__u16 endpoint;   /* enum gpa_endpoint */
 	__u32 is_v6;      /* 1 when the caller used an AF_INET6 socket (v4-mapped destination) */
-	__u32 syn_tgid;   /* the process whose system call sent the SYN (sockops); differs from
-			   * tgid when a TCP_FASTOPEN_CONNECT socket is first written by another */
-	__u32 _pad;
 	char comm[GPA_COMM_LEN];
 };
 

@@ -272,8 +272,9 @@ int gpa_sockops(struct bpf_sock_ops *skops)
 	caller = bpf_map_lookup_elem(&gpa_pending, &cookie);
 	if (!caller)
 		return 1;
+	/* No bpf_get_current_pid_tgid here: sockops programs may not call it before Linux 6.x
+	 * (Debian 12's 6.1 refuses it), and the time alone tells a deferred SYN. */
 	caller->syn_boot_ns = bpf_ktime_get_boot_ns();
-	caller->syn_tgid = bpf_get_current_pid_tgid() >> 32;
 	client_key(skops, &key);
 	bpf_map_update_elem(&gpa_audit, &key, caller, BPF_ANY);
 	bpf_map_delete_elem(&gpa_pending, &cookie);

@@ -16,9 +16,9 @@
 //!
 //! The fallback (`callerIdentity: procfs`, or a kernel without BTF) has no inode: the path is
 //! read from `/proc` at accept and bound by the start time and the comm, before and after the
-//! `readlink`; a connect whose SYN was sent by another process, or more than `DEFERRED_SYN_MS`
-//! after the connect (a `TCP_FASTOPEN_CONNECT` socket written later), has no executable
-//! identity. The exec-after-connect
+//! `readlink`; a connect whose SYN left more than `DEFERRED_SYN_MS` after it (a
+//! `TCP_FASTOPEN_CONNECT` socket written later, perhaps by another process after an exec) has
+//! no executable identity. The exec-after-connect
 //! race that the comm cannot close (the caller chooses its comm) remains there, and `doctor` and
 //! the status say so. uid 0 is never assumed in either mode.
 
@@ -172,8 +172,7 @@ impl Resolver {
         // The SYN of an ordinary connect leaves inside the connect call. Much later means a
         // deferred SYN (TCP_FASTOPEN_CONNECT), which another process may have sent after the
         // connecting one exec'd: /proc could only show the new program.
-        let deferred = record.syn_boot_ns.saturating_sub(record.connect_boot_ns) > DEFERRED_SYN_MS * 1_000_000;
-        if deferred || record.syn_tgid != record.tgid {
+        if record.syn_boot_ns.saturating_sub(record.connect_boot_ns) > DEFERRED_SYN_MS * 1_000_000 {
             return None;
         }
         let before = self.start_time_ns(record.tgid)?;
@@ -363,7 +362,6 @@ mod tests {
             syn_boot_ns: now,
             tgid: me,
             tid: me,
-            syn_tgid: me,
             endpoint: 1,
             ..CallerRecord::zeroed()
         };
@@ -403,8 +401,6 @@ mod tests {
         // A SYN long after the connect (TCP_FASTOPEN_CONNECT) proves nothing about who wrote.
         let late_syn = record.connect_boot_ns + (DEFERRED_SYN_MS + 1) * 1_000_000;
         assert!(r.resolve(CallerRecord { syn_boot_ns: late_syn, ..record }, crate::clock::now()).exe.is_none());
-        // A SYN sent by another process (it shares the socket and wrote first).
-        assert!(r.resolve(CallerRecord { syn_tgid: record.tgid + 1, ..record }, crate::clock::now()).exe.is_none());
     }
 
     #[test]

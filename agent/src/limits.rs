@@ -83,10 +83,12 @@ pub const LISTENERS_MAX_ENTRIES: u32 = 64;
 pub const RECORD_MAX_AGE_MS: u64 = 30_000;
 /// Longest gap between the connect and its SYN that still counts as one `connect()` call. A
 /// normal connect sends the SYN within the same system call (microseconds); `TCP_FASTOPEN_CONNECT`
-/// defers it to the first write, which may come from another process after an `execve`. Only
-/// the `/proc` fallback needs this: with the kernel's task record the executable is fixed at
-/// the connect whatever happens later.
-pub const DEFERRED_SYN_MS: u64 = 10;
+/// defers it to the first write, which may come from another process after an `execve` (a
+/// fork and an exec take milliseconds). Only the `/proc` fallback needs this: with the kernel's
+/// task record the executable is fixed at the connect whatever happens later. A connect
+/// preempted for longer than this inside the system call loses its executable identity once
+/// (fails closed).
+pub const DEFERRED_SYN_MS: u64 = 1;
 
 /// Entries in the uid → user/groups cache (bounded; evicts round-robin when full).
 pub const IDENTITY_CACHE_ENTRIES: usize = 64;

@@ -80,11 +80,6 @@ pub struct CallerRecord {
     pub endpoint: u16,
     /// 1 when the caller used an AF_INET6 socket with a v4-mapped destination.
     pub is_v6: u32,
-    /// The process whose system call sent the SYN; another than `tgid` when a deferred
-    /// (`TCP_FASTOPEN_CONNECT`) SYN was sent by a process that shares the socket.
-    pub syn_tgid: u32,
-    /// Explicit padding.
-    pub pad: u32,
     /// The calling thread's comm, NUL-padded (audit only: the caller chooses it).
     pub comm: [u8; 16],
 }
@@ -115,7 +110,7 @@ pub struct ConfigValue {
 
 const _: () = assert!(size_of::<PolicyKey>() == 8);
 const _: () = assert!(size_of::<PolicyValue>() == 8);
-const _: () = assert!(size_of::<CallerRecord>() == 120);
+const _: () = assert!(size_of::<CallerRecord>() == 112);
 const _: () = assert!(size_of::<AuditKey>() == 16);
 const _: () = assert!(size_of::<ConfigValue>() == 8);
 
@@ -124,7 +119,7 @@ const _: () = assert!(size_of::<ConfigValue>() == 8);
 unsafe impl aya::Pod for PolicyKey {}
 // SAFETY: as for PolicyKey: 2 + 2 + 4 bytes, no implicit padding.
 unsafe impl aya::Pod for PolicyValue {}
-// SAFETY: 6×8 + 10×4 + 2×2 + 3×4 + 16 = 120 bytes, no implicit padding; all fields integers.
+// SAFETY: 6×8 + 10×4 + 2×2 + 4 + 16 = 112 bytes, no implicit padding; all fields integers.
 unsafe impl aya::Pod for CallerRecord {}
 // SAFETY: 8 + 4 + 2 + 2 = 16 bytes, no implicit padding.
 unsafe impl aya::Pod for AuditKey {}
@@ -224,8 +219,6 @@ impl CallerRecord {
             orig_port: 0,
             endpoint: 0,
             is_v6: 0,
-            syn_tgid: 0,
-            pad: 0,
             comm: [0; 16],
         }
     }

@@ -223,8 +223,8 @@ impl Redirector {
             // serves both, so the adopt-or-attach logic exists once.
             macro_rules! load_and_attach {
                 ($program:ty) => {{
+                    // Loaded already by `load_object`.
                     let p: &mut $program = program.try_into().map_err(program_err)?;
-                    p.load().map_err(program_err)?;
                     let adopted = match (&pinned, &link_pin) {
                         (Some(found), Some(want)) => {
                             adopt_pinned_link(name, found, want, cgroup_id, p.fd().map_err(program_err)?.as_fd())?
@@ -330,7 +330,9 @@ fn load_object(pin_dir: Option<&Path>, kernel_identity: bool) -> Result<(Ebpf, T
     // `EbpfLoader::new` itself reads and parses the kernel BTF (aya 0.14): the CO-RE object
     // uses that copy, and the fallback drops it. Parsing it a second time here would double
     // the start-up peak (measured: 34 MiB instead of 20 MiB).
-    let load = |object: &[u8], with_btf: bool| {
+    // The object and every program in it: a kernel that accepts the object but refuses one of
+    // its programs (a helper it lacks) must fall back too, not fail the start.
+    let load = |object: &[u8], with_btf: bool| -> Result<Ebpf, RedirectError> {
         let mut loader = EbpfLoader::new();
         if !with_btf {
             loader.btf(None);
@@ -338,7 +340,17 @@ fn load_object(pin_dir: Option<&Path>, kernel_identity: bool) -> Result<(Ebpf, T
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
-        loader.load(object)
+        let mut ebpf = loader.load(object).map_err(RedirectError::LoadObject)?;
+        for name in PROGRAMS {
+            let program = ebpf.program_mut(name).ok_or(RedirectError::MissingProgram(name))?;
+            let loaded = if name == "gpa_sockops" {
+                <&mut SockOps>::try_from(program).and_then(|p| p.load())
+            } else {
+                <&mut CgroupSockAddr>::try_from(program).and_then(|p| p.load())
+            };
+            loaded.map_err(|e| RedirectError::Program(name, e))?;
+        }
+        Ok(ebpf)
     };
     let why = if !kernel_identity {
         "callerIdentity is procfs".to_owned()
@@ -353,7 +365,7 @@ fn load_object(pin_dir: Option<&Path>, kernel_identity: bool) -> Result<(Ebpf, T
     if kernel_identity {
         log::warn!(target: "gpa::redirect", "caller identity falls back to /proc: {why}");
     }
-    let ebpf = load(OBJECT_PROCFS, false).map_err(RedirectError::LoadObject)?;
+    let ebpf = load(OBJECT_PROCFS, false)?;
     Ok((ebpf, TaskIdentity::Procfs(why)))
 }
 
