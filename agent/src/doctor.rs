@@ -31,7 +31,7 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddrV4};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -401,34 +401,7 @@ pub fn check_pins(mountinfo: Option<&str>, pin_dir: Option<&Path>) -> Check {
 
 /// Local addresses of sockets in LISTEN state on `port`, from `/proc/net/tcp` or `tcp6` text.
 fn listeners(table: &str, port: u16) -> Vec<IpAddr> {
-    const TCP_LISTEN: &str = "0A";
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let local = fields.nth(1)?;
-            let state = fields.nth(1)?;
-            let (addr, p) = local.split_once(':')?;
-            (state == TCP_LISTEN && u16::from_str_radix(p, 16).ok()? == port).then(|| proc_net_addr(addr)).flatten()
-        })
-        .collect()
-}
-
-/// The kernel prints each 32-bit word of the address as a native-endian hex number.
-pub(crate) fn proc_net_addr(hex: &str) -> Option<IpAddr> {
-    let word = |i: usize| hex.get(i * 8..i * 8 + 8).and_then(|w| u32::from_str_radix(w, 16).ok()).map(u32::to_ne_bytes);
-    match hex.len() {
-        8 => Some(IpAddr::V4(Ipv4Addr::from(word(0)?))),
-        32 => {
-            let mut b = [0u8; 16];
-            for (i, chunk) in b.chunks_exact_mut(4).enumerate() {
-                chunk.copy_from_slice(&word(i)?);
-            }
-            Some(IpAddr::V6(Ipv6Addr::from(b)))
-        }
-        _ => None,
-    }
+    crate::listener::listening(table).filter(|s| s.port == port).map(|s| s.ip).collect()
 }
 
 fn is_loopback(ip: IpAddr) -> bool {
@@ -703,7 +676,10 @@ pub fn check_clock_skew(document: Option<&StatusView>) -> Check {
 mod tests {
     use std::os::unix::fs::{PermissionsExt, symlink};
 
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     use super::*;
+    use crate::listener::proc_net_addr;
     use crate::status::document::{KeyLatchStates, ModuleStatus, StatusInputs, new_buffer, render};
     use crate::status::summary::Summaries;
 

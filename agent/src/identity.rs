@@ -18,9 +18,9 @@
 //! read from `/proc` at accept and bound by the start time and the comm, before and after the
 //! `readlink`; a connect whose SYN left more than `DEFERRED_SYN_MS` after it (a
 //! `TCP_FASTOPEN_CONNECT` socket written later, perhaps by another process after an exec) has
-//! no executable identity. The exec-after-connect
-//! race that the comm cannot close (the caller chooses its comm) remains there, and `doctor` and
-//! the status say so. uid 0 is never assumed in either mode.
+//! no executable identity. The exec-after-connect race that the comm cannot close (the caller
+//! chooses its comm) remains there, and `doctor` and the status say so. uid 0 is never assumed
+//! in either mode.
 
 use std::fs;
 use std::io::Read;
@@ -120,7 +120,10 @@ impl Resolver {
             }
         }
         let exe = self.bound_executable(&record);
-        let cmdline = if exe.is_some() && self.same_process(&record) { self.cmdline(record.tgid) } else { Vec::new() };
+        // The fallback's binding already proved the process is the one that connected; the
+        // kernel's inode does not, so its start time is checked before the command line is read.
+        let same_process = exe.is_some() && (!record.task_read() || self.started_as_recorded(&record));
+        let cmdline = if same_process { self.cmdline(record.tgid) } else { Vec::new() };
         let entry = self.user_entry(record.uid, record.gid);
         Caller { record, exe, cmdline, user: entry.user, groups: entry.groups }
     }
@@ -155,14 +158,10 @@ impl Resolver {
         Vec::from_slice(link.as_os_str().as_bytes()).ok()
     }
 
-    /// Whether the process now at `record.tgid` is the one that connected (its start time is
-    /// the recorded one); only the kernel record has the start time, the fallback compares
-    /// against the connect time.
-    fn same_process(&self, record: &CallerRecord) -> bool {
+    /// Whether the process now at `record.tgid` started when the kernel's record says (a pid
+    /// reused since has another start time).
+    fn started_as_recorded(&self, record: &CallerRecord) -> bool {
         let Some(started) = self.start_time_ns(record.tgid) else { return false };
-        if !record.task_read() {
-            return started <= record.connect_boot_ns;
-        }
         // /proc shows the start time in clock ticks: compare at that precision.
         let tick_ns = 1_000_000_000 / self.ticks_per_second.max(1);
         started / tick_ns == record.start_boot_ns / tick_ns

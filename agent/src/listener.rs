@@ -10,7 +10,7 @@
 //! also refuses to believe an answer from a port that a non-root user holds.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
 /// Name of the file in the state directory that holds the address in use.
@@ -37,29 +37,63 @@ pub fn address_in_use(state_dir: &Path, configured: SocketAddrV4) -> SocketAddrV
         .unwrap_or(configured)
 }
 
+/// One socket in LISTEN state, as `/proc/net/tcp{,6}` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listening {
+    /// Local address.
+    pub ip: IpAddr,
+    /// Local port.
+    pub port: u16,
+    /// Owner.
+    pub uid: u32,
+}
+
+/// Every socket in LISTEN state in the text of `/proc/net/tcp` or `/proc/net/tcp6`.
+pub fn listening(table: &str) -> impl Iterator<Item = Listening> + '_ {
+    const TCP_LISTEN: &str = "0A";
+    table.lines().skip(1).filter_map(|line| {
+        // sl local_address rem_address st tx:rx tr:when retrnsmt uid ...
+        let mut f = line.split_whitespace();
+        let local = f.nth(1)?;
+        let state = f.nth(1)?;
+        let uid = f.nth(3)?;
+        let (ip_hex, port_hex) = local.split_once(':')?;
+        if state != TCP_LISTEN {
+            return None;
+        }
+        Some(Listening {
+            ip: proc_net_addr(ip_hex)?,
+            port: u16::from_str_radix(port_hex, 16).ok()?,
+            uid: uid.parse().ok()?,
+        })
+    })
+}
+
+/// The kernel prints each 32-bit word of the address as a native-endian hex number.
+pub(crate) fn proc_net_addr(hex: &str) -> Option<IpAddr> {
+    let word = |i: usize| hex.get(i * 8..i * 8 + 8).and_then(|w| u32::from_str_radix(w, 16).ok()).map(u32::to_ne_bytes);
+    match hex.len() {
+        8 => Some(IpAddr::V4(Ipv4Addr::from(word(0)?))),
+        32 => {
+            let mut b = [0u8; 16];
+            for (i, chunk) in b.chunks_exact_mut(4).enumerate() {
+                chunk.copy_from_slice(&word(i)?);
+            }
+            Some(IpAddr::V6(Ipv6Addr::from(b)))
+        }
+        _ => None,
+    }
+}
+
 /// Uids of every socket that listens where a connect to `addr` would land: the exact
 /// address, or a wildcard on the same port (IPv4 `0.0.0.0`, IPv6 `::`), from the text of
 /// `/proc/net/tcp` and `/proc/net/tcp6`.
 pub fn owners(tcp: &str, tcp6: &str, addr: SocketAddrV4) -> Vec<u32> {
-    const TCP_LISTEN: &str = "0A";
     let covers = |ip: IpAddr| match ip {
         IpAddr::V4(v4) => v4 == *addr.ip() || v4 == Ipv4Addr::UNSPECIFIED,
         IpAddr::V6(v6) => v6.is_unspecified() || v6.to_ipv4_mapped() == Some(*addr.ip()),
     };
-    tcp.lines()
-        .skip(1)
-        .chain(tcp6.lines().skip(1))
-        .filter_map(|line| {
-            // sl local_address rem_address st tx:rx tr:when retrnsmt uid ...
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let (local, state, uid) = (f.get(1)?, f.get(3)?, f.get(7)?);
-            let (ip_hex, port_hex) = local.split_once(':')?;
-            let listening_here = *state == TCP_LISTEN
-                && u16::from_str_radix(port_hex, 16).ok()? == addr.port()
-                && covers(crate::doctor::proc_net_addr(ip_hex)?);
-            listening_here.then(|| uid.parse().ok()).flatten()
-        })
-        .collect()
+    listening(tcp).chain(listening(tcp6)).filter(|s| s.port == addr.port() && covers(s.ip)).map(|s| s.uid).collect()
 }
 
 /// The uids of the sockets listening at `addr` on this machine (this network namespace).
@@ -73,8 +107,10 @@ pub fn owners_now(addr: SocketAddrV4) -> Vec<u32> {
 /// socket that could take the connection belongs to uid 0.
 pub fn held_by_root_only(addr: SocketAddrV4) -> Result<(), String> {
     let owners = owners_now(addr);
+    if owners.is_empty() {
+        return Err(format!("nothing listens on {addr}"));
+    }
     match owners.iter().find(|uid| **uid != 0) {
-        _ if owners.is_empty() => Err(format!("nothing listens on {addr}")),
         Some(uid) => Err(format!("{addr} is held by uid {uid}, not by the agent")),
         None => Ok(()),
     }

@@ -467,9 +467,8 @@ pub struct EventLoop {
     per_uid_max: usize,
     /// Connections to drive again on the next turn (their step budget ran out).
     redrive: Vec<usize>,
-    /// `accept` stopped for lack of descriptors: try again when a slot frees or at
-    /// `accept_retry`.
-    accept_stalled: bool,
+    /// Set while `accept` is stopped for lack of descriptors: when to try the queue again
+    /// (brought forward whenever a slot frees).
     accept_retry: Option<Instant>,
     /// A descriptor held in reserve so that, out of descriptors, one queued connection can
     /// still be accepted and shed.
@@ -617,7 +616,6 @@ impl EventLoop {
             uid_live: std::collections::HashMap::with_capacity(64),
             per_uid_max: (max_connections / crate::limits::PER_UID_SHARE_DIVISOR).max(1),
             redrive: Vec::new(),
-            accept_stalled: false,
             accept_retry: None,
             spare_fd: std::fs::File::open("/dev/null").ok(),
             shared: Shared {
@@ -903,16 +901,12 @@ impl EventLoop {
         loop {
             let (mut stream, addr) = match self.listener.accept() {
                 Ok(pair) => pair,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.accept_stalled = false;
-                    return;
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // EMFILE/ENFILE (or ENOBUFS): the queue still holds connections, and with
                     // edge-triggered readiness no new event may ever come for them. Shed one
                     // with the spare descriptor, and come back on a timer (issue 13).
-                    self.accept_stalled = true;
                     self.accept_retry = Some(clock::after(now, ACCEPT_RETRY_MS));
                     self.shed_one_with_spare(&e);
                     return;
@@ -942,10 +936,9 @@ impl EventLoop {
             };
             // Fair shares (issue 13): the last slots are root's; connections without identity
             // (direct connects, which can only ask a local endpoint) have a cap of their own.
-            let is_root = record.is_some_and(|r| r.uid == 0);
             let over_share = match record {
                 None => self.no_identity_live >= NO_IDENTITY_MAX_CONNECTIONS,
-                Some(_) if is_root => false,
+                Some(r) if r.uid == 0 => false,
                 Some(r) => {
                     self.free.len() <= ROOT_RESERVED_CONNECTIONS
                         || self.uid_live.get(&r.uid).copied().unwrap_or(0) >= self.per_uid_max
@@ -1053,8 +1046,8 @@ impl EventLoop {
         self.live -= 1;
         // A slot (and its descriptors) came free: if accepting had stopped for lack of either,
         // try the queue now rather than wait for an edge that may never come.
-        if self.accept_stalled && self.accept_retry.is_none() {
-            self.accept_retry = Some(clock::now());
+        if let Some(retry) = self.accept_retry.as_mut() {
+            *retry = clock::now();
         }
     }
 

@@ -118,27 +118,16 @@ impl fmt::Display for RedirectError {
 impl std::error::Error for RedirectError {}
 
 /// Loaded and attached kernel programs plus the maps the agent uses.
+#[derive(Debug)]
 pub struct Redirector {
     // Owns the programs and their links while they are not pinned: dropping the redirector
     // then detaches them. With pins the kernel holds them and the loader's memory is freed.
     _ebpf: Option<Ebpf>,
     policy: HashMap<MapData, PolicyKey, PolicyValue>,
     audit: HashMap<MapData, AuditKey, CallerRecord>,
-    listeners: SockHash<MapData, u64>,
     cgroup: PathBuf,
     generation: u32,
     task_identity: TaskIdentity,
-}
-
-impl fmt::Debug for Redirector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // aya's SockHash has no Debug; the maps are kernel objects anyway.
-        f.debug_struct("Redirector")
-            .field("cgroup", &self.cgroup)
-            .field("generation", &self.generation)
-            .field("task_identity", &self.task_identity)
-            .finish_non_exhaustive()
-    }
 }
 
 /// What [`Redirector::attach`] needs besides the cgroup.
@@ -205,6 +194,8 @@ impl Redirector {
                 log::info!(target: "gpa::redirect", "deleted {cleared} kernel records left by an earlier agent");
             }
         }
+        // The map keeps the entry (the programs hold the map); the kernel removes it when the
+        // listening socket closes.
         let mut listeners: SockHash<MapData, u64> = take_map(&mut ebpf, "gpa_listeners")?;
         listeners
             .insert(opts.netns_cookie, opts.listener.as_raw_fd(), 0)
@@ -250,23 +241,12 @@ impl Redirector {
             remove_older_layouts(dir);
         }
         let ebpf = if pin_dir.is_some() { None } else { Some(ebpf) };
-        Ok(Self { _ebpf: ebpf, policy, audit, listeners, cgroup: cgroup.to_owned(), generation, task_identity })
+        Ok(Self { _ebpf: ebpf, policy, audit, cgroup: cgroup.to_owned(), generation, task_identity })
     }
 
     /// Where executable identities come from with the programs as loaded.
     pub fn task_identity(&self) -> &TaskIdentity {
         &self.task_identity
-    }
-
-    /// The record generation this agent accepts.
-    pub fn generation(&self) -> u32 {
-        self.generation
-    }
-
-    /// Whether the kernel currently holds a live listener of this agent for `netns_cookie`
-    /// (the entry disappears when the socket closes).
-    pub fn listener_registered(&self, netns_cookie: u64) -> bool {
-        self.listeners.get(&netns_cookie, 0).is_ok()
     }
 
     /// Whether connects to `destination` are currently intercepted (after adopting pinned
@@ -327,11 +307,11 @@ const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 fn load_object(pin_dir: Option<&Path>, kernel_identity: bool) -> Result<(Ebpf, TaskIdentity), RedirectError> {
     let map_paths: Vec<(&str, PathBuf)> =
         pin_dir.iter().flat_map(|dir| MAPS.iter().map(move |name| (*name, dir.join(name)))).collect();
+    // Loads the object and every program in it: a kernel that accepts the object but refuses
+    // one of its programs (a helper it lacks) must fall back too, not fail the start.
     // `EbpfLoader::new` itself reads and parses the kernel BTF (aya 0.14): the CO-RE object
     // uses that copy, and the fallback drops it. Parsing it a second time here would double
     // the start-up peak (measured: 34 MiB instead of 20 MiB).
-    // The object and every program in it: a kernel that accepts the object but refuses one of
-    // its programs (a helper it lacks) must fall back too, not fail the start.
     let load = |object: &[u8], with_btf: bool| -> Result<Ebpf, RedirectError> {
         let mut loader = EbpfLoader::new();
         if !with_btf {
