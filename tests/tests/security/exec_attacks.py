@@ -6,7 +6,8 @@ Usage: exec_attacks.py VARIANT HOST PORT PATH ALLOWED_EXE [ALLOWED_ARGS...]
 Every variant sets the connecting thread's name to the basename of ALLOWED_EXE (comm spoofing),
 connects to HOST:PORT, and arranges for the request to be written once the process that
 connected runs ALLOWED_EXE, so that /proc shows the allowed program when the agent looks.
-Prints one line: RESULT <variant> <http status|none> <pid that called connect>.
+Prints one line: RESULT <variant> <http status|none> <pid that called connect> <deferred: 1, 0
+or ->.
 Every wait is bounded; the program never hangs and always exits 0.
 """
 import ctypes
@@ -30,8 +31,13 @@ def set_comm():
     libc.prctl(PR_SET_NAME, os.path.basename(allowed).encode()[:15], 0, 0, 0)
 
 
+# Whether the kernel really deferred the SYN of a TCP_FASTOPEN_CONNECT socket (it connects
+# at once when active Fast Open is off or backed off): "1", "0", or "-" for other variants.
+deferred = "-"
+
+
 def report(status, pid):
-    print(f"RESULT {variant} {status} {pid}", flush=True)
+    print(f"RESULT {variant} {status} {pid} {deferred}", flush=True)
 
 
 def wait_exe(pid, want, timeout=5.0):
@@ -77,6 +83,13 @@ def connected(tfo=None):
         s.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
     s.settimeout(5)
     s.connect((host, port))
+    if tfo:
+        global deferred
+        try:
+            s.getpeername()
+            deferred = "0"
+        except OSError:
+            deferred = "1"
     return s
 
 
