@@ -41,6 +41,7 @@ struct gpa_policy_value {
 #define GPA_CALLER_TASK_READ (1u << 0)  /* exe_dev, exe_ino, start_boot_ns, euid, egid are the kernel's */
 #define GPA_CALLER_TRACED (1u << 1)     /* the connecting task was being ptraced at connect time */
 #define GPA_CALLER_NO_EXE (1u << 2)     /* the task had no executable (kernel thread, exiting mm) */
+#define GPA_CALLER_SYN_OTHER_TASK (1u << 3) /* the SYN was sent by another task than the connect */
 
 /*
  * Who connected, captured in the kernel at connect() time: nothing here can be changed by the
@@ -68,6 +69,7 @@ struct gpa_caller {
 	__u16 endpoint;   /* enum gpa_endpoint */
 	__u32 is_v6;      /* 1 when the caller used an AF_INET6 socket (v4-mapped destination) */
 	char comm[GPA_COMM_LEN];
+	__u64 connect_task; /* bpf_get_current_task() at connect, compared at the SYN, then zeroed */
 };
 
 /* audit map key: the client's side of the redirected connection as the proxy sees its peer. */

@@ -193,6 +193,7 @@ static __always_inline enum verdict intercept(struct bpf_sock_addr *ctx, __u32 i
 	caller.endpoint = policy->endpoint;
 	caller.is_v6 = is_v6;
 	bpf_get_current_comm(caller.comm, sizeof(caller.comm));
+	caller.connect_task = bpf_get_current_task();
 #ifdef GPA_TASK_BTF
 	read_task(&caller);
 #endif
@@ -272,8 +273,15 @@ int gpa_sockops(struct bpf_sock_ops *skops)
 	caller = bpf_map_lookup_elem(&gpa_pending, &cookie);
 	if (!caller)
 		return 1;
-	/* No bpf_get_current_pid_tgid here: sockops programs may not call it before Linux 6.x
-	 * (Debian 12's 6.1 refuses it), and the time alone tells a deferred SYN. */
+	/* A deferred SYN (TCP_FASTOPEN_CONNECT) leaves from the task that first writes, which may
+	 * not be the one that connected: a fork sharing the socket writes once the connector has
+	 * exec'd an allowed binary. The /proc fallback must not then lend that binary to the
+	 * request, so a SYN from another task is marked. bpf_get_current_pid_tgid is refused here
+	 * before Linux 6.x (Debian 12's 6.1), bpf_get_current_task is not; its value, a kernel
+	 * address, is only compared and zeroed before the agent reads the record. */
+	if (caller->connect_task != bpf_get_current_task())
+		caller->flags |= GPA_CALLER_SYN_OTHER_TASK;
+	caller->connect_task = 0;
 	caller->syn_boot_ns = bpf_ktime_get_boot_ns();
 	client_key(skops, &key);
 	bpf_map_update_elem(&gpa_audit, &key, caller, BPF_ANY);

@@ -43,6 +43,24 @@ struct RawConfig {
     /// 0 (the default): no telemetry upload.
     telemetry_interval_seconds: u32,
     telemetry_level: String<8>,
+    /// Fair shares and audit volume (`limits`, every key optional; 0 = the default).
+    limits: RawLimits,
+}
+
+/// `limits`: the caps of issue 13. Each is explained where its default is (`limits.rs`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+struct RawLimits {
+    per_uid_connections: u32,
+    per_cgroup_connections: u32,
+    root_reserved_connections: u32,
+    identityless_connections: u32,
+    per_uid_body_buffers: u32,
+    per_uid_upstreams: u32,
+    audit_records_per_second: u32,
+    audit_burst: u32,
+    audit_max_file_bytes: u32,
+    audit_max_files: u32,
 }
 
 impl Default for RawConfig {
@@ -71,6 +89,7 @@ impl Default for RawConfig {
             handover_socket: s(DEFAULT_HANDOVER_SOCKET),
             telemetry_interval_seconds: 0,
             telemetry_level: s("warn"),
+            limits: RawLimits::default(),
         }
     }
 }
@@ -150,6 +169,54 @@ pub struct ValidatedConfig {
     pub early: bool,
     /// Telemetry upload to the WireServer; `None`: off (the default).
     pub telemetry: Option<TelemetryConfig>,
+    /// Fair shares and audit volume (`limits`).
+    pub caps: Caps,
+}
+
+/// Fair shares of the proxy's resources and the audit volume a non-root uid may write
+/// (config `limits`; defaults and reasons in `limits.rs`). uid 0 is never capped by these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caps {
+    /// Connections one non-root uid may hold.
+    pub per_uid_connections: usize,
+    /// Connections the non-root callers of one cgroup may hold together.
+    pub per_cgroup_connections: usize,
+    /// The last slots of the table, for uid 0 only.
+    pub root_reserved_connections: usize,
+    /// Connections without identity (direct connects) at once.
+    pub identityless_connections: usize,
+    /// Request body buffers one non-root uid may hold.
+    pub per_uid_body_buffers: usize,
+    /// Upstream connections (requests in flight to a host) one non-root uid may hold.
+    pub per_uid_upstreams: usize,
+    /// Audit records per second one non-root uid (or all identity-less callers) may write;
+    /// the rest is counted in `suppressed` records.
+    pub audit_records_per_second: u32,
+    /// Records a uid may write at once before the rate applies.
+    pub audit_burst: u32,
+    /// Size of one audit file before rotation.
+    pub audit_max_file_bytes: u64,
+    /// Files kept per trail (the active one included).
+    pub audit_max_files: u32,
+}
+
+impl Caps {
+    /// The defaults for a table of `max_connections` slots.
+    pub fn for_table(max_connections: usize) -> Self {
+        use crate::limits as l;
+        Self {
+            per_uid_connections: (max_connections / l::PER_UID_SHARE_DIVISOR).max(1),
+            per_cgroup_connections: (max_connections / l::PER_CGROUP_SHARE_DIVISOR).max(1),
+            root_reserved_connections: l::ROOT_RESERVED_CONNECTIONS.min(max_connections / 2),
+            identityless_connections: l::NO_IDENTITY_MAX_CONNECTIONS,
+            per_uid_body_buffers: l::PER_UID_BODY_BUFFERS,
+            per_uid_upstreams: (max_connections / l::PER_UID_UPSTREAM_DIVISOR).max(1),
+            audit_records_per_second: l::AUDIT_UID_RECORDS_PER_SECOND,
+            audit_burst: l::AUDIT_UID_BURST,
+            audit_max_file_bytes: l::AUDIT_FILE_BYTES,
+            audit_max_files: l::AUDIT_FILES,
+        }
+    }
 }
 
 /// The optional telemetry upload (MSP §7.2).
@@ -262,6 +329,7 @@ impl ValidatedConfig {
             "procfs" => CallerIdentity::Procfs,
             _ => return Err(ConfigError::Invalid("callerIdentity", "expected kernel or procfs")),
         };
+        let caps = validate_caps(&raw.limits, max_connections)?;
         let dir = |key: &'static str, v: &str| {
             if v.starts_with('/') {
                 Ok(PathBuf::from(v))
@@ -294,8 +362,60 @@ impl ValidatedConfig {
             },
             early: false,
             telemetry,
+            caps,
         })
     }
+}
+
+/// `limits` over the defaults for the table size; 0 keeps a default.
+fn validate_caps(raw: &RawLimits, max_connections: usize) -> Result<Caps, ConfigError> {
+    let mut caps = Caps::for_table(max_connections);
+    let set = |key: &'static str, v: u32, min: u32, max: usize, into: &mut usize| match v {
+        0 => Ok(()),
+        v if v >= min && v as usize <= max => {
+            *into = v as usize;
+            Ok(())
+        }
+        _ => Err(ConfigError::Invalid(key, "out of range (see the limits table in README.md)")),
+    };
+    set("limits.perUidConnections", raw.per_uid_connections, 1, max_connections, &mut caps.per_uid_connections)?;
+    set(
+        "limits.perCgroupConnections",
+        raw.per_cgroup_connections,
+        1,
+        max_connections,
+        &mut caps.per_cgroup_connections,
+    )?;
+    set(
+        "limits.rootReservedConnections",
+        raw.root_reserved_connections,
+        1,
+        max_connections / 2,
+        &mut caps.root_reserved_connections,
+    )?;
+    set(
+        "limits.identitylessConnections",
+        raw.identityless_connections,
+        1,
+        max_connections,
+        &mut caps.identityless_connections,
+    )?;
+    let others = crate::limits::BODY_BUFFERS - crate::limits::ROOT_RESERVED_BODY_BUFFERS;
+    set("limits.perUidBodyBuffers", raw.per_uid_body_buffers, 1, others, &mut caps.per_uid_body_buffers)?;
+    set("limits.perUidUpstreams", raw.per_uid_upstreams, 1, max_connections, &mut caps.per_uid_upstreams)?;
+    let mut rate = caps.audit_records_per_second as usize;
+    set("limits.auditRecordsPerSecond", raw.audit_records_per_second, 1, 100_000, &mut rate)?;
+    let mut burst = caps.audit_burst as usize;
+    set("limits.auditBurst", raw.audit_burst, 1, 1_000_000, &mut burst)?;
+    let mut files = caps.audit_max_files as usize;
+    set("limits.auditMaxFiles", raw.audit_max_files, 1, 100, &mut files)?;
+    let mut bytes = usize::try_from(caps.audit_max_file_bytes).unwrap_or(usize::MAX);
+    set("limits.auditMaxFileBytes", raw.audit_max_file_bytes, 16 * 1024, 1 << 30, &mut bytes)?;
+    caps.audit_records_per_second = u32::try_from(rate).unwrap_or(u32::MAX);
+    caps.audit_burst = u32::try_from(burst).unwrap_or(u32::MAX);
+    caps.audit_max_files = u32::try_from(files).unwrap_or(u32::MAX);
+    caps.audit_max_file_bytes = bytes as u64;
+    Ok(caps)
 }
 
 /// `off`, `error`, `warn`, `info`, `debug` or `trace`, in any case (`log`'s own parser).
@@ -306,6 +426,31 @@ fn parse_level(text: &str) -> Option<log::LevelFilter> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_override_the_defaults_and_are_range_checked() {
+        let c = ValidatedConfig::parse(b"{}").unwrap();
+        assert_eq!(c.caps, Caps::for_table(1024));
+        assert_eq!((c.caps.per_uid_connections, c.caps.per_cgroup_connections), (256, 512));
+        let c = ValidatedConfig::parse(
+            br#"{"limits":{"perUidConnections":10,"auditRecordsPerSecond":5,"auditMaxFileBytes":65536,"auditMaxFiles":2}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.caps.per_uid_connections, 10);
+        assert_eq!(c.caps.audit_records_per_second, 5);
+        assert_eq!((c.caps.audit_max_file_bytes, c.caps.audit_max_files), (65536, 2));
+        assert_eq!(c.caps.per_uid_body_buffers, crate::limits::PER_UID_BODY_BUFFERS, "untouched keys keep defaults");
+        for bad in [
+            r#"{"limits":{"perUidConnections":2000}}"#,
+            r#"{"limits":{"perUidBodyBuffers":13}}"#,
+            r#"{"limits":{"rootReservedConnections":600}}"#,
+            r#"{"limits":{"auditMaxFileBytes":100}}"#,
+        ] {
+            let e = ValidatedConfig::parse(bad.as_bytes()).unwrap_err();
+            assert!(e.to_string().contains("limits."), "{bad}: {e}");
+        }
+        assert!(ValidatedConfig::parse(br#"{"limits":{"perUid":1}}"#).is_err(), "unknown keys are refused");
+    }
 
     #[test]
     fn empty_object_gives_the_documented_defaults() {

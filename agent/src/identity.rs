@@ -16,9 +16,9 @@
 //!
 //! The fallback (`callerIdentity: procfs`, or a kernel without BTF) has no inode: the path is
 //! read from `/proc` at accept and bound by the start time and the comm, before and after the
-//! `readlink`; a connect whose SYN left more than `DEFERRED_SYN_MS` after it (a
-//! `TCP_FASTOPEN_CONNECT` socket written later, perhaps by another process after an exec) has
-//! no executable identity. The exec-after-connect race that the comm cannot close (the caller
+//! `readlink`; a connect whose SYN was sent by another task than the one that connected, or
+//! more than `DEFERRED_SYN_MS` after it (a `TCP_FASTOPEN_CONNECT` socket written later by a fork
+//! or a thread after an exec), has no executable identity. The exec-after-connect race that the comm cannot close (the caller
 //! chooses its comm) remains there, and `doctor` and the status say so. uid 0 is never assumed
 //! in either mode.
 
@@ -33,7 +33,7 @@ use heapless::{String, Vec};
 use crate::limits::{
     CMDLINE_MAX_BYTES, DEFERRED_SYN_MS, EXE_PATH_MAX_BYTES, GROUPS_PER_USER, IDENTITY_CACHE_ENTRIES, NAME_MAX_BYTES,
 };
-use crate::redirect::{CALLER_NO_EXE, CALLER_TRACED, CallerRecord};
+use crate::redirect::{CALLER_NO_EXE, CALLER_SYN_OTHER_TASK, CALLER_TRACED, CallerRecord};
 
 /// A user or group name.
 pub type Name = String<NAME_MAX_BYTES>;
@@ -168,10 +168,19 @@ impl Resolver {
     }
 
     fn bound_by_procfs(&self, record: &CallerRecord) -> Option<Vec<u8, EXE_PATH_MAX_BYTES>> {
-        // The SYN of an ordinary connect leaves inside the connect call. Much later means a
-        // deferred SYN (TCP_FASTOPEN_CONNECT), which another process may have sent after the
-        // connecting one exec'd: /proc could only show the new program.
-        if record.syn_boot_ns.saturating_sub(record.connect_boot_ns) > DEFERRED_SYN_MS * 1_000_000 {
+        // The SYN of an ordinary connect leaves inside the connect call, from the connecting
+        // task. A deferred SYN (TCP_FASTOPEN_CONNECT) sent by another task (a fork sharing the
+        // socket, another thread) or much later may follow an exec of the connecting process:
+        // /proc could only show the new program.
+        let why = if record.flags & CALLER_SYN_OTHER_TASK != 0 {
+            Some("syn-from-another-task")
+        } else if record.syn_boot_ns.saturating_sub(record.connect_boot_ns) > DEFERRED_SYN_MS * 1_000_000 {
+            Some("late-syn")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            log::debug!(target: "gpa::identity", "executable identity withheld: pid={} reason={why}", record.tgid);
             return None;
         }
         let before = self.start_time_ns(record.tgid)?;
@@ -400,6 +409,9 @@ mod tests {
         // A SYN long after the connect (TCP_FASTOPEN_CONNECT) proves nothing about who wrote.
         let late_syn = record.connect_boot_ns + (DEFERRED_SYN_MS + 1) * 1_000_000;
         assert!(r.resolve(CallerRecord { syn_boot_ns: late_syn, ..record }, crate::clock::now()).exe.is_none());
+        // A SYN sent by another task (a fork that shares the socket) at once: no identity either.
+        let other_task = CallerRecord { flags: record.flags | CALLER_SYN_OTHER_TASK, ..record };
+        assert!(r.resolve(other_task, crate::clock::now()).exe.is_none());
     }
 
     #[test]

@@ -53,6 +53,28 @@ pub const ROOT_RESERVED_CONNECTIONS: usize = 64;
 /// One non-root uid may hold at most `maxConnections / PER_UID_SHARE_DIVISOR` connections, so a
 /// single user cannot take the table from the others (root has its reserve on top).
 pub const PER_UID_SHARE_DIVISOR: usize = 4;
+/// The non-root callers of one cgroup (a container, a service) may hold at most
+/// `maxConnections / PER_CGROUP_SHARE_DIVISOR` connections together: one workload cannot take
+/// the table from the others however many uids it runs as.
+pub const PER_CGROUP_SHARE_DIVISOR: usize = 2;
+/// Body buffers one non-root uid may hold: with [`ROOT_RESERVED_BODY_BUFFERS`] kept for root,
+/// three uids' slow uploads together still leave the reserve untouched.
+pub const PER_UID_BODY_BUFFERS: usize = 4;
+/// One non-root uid may hold at most `maxConnections / PER_UID_UPSTREAM_DIVISOR` upstream
+/// connections (requests in flight to a host): a flood of slow upstream answers from one user
+/// keeps the other users' and root's requests moving.
+pub const PER_UID_UPSTREAM_DIVISOR: usize = 8;
+/// Audit records per second one non-root uid (all identity-less callers together count as one)
+/// may write; beyond that they are counted into a `suppressed` record each second. At the
+/// rate, one uid needs about an hour and a half to fill the default 5 × 10 MiB trail
+/// (records of ~350 bytes), and its security records go to their own trail.
+pub const AUDIT_UID_RECORDS_PER_SECOND: u32 = 25;
+/// Records a uid may write at once before the rate applies (a boot's burst of requests is
+/// audited in full).
+pub const AUDIT_UID_BURST: u32 = 500;
+/// Size of one audit file before rotation, and files kept per trail.
+pub const AUDIT_FILE_BYTES: u64 = 10 * 1024 * 1024;
+pub const AUDIT_FILES: u32 = 5;
 /// Of [`BODY_BUFFERS`], how many only root callers may take (a health report or log upload
 /// must not wait for other users' slow uploads).
 pub const ROOT_RESERVED_BODY_BUFFERS: usize = 4;

@@ -120,6 +120,22 @@ elif kind == "provision-flood":
         except OSError:
             out["errors"] += 1
     out["sent"] = sent
+elif kind == "imds-pipeline":
+    # Allowed IMDS GETs, 100 pipelined per redirected connection, as fast as answered: every
+    # one is an ordinary audit record of this uid.
+    req = b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n" * 100
+    sent = 0
+    while time.monotonic() < end:
+        try:
+            s = conn("169.254.169.254", 80); s.sendall(req); sent += 100
+            s.settimeout(0.3)
+            try:
+                while s.recv(65536): pass
+            except OSError: pass
+            s.close()
+        except OSError:
+            out["errors"] += 1
+    out["sent"] = sent
 elif kind == "fd-storm":
     # As many connections as the kernel lets this user open, held briefly, then all closed.
     while time.monotonic() < end and len(socks) < n:
@@ -140,13 +156,27 @@ fn json_of(out: &std::process::Output, what: &str) -> Value {
 /// Runs `attack` as uid 65534 (`inside`: in the agent's cgroup, else outside) while root's
 /// loop makes `count` requests; returns (root loop result, attack result).
 fn under_attack(e: &Env, attack: &[&str], inside: bool, count: u32, gap: f64) -> (Value, Value) {
-    let who = As { ids: Some((65534, 65534)), cgroup: if inside { Some(&e.cg) } else { None } };
+    under_attacks(e, &[(attack, inside)], count, gap)
+}
+
+/// One attack: the attack script's argv, and whether it runs inside the agent's cgroup.
+type Attack<'a> = (&'a [&'a str], bool);
+
+/// [`under_attack`] with several attacks at once (each its own uid 65534 process); the attack
+/// result is the list of their results.
+fn under_attacks(e: &Env, attacks: &[Attack<'_>], count: u32, gap: f64) -> (Value, Value) {
     std::thread::scope(|s| {
-        let attacker = s.spawn(|| {
-            let mut argv = vec![PYTHON, "-c", ATTACK];
-            argv.extend_from_slice(attack);
-            client(&e.ns, who, &argv)
-        });
+        let attackers: Vec<_> = attacks
+            .iter()
+            .map(|(attack, inside)| {
+                let who = As { ids: Some((65534, 65534)), cgroup: if *inside { Some(&e.cg) } else { None } };
+                s.spawn(move || {
+                    let mut argv = vec![PYTHON, "-c", ATTACK];
+                    argv.extend_from_slice(attack);
+                    client(&e.ns, who, &argv)
+                })
+            })
+            .collect();
         std::thread::sleep(Duration::from_millis(1500));
         let count = count.to_string();
         let gap = gap.to_string();
@@ -157,10 +187,12 @@ fn under_attack(e: &Env, attack: &[&str], inside: bool, count: u32, gap: f64) ->
             client(&e.ns, who, &[PYTHON, "-c", ROOT_LOOP, "8", "0.5", "imds"])
         });
         let root_loop = client(&e.ns, root(&e.cg), &[PYTHON, "-c", ROOT_LOOP, &count, &gap]);
-        let attack_out = attacker.join().expect("attacker");
+        let results: Vec<Value> =
+            attackers.into_iter().map(|a| json_of(&a.join().expect("attacker"), "attack")).collect();
         let neighbour = json_of(&neighbour.join().expect("neighbour"), "uid 1000 loop");
-        assert_eq!(neighbour["failed"], 0, "uid 1000 failed during {attack:?}: {neighbour}");
-        (json_of(&root_loop, "root loop"), json_of(&attack_out, "attack"))
+        assert_eq!(neighbour["failed"], 0, "uid 1000 failed during {attacks:?}: {neighbour}");
+        let attack = if results.len() == 1 { results[0].clone() } else { Value::Array(results) };
+        (json_of(&root_loop, "root loop"), attack)
     })
 }
 
@@ -185,25 +217,43 @@ fn root_callers_never_fail_while_an_unprivileged_user_attacks_availability() {
     e.eventually(Duration::from_secs(3), "the denial's audit record", || evidence(&e).then_some(()));
 
     let mut report = Vec::new();
-    let attacks: [(&str, &[&str], bool); 5] = [
-        ("1,100 kept-alive connections (table exhaustion)", &["hold-keepalive", "12", "1100"], true),
-        ("1,100 idle direct connections, outside the cgroup", &["hold-idle-direct", "12", "1100"], false),
-        ("16 slow POSTs to IMDS, one byte every 3 s", &["slow-post", "14", "16"], true),
-        ("pipelined GET /provision flood on direct connections", &["provision-flood", "10"], false),
-        ("fd storm: 3,000 connections opened, held, closed", &["fd-storm", "6", "3000"], true),
+    let attacks: [(&str, &[Attack<'_>]); 7] = [
+        ("1,100 kept-alive connections (table exhaustion)", &[(&["hold-keepalive", "12", "1100"], true)]),
+        ("1,100 idle direct connections, outside the cgroup", &[(&["hold-idle-direct", "12", "1100"], false)]),
+        ("16 slow POSTs to IMDS, one byte every 3 s", &[(&["slow-post", "14", "16"], true)]),
+        ("pipelined GET /provision flood on direct connections", &[(&["provision-flood", "10"], false)]),
+        ("fd storm: 3,000 connections opened, held, closed", &[(&["fd-storm", "6", "3000"], true)]),
+        (
+            "combined, inside the cgroup: kept-alive table, slow POSTs, allowed-request flood, fd storm",
+            &[
+                (&["hold-keepalive", "12", "1100"], true),
+                (&["slow-post", "14", "16"], true),
+                (&["imds-pipeline", "12"], true),
+                (&["fd-storm", "8", "2000"], true),
+            ],
+        ),
+        (
+            "combined, inside and outside: kept-alive table, idle direct, /provision flood, slow POSTs",
+            &[
+                (&["hold-keepalive", "12", "1100"], true),
+                (&["hold-idle-direct", "12", "1100"], false),
+                (&["provision-flood", "12"], false),
+                (&["slow-post", "14", "16"], true),
+            ],
+        ),
     ];
     // GPA_AVAIL_ONLY=i runs attack i alone (to check each against a reverted agent).
     let only: Option<usize> = std::env::var("GPA_AVAIL_ONLY").ok().and_then(|v| v.parse().ok());
-    for (i, (what, attack, inside)) in attacks.into_iter().enumerate() {
+    for (i, (what, attacks)) in attacks.into_iter().enumerate() {
         if only.is_some_and(|o| o != i) {
             continue;
         }
         let audit_before = e.agent.audit().len();
-        let (root_result, attack_result) = under_attack(&e, attack, inside, 24, 0.25);
+        let (root_result, attack_result) = under_attacks(&e, attacks, 24, 0.25);
         // Identity-less local requests are counted, not audited one by one: the flood of
         // thousands adds no more lines than root's own requests and a few checkpoints.
         let added = e.agent.audit().len().saturating_sub(audit_before);
-        if attack[0] == "provision-flood" {
+        if attacks.len() == 1 && attacks[0].0[0] == "provision-flood" {
             assert!(added <= 80, "{what}: {added} audit lines added (attack {attack_result})");
         }
         assert_eq!(
@@ -277,4 +327,105 @@ fn a_long_pipeline_of_local_requests_is_answered_to_the_end() {
     let out = client(&e.ns, As { ids: Some((65534, 65534)), cgroup: None }, &[PYTHON, "-c", &code]);
     let answered: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
     assert_eq!(answered, n, "pipelined /provision answered {answered} of {n}");
+}
+
+/// The audit trail of a small configuration (2 × 64 KiB, so that without the per-uid rate and
+/// the security trail a few hundred records would rotate everything away) keeps the evidence
+/// through a flood of ordinary records: allowed IMDS requests from uid 65534 inside the cgroup
+/// and `/provision` on direct connections, together, while root's loop runs.
+#[test]
+fn a_flood_of_ordinary_records_cannot_evict_the_security_trail() {
+    let _run = begin!("a_flood_of_ordinary_records_cannot_evict_the_security_trail");
+    unit_fd_limit();
+    let limits =
+        r#""limits":{"auditMaxFileBytes":65536,"auditMaxFiles":2,"auditRecordsPerSecond":25,"auditBurst":100}"#;
+    let mut e = World::new("avaudit").ready(&[limits]);
+    let security_dir = e.agent.log_dir.join("security");
+    let security = |dir: &std::path::Path| -> Vec<Value> {
+        ["audit.ndjson.1", "audit.ndjson"]
+            .iter()
+            .flat_map(|f| {
+                std::fs::read_to_string(dir.join(f)).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>()
+            })
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    };
+    // The evidence: uid 65534 denied at the WireServer, root's goal state, the agent's start.
+    let (status, _) = e.curl(nobody(&e.cg), &["-H", "x-ms-version: 2012-11-30", GOAL_STATE]);
+    assert_eq!(status, 403);
+    let (status, _) = e.curl(root(&e.cg), &["-H", "x-ms-version: 2012-11-30", GOAL_STATE]);
+    assert_eq!(status, 200);
+    let denial = |r: &Value| r["uid"] == 65534 && r["decision"] == "deny" && r["endpoint"] == "wireserver";
+    let root_goal = |r: &Value| r["uid"] == 0 && r["endpoint"] == "wireserver" && r["status"] == 200;
+    let started = |r: &Value| r["kind"] == "event" && r["event"] == "start";
+    e.eventually(Duration::from_secs(3), "the evidence in the security trail", || {
+        let sec = security(&security_dir);
+        (sec.iter().any(denial) && sec.iter().any(root_goal) && sec.iter().any(started)).then_some(())
+    });
+
+    // Both floods at once: uid 65534 inside the cgroup and outside it.
+    let (root_result, floods) = std::thread::scope(|s| {
+        let direct = s.spawn(|| {
+            client(
+                &e.ns,
+                As { ids: Some((65534, 65534)), cgroup: None },
+                &[PYTHON, "-c", ATTACK, "provision-flood", "10"],
+            )
+        });
+        let (root_result, inside) = under_attack(&e, &["imds-pipeline", "10"], true, 24, 0.25);
+        (root_result, (inside, json_of(&direct.join().expect("direct flood"), "direct flood")))
+    });
+    assert_eq!(
+        root_result["failed"],
+        0,
+        "root failed during the floods: {root_result} {floods:?}\n{}",
+        tail(&e.agent.log())
+    );
+    let sent = floods.0["sent"].as_u64().unwrap_or(0);
+    assert!(sent >= 1_000, "the allowed flood was too small to prove anything: {floods:?}");
+    recovers(&e, "after the audit floods");
+
+    // The flood went through the full trail (which rotated), but not into the security one.
+    let sec = security(&security_dir);
+    assert!(sec.iter().any(denial), "the pre-flood denial was rotated out of the security trail");
+    assert!(sec.iter().any(root_goal), "root's pre-flood WireServer record was rotated away");
+    assert!(sec.iter().any(started), "the start event was rotated away");
+    let allowed_in_security = sec.iter().filter(|r| r["uid"] == 65534 && r["decision"] == "allow").count();
+    assert_eq!(allowed_in_security, 0, "ordinary records entered the security trail");
+    // What was not written is counted, per uid, in both trails.
+    let all = e.agent.audit();
+    let suppressed: u64 = all
+        .iter()
+        .chain(sec.iter())
+        .filter(|r| r["kind"] == "suppressed" && r["uid"] == 65534)
+        .map(|r| r["count"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(suppressed > 0, "no suppressed summary for uid 65534");
+    let written = all.iter().filter(|r| r["uid"] == 65534 && r["kind"] == "request").count();
+    // Both chains still verify (the newest rotated file first, then the active one).
+    for dir in [&e.agent.log_dir, &security_dir] {
+        let mut files = Vec::new();
+        for f in ["audit.ndjson.1", "audit.ndjson"] {
+            if dir.join(f).exists() {
+                files.push(dir.join(f));
+            }
+        }
+        let out = std::process::Command::new(gpa_system_tests::harness::binary("guest-proxy-agent"))
+            .args(["audit", "verify"])
+            .args(&files)
+            .output()
+            .expect("audit verify");
+        assert!(
+            out.status.success(),
+            "audit verify {files:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eprintln!(
+        "[availability] audit flood: {sent} allowed requests + {} /provision from uid 65534; root {} ok / 0 failed, p50 {} ms, max {} ms; {written} of uid 65534's records in the active file, {suppressed} counted as suppressed; the security trail kept the evidence",
+        floods.1["sent"], root_result["ok"], root_result["p50_ms"], root_result["max_ms"]
+    );
+    e.assert_alive();
+    e.check_oracle();
 }

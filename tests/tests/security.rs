@@ -1955,7 +1955,16 @@ const CATALOG: &[(&str, &str, Cover)] = &[
         "exec after connect as 65534 with comm spoofed: TFO deferred SYN, plain race, leader connects/thread execs, thread connects/leader execs, posix_spawn child, memfd exec, comm only",
         Cover::Test(T_EXEC),
     ),
-    ("ADV-exec-procfs", "the /proc fallback (no BTF): TFO deferred-SYN exec and comm spoofing", Cover::Test(T_EXEC)),
+    (
+        "ADV-exec-procfs",
+        "the /proc fallback (no BTF): every deferred-SYN exec variant and comm spoofing",
+        Cover::Test(T_EXEC),
+    ),
+    (
+        "ADV-exec-procfs-race",
+        "the /proc fallback: plain connect then exec before the agent reads /proc",
+        Cover::Test(T_EXEC),
+    ),
     (
         "ADV-exefile",
         "traced at connect, deleted and replaced executables, setuid-root and file-capability binaries, scripts via their interpreter",

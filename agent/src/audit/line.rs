@@ -114,6 +114,8 @@ pub(super) enum Kind {
     Checkpoint,
     Dropped,
     ChainRestart,
+    Suppressed,
+    Event,
 }
 
 impl Kind {
@@ -123,6 +125,8 @@ impl Kind {
             Self::Checkpoint => b"checkpoint",
             Self::Dropped => b"dropped",
             Self::ChainRestart => b"chain-restart",
+            Self::Suppressed => b"suppressed",
+            Self::Event => b"event",
         }
     }
 }
@@ -191,6 +195,16 @@ pub(super) fn parse_record(line: &[u8]) -> Option<Header> {
         },
         b"chain-restart" => match rest {
             [(b"reason", Value::Str(_))] => (Kind::ChainRestart, None),
+            _ => return None,
+        },
+        b"suppressed" => match rest {
+            [(b"uid", Value::Num(_)), (b"count", Value::Num(_)), (b"security", Value::Num(_))] => {
+                (Kind::Suppressed, None)
+            }
+            _ => return None,
+        },
+        b"event" => match rest {
+            [(b"event", Value::Str(_)), (b"detail", Value::Str(_))] => (Kind::Event, None),
             _ => return None,
         },
         _ => return None,

@@ -18,6 +18,8 @@
 //! {"seq":8,"ts":…,"prev":…,"kind":"checkpoint","mac":"<64 hex>"}
 //! {"seq":9,"ts":…,"prev":…,"kind":"dropped","count":12}
 //! {"seq":1,"ts":…,"prev":"000…0","kind":"chain-restart","reason":"torn last line"}
+//! {"seq":10,"ts":…,"prev":…,"kind":"suppressed","uid":65534,"count":4810,"security":12}
+//! {"seq":11,"ts":…,"prev":…,"kind":"event","event":"start","detail":"pid 812, version 0.1.0"}
 //! ```
 //!
 //! (shown wrapped; each record is one line). `user` and `exe` may be `null`. Every string is
@@ -59,6 +61,7 @@
 
 mod line;
 mod redact;
+pub mod trail;
 mod verify;
 
 use std::fmt;
@@ -72,6 +75,7 @@ use sha2::{Digest, Sha256};
 
 use self::line::{Kind, LineWriter, parse_record};
 pub use self::redact::{REDACTED, redact};
+pub use self::trail::AuditTrail;
 pub use self::verify::{VerifyReport, verify_files, why};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -423,6 +427,32 @@ impl AuditLog {
             old.fill(0);
         }
         self.key = key;
+    }
+
+    /// A `suppressed` record: `count` records of `uid` (`security` of them security-relevant)
+    /// were not written because the uid was over its audit rate ([`trail`]). Like every
+    /// control record it may use the reserve requests leave; false if even that is full.
+    pub fn suppressed(&mut self, unix_ms: u64, uid: u32, count: u64, security: u64) -> bool {
+        self.last_ts = self.last_ts.max(unix_ms);
+        self.append(0, self.last_ts, Kind::Suppressed, |w| {
+            w.raw(b",\"uid\":");
+            w.u64(uid.into());
+            w.raw(b",\"count\":");
+            w.u64(count);
+            w.raw(b",\"security\":");
+            w.u64(security);
+        })
+    }
+
+    /// An `event` record: the agent started or stopped, a key was latched or changed.
+    pub fn event(&mut self, unix_ms: u64, event: &str, detail: &str) -> bool {
+        self.last_ts = self.last_ts.max(unix_ms);
+        self.append(REQUEST_RESERVE_BYTES, self.last_ts, Kind::Event, |w| {
+            w.raw(b",\"event\":");
+            w.string(cap(event.as_bytes(), LABEL_MAX_BYTES));
+            w.raw(b",\"detail\":");
+            w.string(cap(detail.as_bytes(), PATH_MAX_BYTES));
+        })
     }
 
     /// Request records written to the file, and request records dropped (buffer full).

@@ -423,3 +423,75 @@ fn rotation_recovers_from_a_failed_create_and_honours_one_file() {
     assert!(!dir.rotated(1).exists());
     assert!(verify_files(&[dir.audit()], None).is_ok());
 }
+
+// ---- the trail: per-uid rate, security chain, summaries, events (issue 13) --------------------
+
+fn trail_caps(rate: u32, burst: u32) -> crate::config::Caps {
+    crate::config::Caps {
+        audit_records_per_second: rate,
+        audit_burst: burst,
+        audit_max_file_bytes: 1 << 20,
+        audit_max_files: 4,
+        ..crate::config::Caps::for_table(1024)
+    }
+}
+
+fn kinds(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let at = l.find(r#""kind":""#).expect("a kind") + 8;
+            l[at..].split('"').next().unwrap_or("").to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn a_flooding_uid_is_summarised_and_root_and_security_records_stay() {
+    let dir = TempDir::new("trail-rate");
+    let mut trail = AuditTrail::open(&dir.0, &trail_caps(1, 10)).expect("open");
+    let t0 = crate::clock::now();
+    trail.event("start", "pid 1");
+    // uid 1000 floods allowed requests: only its burst is written.
+    for n in 0..500 {
+        trail.record(&request(n), t0);
+    }
+    // Its denial is over the rate too, but counted as security-relevant in the summary.
+    trail.record(&AuditRecord { decision: "deny", status: 403, ..request(501) }, t0);
+    // Root's records are never limited; its WireServer request is a security record.
+    for n in 0..50 {
+        trail.record(&AuditRecord { uid: 0, endpoint: "wireserver", ..request(600 + n) }, t0);
+    }
+    trail.flush(t0 + std::time::Duration::from_millis(1_500)).expect("flush");
+    assert_eq!(trail.counts().2, 491, "500 + 1 - burst of 10 suppressed");
+
+    let all = kinds(&dir.audit());
+    assert_eq!(all.iter().filter(|k| *k == "request").count(), 10 + 50);
+    assert_eq!(all.iter().filter(|k| *k == "suppressed").count(), 1);
+    let summary = fs::read_to_string(dir.audit()).unwrap();
+    assert!(summary.contains(r#""kind":"suppressed","uid":1000,"count":491,"security":1"#), "{summary}");
+
+    let security = dir.0.join(trail::SECURITY_DIR_NAME).join(ACTIVE_FILE_NAME);
+    let sec = kinds(&security);
+    assert_eq!(sec.iter().filter(|k| *k == "request").count(), 50, "root's WireServer requests, not uid 1000's allows");
+    assert!(sec.contains(&"event".to_owned()) && sec.contains(&"suppressed".to_owned()), "{sec:?}");
+    for path in [dir.audit(), security] {
+        let report = verify_files(std::slice::from_ref(&path), None);
+        assert!(report.is_ok(), "{}: {report}", path.display());
+    }
+}
+
+#[test]
+fn the_rate_refills_with_time() {
+    let dir = TempDir::new("trail-refill");
+    let mut trail = AuditTrail::open(&dir.0, &trail_caps(10, 1)).expect("open");
+    let t0 = crate::clock::now();
+    let at = |ms| t0 + std::time::Duration::from_millis(ms);
+    for ms in (0..1000).step_by(10) {
+        trail.record(&request(ms), at(ms));
+    }
+    trail.flush_all(at(1000)).expect("flush");
+    let written = kinds(&dir.audit()).iter().filter(|k| *k == "request").count();
+    assert!((10..=12).contains(&written), "10 per second and a burst of one: {written}");
+}

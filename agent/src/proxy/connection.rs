@@ -21,6 +21,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use super::Verdict;
+use super::shares::Resource;
 use super::upstream::{self, Endorsement};
 use super::{CloseReason, Endorse, Shared};
 use crate::clock;
@@ -209,13 +210,15 @@ impl Connection {
         }
     }
 
-    /// Hands back the slot's buffers and the pool buffer, if any, when the connection ends.
-    pub(crate) fn into_parts(mut self, registry: &Registry) -> (Buffers, Option<Box<[u8]>>) {
+    /// Hands back the slot's buffers and the pool buffer, if any, when the connection ends,
+    /// and whether it still held an upstream (both counted in the caller's shares).
+    pub(crate) fn into_parts(mut self, registry: &Registry) -> (Buffers, Option<Box<[u8]>>, bool) {
         drop(registry.deregister(&mut self.client));
+        let had_upstream = self.upstream.is_some();
         if let Some(mut up) = self.upstream.take() {
             drop(registry.deregister(&mut up));
         }
-        (self.bufs, self.body.take())
+        (self.bufs, self.body.take(), had_upstream)
     }
 
     pub(crate) fn deadline(&self) -> Instant {
@@ -266,9 +269,9 @@ impl Connection {
         }
     }
 
-    /// The caller's uid, if the kernel gave this connection a caller.
-    pub(crate) fn uid(&self) -> Option<u32> {
-        self.caller.as_ref().map(Caller::uid)
+    /// The caller's uid and cgroup, under which its shares are counted.
+    pub(crate) fn owner(&self) -> Option<(u32, u64)> {
+        self.caller.as_ref().map(|c| (c.uid(), c.record.cgroup_id))
     }
 
     /// A deadline passed: answer what the state calls for.
@@ -391,8 +394,15 @@ impl Connection {
         if head.framing == BodyFraming::None {
             return self.prepare_upstream(ctx);
         }
-        let Some(body) = ctx.shared.pool.take(self.caller.as_ref().is_some_and(Caller::is_root)) else {
+        let Some((uid, cgroup)) = self.owner() else { return Step::Close(CloseReason::Internal) };
+        // A uid's share of the body buffers, then the pool itself (its last buffers are root's).
+        if !ctx.shared.shares.take(uid, cgroup, Resource::Body) {
+            self.respond(ctx, 503, &[], b"", true);
+            return Step::Progress;
+        }
+        let Some(body) = ctx.shared.pool.take(uid == 0) else {
             // Every body buffer is in use: degrade predictably rather than queue.
+            ctx.shared.shares.give_back(uid, cgroup, Resource::Body);
             self.respond(ctx, 503, &[], b"", true);
             return Step::Progress;
         };
@@ -515,12 +525,21 @@ impl Connection {
     }
 
     fn connect_upstream(&mut self, ctx: &mut Ctx<'_>) -> Step {
-        let Some(destination) = self.caller.as_ref().map(|c| c.record.original_destination()) else {
+        let (Some(destination), Some((uid, cgroup))) =
+            (self.caller.as_ref().map(|c| c.record.original_destination()), self.owner())
+        else {
             return Step::Close(CloseReason::Internal);
         };
+        // One uid's requests in flight to the hosts are bounded: its slow upstreams cannot
+        // hold every descriptor and connection the others need.
+        if !ctx.shared.shares.take(uid, cgroup, Resource::Upstream) {
+            self.respond(ctx, 503, &[], b"", true);
+            return Step::Progress;
+        }
         let stream = match crate::sys::connect_marked(destination, ctx.shared.agent_mark) {
             Ok(s) => TcpStream::from_std(s),
             Err(e) => {
+                ctx.shared.shares.give_back(uid, cgroup, Resource::Upstream);
                 log::warn!(target: "gpa::proxy", "upstream connect failed: destination={destination} error={e}");
                 self.respond(ctx, 502, &[], b"", true);
                 return Step::Progress;
@@ -531,6 +550,7 @@ impl Connection {
             log::debug!(target: "gpa::proxy", "TCP_NODELAY not set upstream: {e}");
         }
         if ctx.registry.register(&mut stream, ctx.upstream_token, Interest::READABLE | Interest::WRITABLE).is_err() {
+            ctx.shared.shares.give_back(uid, cgroup, Resource::Upstream);
             self.respond(ctx, 502, &[], b"", true);
             return Step::Progress;
         }
@@ -543,6 +563,9 @@ impl Connection {
     fn drop_upstream(&mut self, ctx: &mut Ctx<'_>) {
         if let Some(mut up) = self.upstream.take() {
             drop(ctx.registry.deregister(&mut up));
+            if let Some((uid, cgroup)) = self.owner() {
+                ctx.shared.shares.give_back(uid, cgroup, Resource::Upstream);
+            }
         }
     }
 
@@ -573,6 +596,9 @@ impl Connection {
         if self.up_sent == self.up_len && self.body_sent == body.len() {
             if let Some(buf) = self.body.take() {
                 ctx.shared.pool.give_back(buf);
+                if let Some((uid, cgroup)) = self.owner() {
+                    ctx.shared.shares.give_back(uid, cgroup, Resource::Body);
+                }
             }
             self.resp_start = 0;
             self.resp_len = 0;

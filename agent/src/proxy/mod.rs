@@ -9,6 +9,7 @@
 
 pub mod connection;
 pub mod local;
+mod shares;
 pub mod upstream;
 
 use std::io::{self, Write};
@@ -22,12 +23,12 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use self::connection::{Buffers, Connection, Ctx, Next, peer_v4};
-use crate::audit::{AuditLog, AuditRecord, derive_checkpoint_key};
+use self::shares::Resource;
+use crate::audit::{AuditRecord, AuditTrail, derive_checkpoint_key};
 use crate::config::{CallerIdentity, RedirectPolicy, ValidatedConfig};
 use crate::identity::{Caller, Resolver};
 use crate::limits::{
-    ACCEPT_RETRY_MS, BODY_BUFFERS, EVENTS_PER_TURN, GROUPS_PER_USER, NO_IDENTITY_MAX_CONNECTIONS,
-    REQUEST_BODY_MAX_BYTES, ROOT_RESERVED_BODY_BUFFERS, ROOT_RESERVED_CONNECTIONS,
+    ACCEPT_RETRY_MS, BODY_BUFFERS, EVENTS_PER_TURN, GROUPS_PER_USER, REQUEST_BODY_MAX_BYTES, ROOT_RESERVED_BODY_BUFFERS,
 };
 use crate::msp::key_keeper::{KeeperConfig, KeyKeeper};
 use crate::msp::signing::{self, SigningKey};
@@ -58,10 +59,6 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// How long a taking agent waits for its key latch before it tells the early agent to stop
 /// anyway (the early agent faces the same host, so waiting longer gains nothing).
 const TAKEOVER_READY_WAIT: Duration = Duration::from_secs(10);
-
-/// Audit log rotation: 10 MiB per file, 5 files.
-const AUDIT_FILE_BYTES: u64 = 10 * 1024 * 1024;
-const AUDIT_FILES: u32 = 5;
 
 const SERVER_FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
@@ -181,7 +178,9 @@ pub struct Shared {
     /// Customer local rule files (MSP §4.7).
     pub(crate) rules_dir: PathBuf,
     /// The per-request audit trail; `None` if it could not be opened (logged at start).
-    pub(crate) audit: Option<AuditLog>,
+    pub(crate) audit: Option<AuditTrail>,
+    /// Per-uid and per-cgroup holdings of connections, body buffers and upstreams.
+    pub(crate) shares: shares::Shares,
     /// Connection summaries for the status document.
     pub(crate) summaries: Summaries,
     /// Writes `status.json` (and is the `monitorStatus` component).
@@ -378,7 +377,7 @@ impl Shared {
         let Some(audit) = self.audit.as_mut() else { return };
         let endpoint = caller.map(|c| Endpoint::from_raw(c.record.endpoint));
         let latency = now.saturating_duration_since(exchange.started);
-        audit.record(&AuditRecord {
+        let rec = AuditRecord {
             unix_ms: u64::try_from(clock::wall_now().as_millis()).unwrap_or(0),
             pid: caller.map_or(0, Caller::pid),
             uid: caller.map_or(u32::MAX, Caller::uid),
@@ -393,7 +392,8 @@ impl Shared {
             mode: endpoint.map_or("none", |e| self.keeper.mode(e).as_str()),
             status: exchange.status,
             latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
-        });
+        };
+        audit.record(&rec, now);
     }
 }
 
@@ -461,10 +461,6 @@ pub struct EventLoop {
     live: usize,
     /// Live connections without identity (capped: `NO_IDENTITY_MAX_CONNECTIONS`).
     no_identity_live: usize,
-    /// Live connections per caller uid, and the most one non-root uid may hold (a quarter of
-    /// the table: one user cannot take every slot from the others).
-    uid_live: std::collections::HashMap<u32, usize>,
-    per_uid_max: usize,
     /// Connections to drive again on the next turn (their step budget ran out).
     redrive: Vec<usize>,
     /// Set while `accept` is stopped for lack of descriptors: when to try the queue again
@@ -481,6 +477,8 @@ pub struct EventLoop {
     netns_cookie: u64,
     /// When `status.json` is written next.
     next_status: Instant,
+    /// The key GUID the audit trail last recorded as latched.
+    audited_key: Option<String>,
 }
 
 impl EventLoop {
@@ -497,7 +495,7 @@ impl EventLoop {
                 // stalls; a smaller table ends in `503`, which drains it and keeps the root
                 // reserve meaningful.
                 let fits = usize::try_from(soft.saturating_sub(crate::limits::FD_RESERVE) / 2).unwrap_or(0);
-                let fits = fits.max(ROOT_RESERVED_CONNECTIONS + 1).min(config.max_connections);
+                let fits = fits.max(config.caps.root_reserved_connections + 1).min(config.max_connections);
                 log::warn!(
                     target: "gpa::loop",
                     "descriptor limit {soft} is below the {wanted} a table of {} needs (raise LimitNOFILE): serving {fits} connections",
@@ -511,6 +509,15 @@ impl EventLoop {
                 config.max_connections
             }
         };
+        // The caps follow the table actually served: a smaller table scales the shares down.
+        let mut caps = config.caps;
+        if max_connections < config.max_connections {
+            let fit = crate::config::Caps::for_table(max_connections);
+            caps.per_uid_connections = caps.per_uid_connections.min(fit.per_uid_connections);
+            caps.per_cgroup_connections = caps.per_cgroup_connections.min(fit.per_cgroup_connections);
+            caps.root_reserved_connections = caps.root_reserved_connections.min(fit.root_reserved_connections);
+            caps.per_uid_upstreams = caps.per_uid_upstreams.min(fit.per_uid_upstreams);
+        }
         // Early boot has `lo` down; the listener needs it. Failure shows up at bind.
         drop(crate::sys::loopback_up());
         let poll = Poll::new().map_err(StartError::Poll)?;
@@ -613,8 +620,6 @@ impl EventLoop {
             free,
             live: 0,
             no_identity_live: 0,
-            uid_live: std::collections::HashMap::with_capacity(64),
-            per_uid_max: (max_connections / crate::limits::PER_UID_SHARE_DIVISOR).max(1),
             redrive: Vec::new(),
             accept_retry: None,
             spare_fd: std::fs::File::open("/dev/null").ok(),
@@ -635,7 +640,8 @@ impl EventLoop {
                 listener_message,
                 draining: false,
                 telemetry,
-                audit: match AuditLog::open(&config.log_dir, AUDIT_FILE_BYTES, AUDIT_FILES) {
+                shares: shares::Shares::new(caps),
+                audit: match AuditTrail::open(&config.log_dir, &caps) {
                     Ok(a) => Some(a),
                     Err(e) => {
                         log::error!(target: "gpa::loop", "audit log disabled: cannot open it in {}: {e}", config.log_dir.display());
@@ -649,6 +655,7 @@ impl EventLoop {
             routes: [false; 3],
             netns_cookie,
             next_status: clock::now(),
+            audited_key: None,
         };
         // Adopted pinned state keeps the previous agent's routes until the key latch decides.
         for (i, destination) in
@@ -657,7 +664,29 @@ impl EventLoop {
             this.routes[i] = this.redirector.routed(destination);
         }
         this.apply_routes();
+        let started = format!(
+            "pid {}, version {}, caller identity {}, {} connections",
+            std::process::id(),
+            env!("CARGO_PKG_VERSION"),
+            match this.redirector.task_identity() {
+                TaskIdentity::Kernel => "kernel",
+                TaskIdentity::Procfs(_) => "procfs",
+            },
+            max_connections
+        );
+        this.audit_event("start", &started);
         Ok(this)
+    }
+
+    /// An `event` record in both audit trails, written at once (events are rare and are the
+    /// evidence an operator looks for first).
+    fn audit_event(&mut self, event: &str, detail: &str) {
+        if let Some(audit) = self.shared.audit.as_mut() {
+            audit.event(event, detail);
+            if let Err(e) = audit.flush_all(clock::now()) {
+                log::warn!(target: "gpa::loop", "audit log write failed: {e}");
+            }
+        }
     }
 
     /// The address the proxy listens on.
@@ -683,6 +712,7 @@ impl EventLoop {
                     SIGNALS => {
                         if self.handle_signals()? {
                             logger::milestone("stopping on signal");
+                            self.audit_event("stop", "signal");
                             return Ok(());
                         }
                     }
@@ -696,11 +726,12 @@ impl EventLoop {
             }
             self.expire(now);
             if let Some(audit) = self.shared.audit.as_mut()
-                && let Err(e) = audit.flush()
+                && let Err(e) = audit.flush(now)
             {
                 log::warn!(target: "gpa::loop", "audit log write failed: {e}");
             }
             if self.advance_handover(now) {
+                self.audit_event("stop", "handed over");
                 return Ok(());
             }
         }
@@ -848,6 +879,12 @@ impl EventLoop {
             if let Some(audit) = self.shared.audit.as_mut() {
                 audit.set_checkpoint_key(checkpoint);
             }
+            let guid: Option<String> = self.shared.keeper.key_doc().map(|d| d.guid.as_str().to_owned());
+            if guid != self.audited_key {
+                let detail = guid.as_deref().map_or_else(|| "none held".to_owned(), |g| format!("guid {g}"));
+                self.audit_event(if guid.is_some() { "key-latched" } else { "key-dropped" }, &detail);
+                self.audited_key = guid;
+            }
         }
         if self.shared.keeper.ready() {
             self.shared.provision.key_latch_ready(self.shared.keeper.ready_at_unix_ns());
@@ -936,12 +973,13 @@ impl EventLoop {
             };
             // Fair shares (issue 13): the last slots are root's; connections without identity
             // (direct connects, which can only ask a local endpoint) have a cap of their own.
+            let caps = *self.shared.shares.caps();
             let over_share = match record {
-                None => self.no_identity_live >= NO_IDENTITY_MAX_CONNECTIONS,
+                None => self.no_identity_live >= caps.identityless_connections,
                 Some(r) if r.uid == 0 => false,
                 Some(r) => {
-                    self.free.len() <= ROOT_RESERVED_CONNECTIONS
-                        || self.uid_live.get(&r.uid).copied().unwrap_or(0) >= self.per_uid_max
+                    self.free.len() <= caps.root_reserved_connections
+                        || !self.shared.shares.take(r.uid, r.cgroup_id, Resource::Connection)
                 }
             };
             if over_share {
@@ -950,21 +988,26 @@ impl EventLoop {
                 continue;
             }
             let Some(index) = self.free.pop() else {
+                if let Some(r) = record {
+                    self.shared.shares.give_back(r.uid, r.cgroup_id, Resource::Connection);
+                }
                 self.shared.stats.refused_full += 1;
                 drop(stream.write(SERVER_FULL));
                 continue;
             };
             let caller = record.map(|r| self.resolver.resolve(r, now));
-            match &caller {
-                None => {
-                    self.shared.stats.without_identity += 1;
-                    self.no_identity_live += 1;
-                }
-                Some(c) => *self.uid_live.entry(c.uid()).or_insert(0) += 1,
+            // A caller's connection was counted in `shares` by the admission above.
+            if caller.is_none() {
+                self.shared.stats.without_identity += 1;
+                self.no_identity_live += 1;
             }
             let token = Token(FIRST_CONNECTION + 2 * index);
             if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
                 log::warn!(target: "gpa::proxy", "cannot register connection: peer={peer} error={e}");
+                match &caller {
+                    None => self.no_identity_live = self.no_identity_live.saturating_sub(1),
+                    Some(c) => self.shared.shares.give_back(c.uid(), c.record.cgroup_id, Resource::Connection),
+                }
                 self.free.push(index);
                 continue;
             }
@@ -1026,18 +1069,20 @@ impl EventLoop {
         let Some(slot) = self.slots.get_mut(index) else { return };
         let Some(conn) = slot.conn.take() else { return };
         log::debug!(target: "gpa::proxy", "connection closed: slot={index} reason={reason:?}");
-        match conn.uid() {
+        let owner = conn.owner();
+        let (bufs, body, had_upstream) = conn.into_parts(self.poll.registry());
+        match owner {
             None => self.no_identity_live = self.no_identity_live.saturating_sub(1),
-            Some(uid) => {
-                if let Some(n) = self.uid_live.get_mut(&uid) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        self.uid_live.remove(&uid);
-                    }
+            Some((uid, cgroup)) => {
+                self.shared.shares.give_back(uid, cgroup, Resource::Connection);
+                if had_upstream {
+                    self.shared.shares.give_back(uid, cgroup, Resource::Upstream);
+                }
+                if body.is_some() {
+                    self.shared.shares.give_back(uid, cgroup, Resource::Body);
                 }
             }
         }
-        let (bufs, body) = conn.into_parts(self.poll.registry());
         if let Some(body) = body {
             self.shared.pool.give_back(body);
         }

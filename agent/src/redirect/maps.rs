@@ -36,6 +36,9 @@ pub const CALLER_TASK_READ: u32 = 1 << 0;
 pub const CALLER_TRACED: u32 = 1 << 1;
 /// `gpa_caller.flags`: the connecting task had no executable.
 pub const CALLER_NO_EXE: u32 = 1 << 2;
+/// `gpa_caller.flags`: the SYN was sent by another task than the one that connected (a
+/// deferred TCP Fast Open SYN written by a fork or another thread).
+pub const CALLER_SYN_OTHER_TASK: u32 = 1 << 3;
 
 /// `struct gpa_caller`: who connected, captured in the kernel at connect time.
 #[repr(C)]
@@ -82,6 +85,9 @@ pub struct CallerRecord {
     pub is_v6: u32,
     /// The calling thread's comm, NUL-padded (audit only: the caller chooses it).
     pub comm: [u8; 16],
+    /// The connecting task as the kernel knows it; zeroed by sockops once the SYN's task was
+    /// compared with it, so always 0 here.
+    pub connect_task: u64,
 }
 
 /// `struct gpa_audit_key`: the client end of a redirected connection.
@@ -110,7 +116,7 @@ pub struct ConfigValue {
 
 const _: () = assert!(size_of::<PolicyKey>() == 8);
 const _: () = assert!(size_of::<PolicyValue>() == 8);
-const _: () = assert!(size_of::<CallerRecord>() == 112);
+const _: () = assert!(size_of::<CallerRecord>() == 120);
 const _: () = assert!(size_of::<AuditKey>() == 16);
 const _: () = assert!(size_of::<ConfigValue>() == 8);
 
@@ -119,7 +125,7 @@ const _: () = assert!(size_of::<ConfigValue>() == 8);
 unsafe impl aya::Pod for PolicyKey {}
 // SAFETY: as for PolicyKey: 2 + 2 + 4 bytes, no implicit padding.
 unsafe impl aya::Pod for PolicyValue {}
-// SAFETY: 6×8 + 10×4 + 2×2 + 4 + 16 = 112 bytes, no implicit padding; all fields integers.
+// SAFETY: 6×8 + 10×4 + 2×2 + 4 + 16 + 8 = 120 bytes, no implicit padding; all fields integers.
 unsafe impl aya::Pod for CallerRecord {}
 // SAFETY: 8 + 4 + 2 + 2 = 16 bytes, no implicit padding.
 unsafe impl aya::Pod for AuditKey {}
@@ -220,6 +226,7 @@ impl CallerRecord {
             endpoint: 0,
             is_v6: 0,
             comm: [0; 16],
+            connect_task: 0,
         }
     }
 }

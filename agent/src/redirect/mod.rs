@@ -20,7 +20,9 @@ use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
-pub use self::maps::{AuditKey, CALLER_NO_EXE, CALLER_TASK_READ, CALLER_TRACED, CallerRecord, Endpoint};
+pub use self::maps::{
+    AuditKey, CALLER_NO_EXE, CALLER_SYN_OTHER_TASK, CALLER_TASK_READ, CALLER_TRACED, CallerRecord, Endpoint,
+};
 use self::maps::{ConfigValue, PolicyKey, PolicyValue};
 
 /// The compiled kernel programs, built from `ebpf/redirect.bpf.c` by `build.rs`: this one reads
