@@ -775,6 +775,7 @@ mod tests {
                 host_ga_rule_id: "",
                 key_incarnation_id: None,
                 host_clock_skew_secs: skew,
+                rules_refused: [false; 3],
             }),
             ebpf_program: ModuleStatus::running("Started Redirector with eBPF maps - 8"),
             proxy_listener: listener,

@@ -36,8 +36,9 @@ fn unit_fd_limit() {
 }
 
 /// Root's loop: `count` sequential requests alternating WireServer goal state, IMDS and a
-/// WireServer health POST, `gap` seconds apart; prints JSON {ok, failed, statuses, p50_ms,
-/// max_ms}.
+/// WireServer health POST, `gap` seconds apart; with `imds` (the uid 1000 neighbour) an IMDS
+/// GET and an IMDS POST (a body buffer of its own share); prints JSON {ok, failed, statuses,
+/// p50_ms, max_ms}.
 const ROOT_LOOP: &str = r#"
 import http.client, json, sys, time
 count, gap = int(sys.argv[1]), float(sys.argv[2])
@@ -47,8 +48,11 @@ reqs = [("168.63.129.16", "GET", "/machine?comp=goalstate", {"x-ms-version": "20
         ("169.254.169.254", "GET", "/metadata/instance?api-version=2021-02-01", {"Metadata": "true"}, None),
         ("168.63.129.16", "POST", "/machine?comp=health", {"x-ms-version": "2012-11-30", "Content-Type": "text/xml"},
          b"<Health><GoalStateIncarnation>1</GoalStateIncarnation></Health>")]
+imds_post = ("169.254.169.254", "POST", "/metadata/instance?api-version=2021-02-01",
+             {"Metadata": "true", "Content-Type": "application/json"}, b'{"probe": 1}')
 for i in range(count):
-    host, method, path, headers, body = reqs[1] if only_imds else reqs[i % len(reqs)]
+    # The neighbour (imds mode) alternates a GET and a POST, which needs a body buffer.
+    host, method, path, headers, body = (reqs[1] if i % 2 == 0 else imds_post) if only_imds else reqs[i % 3]
     t = time.monotonic()
     try:
         c = http.client.HTTPConnection(host, 80, timeout=5)

@@ -827,6 +827,60 @@ fn rule_content_changes_apply_without_an_id_change() {
     within_polls("allow again", ROOT_CURL, Ep::Ws, GOAL_STATE, Expect::Allow);
 }
 
+/// A user-assigned identity's ARM id as the portal shows it (the `mi_res_id` of a token
+/// request): 190 bytes, over the old 128-byte cap.
+const ARM_ID: &str = "/subscriptions/2c5a8f1e-7b3d-4e9a-b6c2-1d0f8e7a6b5c/resourceGroups/rg-contoso-production-westeurope-identity/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id-contoso-orders-api-prod-westeurope-001";
+
+/// Managed-identity token privileges, one per user-assigned identity (`n` of them), for curl.
+fn managed_identity_rules(n: usize) -> Value {
+    let entries: Vec<(String, Value)> = (0..n)
+        .map(|i| {
+            let query = json!({"resource": "https://vault.azure.net", "mi_res_id": format!("{ARM_ID}-{i:02}"),
+                               "client_id": format!("8d9c3f4e-2b1a-4c6d-9e8f-7a6b5c4d3e{i:02}")});
+            (format!("token-{i:02}"), query)
+        })
+        .collect();
+    let entries: Vec<(&str, &str, Value, Value)> = entries
+        .iter()
+        .map(|(name, query)| {
+            (name.as_str(), "/metadata/identity/oauth2/token", query.clone(), json!({"exePath": "/usr/bin/curl"}))
+        })
+        .collect();
+    grants(&entries)
+}
+
+#[test]
+fn managed_identity_rules_apply_and_a_rule_set_over_capacity_closes_only_its_endpoint() {
+    require_privileged!();
+    let token = |i: usize| {
+        format!(
+            "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net&mi_res_id={ARM_ID}-{i:02}&client_id=8d9c3f4e-2b1a-4c6d-9e8f-7a6b5c4d3e{i:02}"
+        )
+    };
+    let rules = |imds: Value| json!({"rules": {"imds": imds, "wireserver": item("ws-allow", "allow", &Value::Null), "hostga": item("ws-allow", "allow", &Value::Null)}});
+    // 24 identities: the document latches, the token of each is curl's only.
+    let e = Env::new("mirules", &["--mode", "enforce"], &rules(item("imds-mi", "deny", &managed_identity_rules(24))));
+    e.check("mi allowed", ROOT_CURL, Ep::Imds, &token(0), Expect::Allow);
+    e.check("mi allowed", ROOT_CURL, Ep::Imds, &token(23), Expect::Allow);
+    e.check("mi other program", ROOT_PY, Ep::Imds, &token(0), Expect::Deny);
+    e.check("mi unknown identity", ROOT_CURL, Ep::Imds, &token(24), Expect::Deny);
+    e.check("ws", ROOT_CURL, Ep::Ws, GOAL_STATE, Expect::Allow);
+    assert!(!e.agent.log().contains("rules refused"), "{}", e.log_tail());
+
+    // 33 identities (one over the capacity) under defaultAccess allow: IMDS is closed, not
+    // opened, and the rest of the document still applies.
+    e.control(&rules(item("imds-mi-33", "allow", &managed_identity_rules(33))));
+    e.check("over capacity: closed", ROOT_CURL, Ep::Imds, &token(0), Expect::Deny);
+    e.check("over capacity: closed", ROOT_CURL, Ep::Imds, INSTANCE, Expect::Deny);
+    e.check("the other endpoint keeps its rules", ROOT_CURL, Ep::Ws, GOAL_STATE, Expect::Allow);
+    assert!(e.agent.log().contains("rules refused: endpoint=imds"), "{}", e.log_tail());
+    assert!(!e.agent.log().contains("rules refused: endpoint=wireserver"), "{}", e.log_tail());
+
+    // Back under the capacity: applied again.
+    e.control(&rules(item("imds-mi-2", "deny", &managed_identity_rules(2))));
+    e.check("applied again", ROOT_CURL, Ep::Imds, &token(1), Expect::Allow);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Rules snapshot files (§4.12)
 

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use crate::policy::rules::AuthorizationItem;
-use crate::policy::rules::limits::ID_MAX_BYTES;
+use crate::policy::rules::limits::{ID_MAX_BYTES, WORD_MAX_BYTES};
 
 /// Largest status document accepted, checked before any JSON work. A document with full rule
 /// sets for all three endpoints is tens of KiB; this leaves room without letting the host
@@ -109,6 +109,118 @@ pub struct StatusDocument {
     /// Schema 2.0 rules per endpoint (§4.1).
     #[serde(rename = "authorizationRules", default)]
     pub authorization_rules: Option<StatusRules>,
+    /// Endpoints (imds, wireserver, hostga) whose rule set could not be taken (over a
+    /// capacity of the rules model, or malformed): the rest of the document applies, and that
+    /// endpoint's item keeps its mode and id but allows nothing (`defaultAccess` deny, no
+    /// privileges): closed for that endpoint only.
+    #[serde(skip)]
+    pub refused_rules: [bool; 3],
+}
+
+/// Why a refused rule set was refused, for the log and the status.
+pub const RULES_REFUSED_REASON: &str =
+    "rule set over the agent's capacities or malformed (docs/DESIGN.md, rule capacities): this endpoint allows nothing";
+
+/// The same document, with each rule item reduced to what applies even when its rules
+/// cannot be taken: the mode, the default access and the id.
+#[derive(Debug, Deserialize)]
+struct HeadersOnly {
+    #[serde(rename = "authorizationScheme")]
+    authorization_scheme: String<SCHEME_MAX_BYTES>,
+    #[serde(rename = "keyDeliveryMethod")]
+    key_delivery_method: String<DELIVERY_METHOD_MAX_BYTES>,
+    #[serde(rename = "keyIncarnationId", default)]
+    key_incarnation_id: Option<u32>,
+    #[serde(rename = "keyGuid", default)]
+    key_guid: Option<String<KEY_GUID_MAX_BYTES>>,
+    #[serde(rename = "requiredClaimsHeaderPairs", default)]
+    required_claims_header_pairs: Option<Vec<String<CLAIM_PAIR_MAX_BYTES>, MAX_CLAIM_PAIRS>>,
+    #[serde(rename = "secureChannelState", default)]
+    secure_channel_state: Option<String<STATE_MAX_BYTES>>,
+    #[serde(rename = "secureChannelEnabled", default)]
+    secure_channel_enabled: Option<bool>,
+    version: String<VERSION_MAX_BYTES>,
+    #[serde(rename = "authorizationRules", default)]
+    authorization_rules: Option<HeaderRules>,
+}
+
+#[derive(Debug, Deserialize)]
+struct HeaderRules {
+    #[serde(default)]
+    imds: Option<ItemHeader>,
+    #[serde(default)]
+    wireserver: Option<ItemHeader>,
+    #[serde(default)]
+    hostga: Option<ItemHeader>,
+}
+
+/// What applies of an item whose rules cannot be taken: the mode and the id (`rules` and
+/// `defaultAccess` are skipped unread: the closed item denies).
+#[derive(Debug, Deserialize)]
+struct ItemHeader {
+    mode: String<WORD_MAX_BYTES>,
+    id: String<ID_MAX_BYTES>,
+}
+
+/// One endpoint's full item, every other part of the document skipped unread.
+#[derive(Deserialize)]
+struct OneEndpoint {
+    #[serde(rename = "authorizationRules", default)]
+    authorization_rules: Option<OneItem>,
+}
+
+thread_local! {
+    /// The endpoint [`OneItem`] picks, set on this thread for the one parse it serves
+    /// (serde-json-core takes no seed; one item parser serves all three endpoints).
+    static PICK: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// `authorizationRules` with only the picked endpoint's item read.
+#[derive(Default)]
+struct OneItem(Option<Box<AuthorizationItem>>);
+
+impl<'de> Deserialize<'de> for OneItem {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OneItem;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of authorization items per endpoint")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<OneItem, A::Error> {
+                let want = RulesField::from_index(PICK.with(std::cell::Cell::get));
+                let mut item = OneItem(None);
+                while let Some(key) = access.next_key::<RulesField>()? {
+                    if key == want {
+                        item.0 = access.next_value::<Option<AuthorizationItem>>()?.map(Box::new);
+                    } else {
+                        access.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(item)
+            }
+        }
+        deserializer.deserialize_map(V)
+    }
+}
+
+/// Parses one endpoint's full item (0 imds, 1 wireserver, 2 hostga) out of `body`; `Err` when
+/// that item cannot be taken.
+#[inline(never)]
+fn endpoint_item(body: &[u8], unescaped: &mut [u8], endpoint: usize) -> Result<Option<Box<AuthorizationItem>>, ()> {
+    PICK.with(|pick| pick.set(endpoint));
+    let (doc, _consumed) = serde_json_core::from_slice_escaped::<OneEndpoint>(body, unescaped).map_err(|_json| ())?;
+    Ok(doc.authorization_rules.and_then(|r| r.0))
+}
+
+/// The item a refused rule set leaves: its mode and id, no privileges, deny by default.
+fn closed_item(header: &ItemHeader) -> Box<AuthorizationItem> {
+    Box::new(AuthorizationItem {
+        default_access: String::try_from("deny").unwrap_or_default(),
+        mode: header.mode.clone(),
+        id: header.id.clone(),
+        rules: None,
+    })
 }
 
 /// `authorizationRules`: the schema of [`crate::policy::rules::AuthorizationRules`], with each
@@ -163,11 +275,22 @@ impl<'de> Visitor<'de> for StatusRulesVisitor {
 }
 
 /// A key of `authorizationRules`, read from borrowed or unescaped text.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum RulesField {
     Imds,
     Wireserver,
     Hostga,
     Other,
+}
+
+impl RulesField {
+    fn from_index(index: usize) -> Self {
+        match index {
+            0 => Self::Imds,
+            1 => Self::Wireserver,
+            _ => Self::Hostga,
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for RulesField {
@@ -303,9 +426,54 @@ impl StatusDocument {
         }
         // An unescaped string is never longer than the document it came from.
         let mut unescaped = vec![0_u8; body.len()];
-        let (doc, _consumed) = serde_json_core::from_slice_escaped::<Self>(body, &mut unescaped)
+        if let Ok((doc, _consumed)) = serde_json_core::from_slice_escaped::<Self>(body, &mut unescaped) {
+            return Ok(Box::new(doc));
+        }
+        Self::parse_per_endpoint(body, &mut unescaped)
+    }
+
+    /// The document did not parse whole. If it does with each rule item reduced to its mode,
+    /// default access and id, only a rule set is at fault: every endpoint whose full item
+    /// parses keeps it, the others are closed ([`closed_item`]) and named in `refused_rules`.
+    /// Malformed anywhere else, the document is refused as before.
+    #[inline(never)]
+    fn parse_per_endpoint(body: &[u8], unescaped: &mut [u8]) -> Result<Box<Self>, StatusError> {
+        let (headers, _consumed) = serde_json_core::from_slice_escaped::<HeadersOnly>(body, unescaped)
             .map_err(|_json| StatusError::ParseJson)?;
-        Ok(Box::new(doc))
+        let mut refused_rules = [false; 3];
+        let authorization_rules = match &headers.authorization_rules {
+            None => None,
+            Some(h) => {
+                let mut take = |index: usize,
+                                header: Option<&ItemHeader>,
+                                full: Result<Option<Box<AuthorizationItem>>, ()>| {
+                    match (header, full) {
+                        (_, Ok(item)) => item,
+                        (Some(header), Err(())) => {
+                            refused_rules[index] = true;
+                            Some(closed_item(header))
+                        }
+                        (None, Err(())) => None,
+                    }
+                };
+                let imds = take(0, h.imds.as_ref(), endpoint_item(body, unescaped, 0));
+                let wireserver = take(1, h.wireserver.as_ref(), endpoint_item(body, unescaped, 1));
+                let hostga = take(2, h.hostga.as_ref(), endpoint_item(body, unescaped, 2));
+                Some(StatusRules { imds, wireserver, hostga })
+            }
+        };
+        Ok(Box::new(Self {
+            authorization_scheme: headers.authorization_scheme,
+            key_delivery_method: headers.key_delivery_method,
+            key_incarnation_id: headers.key_incarnation_id,
+            key_guid: headers.key_guid,
+            required_claims_header_pairs: headers.required_claims_header_pairs,
+            secure_channel_state: headers.secure_channel_state,
+            secure_channel_enabled: headers.secure_channel_enabled,
+            version: headers.version,
+            authorization_rules,
+            refused_rules,
+        }))
     }
 
     /// The checks of §1.3, in its order. A wrong `authorizationScheme` or unknown
@@ -642,5 +810,86 @@ mod tests {
         assert_eq!((s.ws_mode, s.imds_mode), (Mode::Audit, Mode::Disabled));
         let repeated = format!(r#","wireserver":{item}"#);
         assert_eq!(parse(v2("true", "audit", &repeated).as_bytes()).map(|_| ()), Err(StatusError::ParseJson));
+    }
+
+    /// A v2.0 document shaped like a real one: IMDS rules for managed identities (user-
+    /// assigned ARM ids, client and object ids) beside WireServer rules, `imds_privileges`
+    /// privileges in the IMDS item.
+    fn managed_identity_doc(imds_privileges: usize, mi_res_id: &str) -> std::string::String {
+        let privileges: std::vec::Vec<std::string::String> = (0..imds_privileges)
+            .map(|i| {
+                format!(
+                    r#"{{"name":"token-{i}","path":"/metadata/identity/oauth2/token","queryParameters":{{"resource":"https://vault.azure.net","mi_res_id":"{mi_res_id}","client_id":"8d9c3f4e-2b1a-4c6d-9e8f-7a6b5c4d3e2f","object_id":"1f2e3d4c-5b6a-4978-8a9b-0c1d2e3f4a5b"}}}}"#
+                )
+            })
+            .collect();
+        let names: std::vec::Vec<std::string::String> =
+            (0..imds_privileges.min(16)).map(|i| format!(r#""token-{i}""#)).collect();
+        format!(
+            r#"{{"authorizationScheme":"Azure-HMAC-SHA256","keyDeliveryMethod":"http","keyIncarnationId":3,
+            "keyGuid":"9cf81e97-0316-4ad3-94a7-8ccbdee8ccbf","requiredClaimsHeaderPairs":["isRoot"],
+            "secureChannelEnabled":true,"version":"2.0",
+            "authorizationRules":{{
+              "imds":{{"defaultAccess":"allow","mode":"enforce","id":"sigid-imds-7","rules":{{
+                "privileges":[{}],
+                "roles":[{{"name":"tokens","privileges":[{}]}}],
+                "identities":[{{"name":"app","exePath":"/usr/bin/app","groupName":"app"}}],
+                "roleAssignments":[{{"role":"tokens","identities":["app"]}}]}}}},
+              "wireserver":{{"defaultAccess":"deny","mode":"audit","id":"sigid-ws-2","rules":{{
+                "privileges":[{{"name":"gs","path":"/machine","queryParameters":{{"comp":"goalstate"}}}}],
+                "roles":[{{"name":"r","privileges":["gs"]}}],
+                "identities":[{{"name":"root","userName":"root"}}],
+                "roleAssignments":[{{"role":"r","identities":["root"]}}]}}}}}}}}"#,
+            privileges.join(","),
+            names.join(",")
+        )
+    }
+
+    const ARM_ID: &str = "/subscriptions/2c5a8f1e-7b3d-4e9a-b6c2-1d0f8e7a6b5c/resourceGroups/rg-contoso-production-westeurope-identity/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id-contoso-orders-api-prod-westeurope-001";
+
+    #[test]
+    fn real_managed_identity_rules_parse_whole() {
+        assert!(ARM_ID.len() > 170, "a typical user-assigned identity id");
+        let doc = managed_identity_doc(24, ARM_ID);
+        let (doc, summary) =
+            crate::policy::test_support::on_big_stack(|| parse_status(doc.as_bytes())).expect("parses");
+        assert_eq!(doc.refused_rules, [false; 3]);
+        let imds = doc.authorization_rules.as_ref().and_then(|r| r.imds.as_deref()).expect("imds item");
+        let privileges = imds.rules.as_ref().and_then(|r| r.privileges.as_ref()).expect("privileges");
+        assert_eq!(privileges.len(), 24);
+        let query = privileges[0].query_parameters.as_ref().expect("query");
+        assert_eq!(query.iter().find(|(k, _)| k.as_str() == "mi_res_id").map(|(_, v)| v.as_str()), Some(ARM_ID));
+        assert_eq!((summary.imds_mode, summary.ws_mode), (Mode::Enforce, Mode::Audit));
+    }
+
+    #[test]
+    fn a_rule_set_over_capacity_closes_its_endpoint_only() {
+        // 33 privileges (over MAX_PRIVILEGES), and separately an id value longer than any
+        // ARM id: the IMDS item is refused, the rest of the document applies.
+        let longest = format!("{ARM_ID}{}", "x".repeat(400));
+        for doc in [managed_identity_doc(33, ARM_ID), managed_identity_doc(2, &longest)] {
+            let (doc, summary) = crate::policy::test_support::on_big_stack(|| parse_status(doc.as_bytes()))
+                .expect("the document still applies");
+            assert_eq!(doc.refused_rules, [true, false, false]);
+            let rules = doc.authorization_rules.as_ref().expect("rules");
+            let imds = rules.imds.as_deref().expect("a closed imds item");
+            assert_eq!(
+                (imds.default_access.as_str(), imds.mode.as_str(), imds.id.as_str()),
+                ("deny", "enforce", "sigid-imds-7")
+            );
+            assert!(imds.rules.is_none(), "a closed item has no privileges");
+            let ws = rules.wireserver.as_deref().expect("wireserver item kept");
+            assert_eq!(ws.rules.as_ref().and_then(|r| r.privileges.as_ref()).map(|p| p.len()), Some(1));
+            assert_eq!(
+                summary.key_guid.as_deref(),
+                Some("9cf81e97-0316-4ad3-94a7-8ccbdee8ccbf"),
+                "the key latch proceeds"
+            );
+            assert_eq!((summary.imds_mode, summary.ws_mode), (Mode::Enforce, Mode::Audit), "modes still apply");
+            assert_eq!(summary.imds_rule_id.as_str(), "sigid-imds-7");
+        }
+        // Malformed outside the rules: still refused as a whole.
+        let broken = managed_identity_doc(2, ARM_ID).replace(r#""version":"2.0""#, r#""version":2"#);
+        assert_eq!(parse_status(broken.as_bytes()).err(), Some(StatusError::ParseJson));
     }
 }

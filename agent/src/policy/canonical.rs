@@ -353,10 +353,13 @@ impl<'b> Iterator for TextPairs<'b> {
                 None => (rest, None),
             };
             self.rest = next;
-            if piece.is_empty() {
+            let pair = piece.split_once('=').unwrap_or((piece, ""));
+            // An empty key (`=value`, or an empty piece) takes no part in matching, as in
+            // the reference.
+            if pair.0.is_empty() {
                 continue;
             }
-            return Some(piece.split_once('=').unwrap_or((piece, "")));
+            return Some(pair);
         }
     }
 }
@@ -393,6 +396,10 @@ pub fn legacy_decode<'b>(target: &[u8], scratch: &'b mut DecodeScratch) -> Resul
     let path_end = w.len;
     for piece in parts.query.unwrap_or(&[]).split(|b| *b == b'&').filter(|p| !p.is_empty()) {
         let (key, value) = split_once(piece, b'=');
+        if key.is_empty() {
+            // `=value`: an empty key takes no part in matching (the reference drops it).
+            continue;
+        }
         let n = decode_lenient_into(key, raw);
         w.push_lossy_lower(&raw[..n]).map_err(too_long)?;
         w.push(KEY_END).map_err(too_long)?;
@@ -686,6 +693,10 @@ pub fn canonicalize<'b>(
     let path_end = w.len;
     for piece in parts.query.unwrap_or(&[]).split(|b| *b == b'&').filter(|p| !p.is_empty()) {
         let (key, value) = split_once(piece, b'=');
+        if key.is_empty() {
+            // `=value`: an empty key takes no part in matching (the reference drops it).
+            continue;
+        }
         let n = decode_strict_into(key, raw, true)?;
         w.push_lower(check_text(&raw[..n])?).map_err(length)?;
         w.push(KEY_END).map_err(length)?;
@@ -793,6 +804,17 @@ mod tests {
                 pair("resource", "https://management.azure.com/")
             ]
         );
+    }
+
+    #[test]
+    fn empty_keys_take_no_part_in_matching_in_either_reading() {
+        // `=value` matched a privilege requiring {"": "value"} before; the reference drops it.
+        let (_, pairs) = legacy("/p?=value&a=1&=&x");
+        assert_eq!(pairs, vec![pair("a", "1"), pair("x", "")]);
+        let (_, pairs) = legacy("/p%3F=value&b=2");
+        assert_eq!(pairs, vec![pair("b", "2")], "pairs after a decoded %3F too");
+        let (_, pairs) = canon("/p?=value&a=1").expect("canonical");
+        assert_eq!(pairs, vec![pair("a", "1")]);
     }
 
     #[test]

@@ -11,7 +11,8 @@ use sha2::{Digest as _, Sha256};
 
 use super::canonical::{canonical_rule_path, lower};
 use super::rules::limits::{
-    ID_MAX_BYTES, MAX_IDENTITIES, MAX_PRIVILEGES, MAX_QUERY_PARAMETERS, PATH_MAX_BYTES, QUERY_MAX_BYTES,
+    ID_MAX_BYTES, MAX_IDENTITIES, MAX_PRIVILEGES, MAX_QUERY_PARAMETERS, PATH_MAX_BYTES, QUERY_KEY_MAX_BYTES,
+    QUERY_VALUE_MAX_BYTES,
 };
 use super::rules::{AccessControlRules, AuthorizationItem, Identity, Name};
 
@@ -19,7 +20,9 @@ use super::rules::{AccessControlRules, AuthorizationItem, Identity, Name};
 /// query text get 1.5× the schema's room and lower-casing a valid item can never overflow.
 pub const COMPILED_PATH_MAX_BYTES: usize = PATH_MAX_BYTES * 3 / 2;
 /// See [`COMPILED_PATH_MAX_BYTES`].
-pub const COMPILED_QUERY_MAX_BYTES: usize = QUERY_MAX_BYTES * 3 / 2;
+pub const COMPILED_QUERY_KEY_MAX_BYTES: usize = QUERY_KEY_MAX_BYTES * 3 / 2;
+/// See [`COMPILED_PATH_MAX_BYTES`].
+pub const COMPILED_QUERY_VALUE_MAX_BYTES: usize = QUERY_VALUE_MAX_BYTES * 3 / 2;
 
 /// Assigned identities per privilege, one bit per entry of [`CompiledRules::identities`].
 type IdentitySet = u64;
@@ -74,7 +77,8 @@ pub struct CompiledPrivilege {
     /// Canonical path for the shadow evaluator; `None` if it can never match canonically.
     pub canon_path: Option<String<PATH_MAX_BYTES>>,
     /// Lower-cased required query parameters, in document order.
-    pub query: Vec<(String<COMPILED_QUERY_MAX_BYTES>, String<COMPILED_QUERY_MAX_BYTES>), MAX_QUERY_PARAMETERS>,
+    pub query:
+        Vec<(String<COMPILED_QUERY_KEY_MAX_BYTES>, String<COMPILED_QUERY_VALUE_MAX_BYTES>), MAX_QUERY_PARAMETERS>,
     assigned: IdentitySet,
 }
 

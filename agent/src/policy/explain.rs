@@ -98,7 +98,7 @@ pub struct ExplainReport {
     pub decision: Option<Decision>,
 }
 
-use self::wrappers::{ImdsOnly, WireServerOnly};
+use self::wrappers::{ImdsOnly, ItemShape, WireServerOnly};
 
 /// `{"imds": item}` / `{"wireserver": item}`: only the wanted endpoint is materialised.
 mod wrappers {
@@ -115,6 +115,18 @@ mod wrappers {
     pub(super) struct ImdsOnly {
         #[serde(default)]
         pub(super) imds: Option<AuthorizationItem>,
+    }
+
+    /// Which shape the input has: an item carries at least one of these keys, an
+    /// `authorizationRules` object none.
+    #[derive(Deserialize)]
+    pub(super) struct ItemShape {
+        #[serde(default, rename = "defaultAccess")]
+        pub(super) default_access: Option<serde::de::IgnoredAny>,
+        #[serde(default)]
+        pub(super) mode: Option<serde::de::IgnoredAny>,
+        #[serde(default)]
+        pub(super) rules: Option<serde::de::IgnoredAny>,
     }
 
     #[derive(Deserialize)]
@@ -134,6 +146,13 @@ fn load_rules(json: &[u8], endpoint: Endpoint) -> Result<Option<Box<Authorizatio
         Ok(item) => return Ok(Some(item)),
         Err(e) => e,
     };
+    // An item the agent cannot take (over a capacity, 33 privileges, a value too long) is
+    // refused there and its endpoint allows nothing: never read it as "no rules".
+    let is_item = parse_boxed::<ItemShape>(trimmed)
+        .is_ok_and(|shape| shape.default_access.is_some() || shape.mode.is_some() || shape.rules.is_some());
+    if is_item {
+        return Err(format!("the agent refuses this rule set and allows nothing on the endpoint: {item_error}"));
+    }
     let from_rules = match endpoint {
         Endpoint::Imds => parse_boxed::<ImdsOnly>(trimmed).map(|r| r.imds.map(Box::new)),
         Endpoint::WireServer | Endpoint::HostGaPlugin => {
@@ -453,6 +472,27 @@ mod tests {
         assert!(matches!(run(&ws, Endpoint::HostGaPlugin, "/x").rules, RulesSummary::Loaded { .. }));
         let report = run("", Endpoint::WireServer, "/x");
         assert_eq!(report.decision.expect("decided").reason, Reason::RootOnly);
+    }
+
+    #[test]
+    fn rules_the_agent_refuses_are_invalid_never_no_rules() {
+        // 33 privileges (one over the capacity), and a query value longer than any ARM id.
+        let privileges: Vec<String> =
+            (0..33).map(|i| format!(r#"{{"name":"p{i}","path":"/metadata/p{i}"}}"#)).collect();
+        let too_many = format!(
+            r#"{{"defaultAccess":"allow","mode":"enforce","id":"x","rules":{{"privileges":[{}],"roles":[],"identities":[],"roleAssignments":[]}}}}"#,
+            privileges.join(",")
+        );
+        let long_value = format!(
+            r#"{{"defaultAccess":"allow","mode":"enforce","id":"x","rules":{{"privileges":[{{"name":"t","path":"/metadata/identity","queryParameters":{{"mi_res_id":"{}"}}}}],"roles":[],"identities":[],"roleAssignments":[]}}}}"#,
+            "a".repeat(500)
+        );
+        for rules in [too_many, long_value] {
+            let report = run(&rules, Endpoint::Imds, "/metadata/p1");
+            assert!(matches!(report.rules, RulesSummary::Invalid(_)), "{:?}", report.rules);
+            assert!(report.decision.is_none());
+            assert!(human(&report).contains("INVALID: the agent refuses this rule set"), "{}", human(&report));
+        }
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! The allowlist schema as delivered in `authorizationRules.<endpoint>` (MSP §4.1), parsed by
 //! serde-json-core into fixed-capacity structures. Unknown fields are ignored (§4.1).
 //!
-//! Capacities are in [`limits`]; a document over a limit fails to parse, and the caller
-//! then fails closed for that endpoint.
+//! Capacities are in [`limits`], each sized from the real schema it holds. An endpoint's item
+//! over a limit fails to parse; the status document then keeps that endpoint's mode and id
+//! and allows nothing there (`msp::status_doc`), while the other endpoints, the modes and the
+//! key latch go on.
 //!
 //! Duplicate JSON keys: serde's derived struct visitors already refuse a repeated field, and
 //! `queryParameters` (a map, where serde would let the last value win silently) goes through
@@ -28,18 +30,21 @@ use heapless::{LinearMap, String, Vec};
 use serde::Deserialize;
 use serde::de::{Deserializer, MapAccess, Visitor};
 
-/// Capacities of the rules model. A document over any of them is refused as a whole.
+/// Capacities of the rules model. An item over any of them is refused, and its endpoint
+/// allows nothing (see the module docs).
 pub mod limits {
     /// Privileges per rule item.
     pub const MAX_PRIVILEGES: usize = 32;
-    /// Roles per rule item.
-    pub const MAX_ROLES: usize = 16;
+    /// Roles per rule item: as many as privileges (a generated document often makes one role
+    /// per privilege, e.g. one per managed identity).
+    pub const MAX_ROLES: usize = MAX_PRIVILEGES;
     /// Identities per rule item.
     pub const MAX_IDENTITIES: usize = 32;
     /// Role assignments per rule item.
     pub const MAX_ROLE_ASSIGNMENTS: usize = 32;
-    /// Privilege names listed in one role, identity names in one assignment.
-    pub const MAX_REFERENCES: usize = 16;
+    /// Privilege names listed in one role, identity names in one assignment: a role may name
+    /// every privilege of its item.
+    pub const MAX_REFERENCES: usize = MAX_PRIVILEGES;
     /// Required query parameters per privilege.
     pub const MAX_QUERY_PARAMETERS: usize = 8;
     /// Names of privileges, roles, identities; user, group and process names. A local-file
@@ -48,8 +53,14 @@ pub mod limits {
     pub const NAME_MAX_BYTES: usize = 64;
     /// Privilege paths and executable paths.
     pub const PATH_MAX_BYTES: usize = 256;
-    /// Query parameter keys and values.
-    pub const QUERY_MAX_BYTES: usize = 128;
+    /// Query parameter keys (`api-version`, `resource`, `client_id`, `mi_res_id`, …).
+    pub const QUERY_KEY_MAX_BYTES: usize = 64;
+    /// Query parameter values. The longest real one is a user-assigned identity's ARM
+    /// resource id (`mi_res_id`, `msi_res_id`): `/subscriptions/` + a 36-byte GUID +
+    /// `/resourceGroups/` + a resource group name (at most 90) + `/providers/` +
+    /// `Microsoft.ManagedIdentity` + `/userAssignedIdentities/` + an identity name (at most
+    /// 128) = 345 bytes, 361 with its eight `/` percent-encoded. A `resource` URI is shorter.
+    pub const QUERY_VALUE_MAX_BYTES: usize = 400;
     /// Rule-set ids (may be a base64 descriptor, §4.7).
     pub const ID_MAX_BYTES: usize = 512;
     /// Short enumerations (`mode`, `defaultAccess`).
@@ -61,7 +72,7 @@ use self::limits::*;
 pub type Name = String<NAME_MAX_BYTES>;
 
 /// Required query parameters of a privilege, in document order.
-pub type QueryMap = LinearMap<String<QUERY_MAX_BYTES>, String<QUERY_MAX_BYTES>, MAX_QUERY_PARAMETERS>;
+pub type QueryMap = LinearMap<String<QUERY_KEY_MAX_BYTES>, String<QUERY_VALUE_MAX_BYTES>, MAX_QUERY_PARAMETERS>;
 
 /// `authorizationRules` of the status document.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -186,7 +197,9 @@ where
 
         fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
             let mut map = QueryMap::new();
-            while let Some((key, value)) = access.next_entry::<String<QUERY_MAX_BYTES>, String<QUERY_MAX_BYTES>>()? {
+            while let Some((key, value)) =
+                access.next_entry::<String<QUERY_KEY_MAX_BYTES>, String<QUERY_VALUE_MAX_BYTES>>()?
+            {
                 if map.contains_key(&key) {
                     return Err(serde::de::Error::custom("duplicate queryParameters key"));
                 }

@@ -333,6 +333,13 @@ impl Shared {
     /// Re-applies the allowlist from the latest status document (and the local rule files);
     /// the policy swaps an endpoint's rules only when their content changed.
     fn refresh_policy(&mut self) {
+        if let Some(doc) = self.keeper.document() {
+            for (name, refused) in ["imds", "wireserver", "hostga"].iter().zip(doc.refused_rules) {
+                if refused {
+                    log::error!(target: "gpa::loop", "rules refused: endpoint={name}: {}", crate::msp::status_doc::RULES_REFUSED_REASON);
+                }
+            }
+        }
         let rules = self.keeper.document().and_then(|d| d.authorization_rules.as_ref());
         let imds = rules.and_then(|r| r.imds.as_deref());
         let wireserver = rules.and_then(|r| r.wireserver.as_deref());

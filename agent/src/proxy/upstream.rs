@@ -53,9 +53,13 @@ impl Writer<'_> {
     }
 }
 
+/// The headers the agent owns: every client header with this prefix is dropped (exactly this
+/// prefix: `x-ms-azure-hostname` is the client's and is forwarded).
+const HOST_PREFIX: &[u8] = b"x-ms-azure-host-";
+
 /// Whether a client header is replaced or dropped rather than forwarded.
 fn is_dropped(name: &[u8], framing: BodyFraming) -> bool {
-    name.len() >= 13 && eq_ignore_case(&name[..13], b"x-ms-azure-ho")
+    name.len() >= HOST_PREFIX.len() && eq_ignore_case(&name[..HOST_PREFIX.len()], HOST_PREFIX)
         || eq_ignore_case(name, b"expect")
         || (framing == BodyFraming::Chunked && eq_ignore_case(name, b"transfer-encoding"))
 }
@@ -111,4 +115,23 @@ pub fn write_request_head(
     }
     w.put(&[b"\r\n"])?;
     Ok(w.len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exactly_the_host_prefix_is_dropped() {
+        for name in
+            [&b"x-ms-azure-host-authorization"[..], b"X-MS-Azure-Host-Claims", b"x-ms-azure-host-date", b"Expect"]
+        {
+            assert!(is_dropped(name, BodyFraming::None), "{}", String::from_utf8_lossy(name));
+        }
+        // Headers of the client that only share the first letters: forwarded.
+        for name in [&b"x-ms-azure-hostname"[..], b"x-ms-azure-ho", b"x-ms-azure-host", b"x-ms-version", b"metadata"] {
+            assert!(!is_dropped(name, BodyFraming::None), "{}", String::from_utf8_lossy(name));
+        }
+        assert!(is_dropped(b"Transfer-Encoding", BodyFraming::Chunked));
+    }
 }

@@ -105,6 +105,33 @@ pub struct KeyLatchStates<'a> {
     /// `hostClockSkewSeconds` (this project's addition, omitted when `None`): host time minus
     /// local time at the last host clock sync (§2.9), for `guest-proxy-agent doctor`.
     pub host_clock_skew_secs: Option<i64>,
+    /// `rulesRefused` (this project's addition, omitted when none): the endpoints (imds,
+    /// wireserver, hostga) whose rule set the agent could not take, and why; those endpoints
+    /// allow nothing until a document it can take arrives.
+    pub rules_refused: [bool; 3],
+}
+
+struct RulesRefused([bool; 3]);
+
+impl Serialize for RulesRefused {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl fmt::Display for RulesRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names = ["imds", "wireserver", "hostga"];
+        let mut first = true;
+        for (name, refused) in names.iter().zip(self.0) {
+            if refused {
+                f.write_str(if first { "" } else { "," })?;
+                f.write_str(name)?;
+                first = false;
+            }
+        }
+        write!(f, ": {}", crate::msp::status_doc::RULES_REFUSED_REASON)
+    }
 }
 
 impl<'a> KeyLatchStates<'a> {
@@ -120,6 +147,7 @@ impl<'a> KeyLatchStates<'a> {
             host_ga_rule_id: summary.map_or("", |s| s.hgap_rule_id.as_str()),
             key_incarnation_id: key.and_then(|k| k.incarnation_id),
             host_clock_skew_secs: None,
+            rules_refused: keeper.document().map_or([false; 3], |d| d.refused_rules),
         }
     }
 }
@@ -312,7 +340,7 @@ struct States<'m, 'a>(&'m KeyLatchStates<'a>);
 impl Serialize for States<'_, '_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let k = self.0;
-        let mut st = s.serialize_struct("States", 7)?;
+        let mut st = s.serialize_struct("States", 8)?;
         st.serialize_field("secureChannelState", k.secure_channel_state)?;
         if let Some(guid) = k.key_guid {
             st.serialize_field("keyGuid", guid)?;
@@ -325,6 +353,9 @@ impl Serialize for States<'_, '_> {
         }
         if let Some(skew) = k.host_clock_skew_secs {
             st.serialize_field("hostClockSkewSeconds", &Decimal(i128::from(skew)))?;
+        }
+        if k.rules_refused.contains(&true) {
+            st.serialize_field("rulesRefused", &RulesRefused(k.rules_refused))?;
         }
         st.end()
     }
@@ -426,6 +457,7 @@ mod tests {
                 host_ga_rule_id: "ws-rules-1",
                 key_incarnation_id: Some(3),
                 host_clock_skew_secs: None,
+                rules_refused: [false; 3],
             }),
             ebpf_program: ModuleStatus::running("Started Redirector with eBPF maps - 8"),
             proxy_listener: ModuleStatus::running("Started proxy listener, ready to accept request - 2"),
@@ -529,6 +561,7 @@ mod tests {
             host_ga_rule_id: "",
             key_incarnation_id: None,
             host_clock_skew_secs: None,
+            rules_refused: [false; 3],
         }
     }
 
@@ -629,6 +662,7 @@ mod tests {
                 host_ga_rule_id: &id,
                 key_incarnation_id: Some(u32::MAX),
                 host_clock_skew_secs: Some(i64::MIN),
+                rules_refused: [false; 3],
             }),
             ..inputs(&summaries)
         };

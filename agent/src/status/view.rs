@@ -365,6 +365,7 @@ mod tests {
                 host_ga_rule_id: "ws",
                 key_incarnation_id: Some(7),
                 host_clock_skew_secs: Some(2),
+                rules_refused: [false; 3],
             }),
             ebpf_program: ModuleStatus::running("Started Redirector with eBPF maps - 8"),
             proxy_listener: listener,

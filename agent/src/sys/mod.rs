@@ -418,6 +418,12 @@ fn thread_stack() -> Option<(usize, usize)> {
 /// come from pthread (not guessed), the current position from a live local that cannot be
 /// promoted to a constant, and a margin stays untouched at both ends (the guard page below,
 /// the live frames above), so only pages no frame uses are dropped; they read back as zeros.
+///
+/// Never inlined: the live local must sit in a frame of its own, at the bottom of the stack.
+/// Inlined into a caller whose frame is larger than the margin (a release build folding the
+/// rule compiler into the event loop), the caller's own live locals below it were zeroed and
+/// the static binary crashed after its first rules update.
+#[inline(never)]
 pub fn trim_stack() {
     const PAGE: usize = 4096;
     const MARGIN: usize = 256 * 1024;
