@@ -81,6 +81,21 @@ out = {"kind": kind, "opened": 0, "errors": 0}
 socks = []
 def conn(host, port):
     s = socket.socket(); s.settimeout(3); s.connect((host, port)); return s
+def pipeline(host, port, one, per_conn, drain):
+    # `per_conn` copies of request `one` in one write per connection until the end; returns
+    # how many were sent.
+    sent = 0
+    while time.monotonic() < end:
+        try:
+            s = conn(host, port); s.sendall(one * per_conn); sent += per_conn
+            s.settimeout(drain)
+            try:
+                while s.recv(65536): pass
+            except OSError: pass
+            s.close()
+        except OSError:
+            out["errors"] += 1
+    return sent
 if kind in ("hold-keepalive", "hold-idle-direct"):
     # n connections held: kept alive after one allowed IMDS GET each (redirected), or idle
     # direct connections to the listener (no identity).
@@ -111,35 +126,12 @@ elif kind == "slow-post":
         time.sleep(3)
 elif kind == "provision-flood":
     # Pipelined GET /provision on direct connections: no identity, no cgroup needed.
-    req = b"GET /provision HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n" * 200
-    sent = 0
-    while time.monotonic() < end:
-        try:
-            s = conn("127.0.0.1", 3080); s.sendall(req); sent += 200
-            s.settimeout(0.2)
-            try:
-                while s.recv(65536): pass
-            except OSError: pass
-            s.close()
-        except OSError:
-            out["errors"] += 1
-    out["sent"] = sent
+    out["sent"] = pipeline("127.0.0.1", 3080, b"GET /provision HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n", 200, 0.2)
 elif kind == "imds-pipeline":
     # Allowed IMDS GETs, 100 pipelined per redirected connection, as fast as answered: every
     # one is an ordinary audit record of this uid.
-    req = b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n" * 100
-    sent = 0
-    while time.monotonic() < end:
-        try:
-            s = conn("169.254.169.254", 80); s.sendall(req); sent += 100
-            s.settimeout(0.3)
-            try:
-                while s.recv(65536): pass
-            except OSError: pass
-            s.close()
-        except OSError:
-            out["errors"] += 1
-    out["sent"] = sent
+    req = b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n"
+    out["sent"] = pipeline("169.254.169.254", 80, req, 100, 0.3)
 elif kind == "fd-storm":
     # As many connections as the kernel lets this user open, held briefly, then all closed.
     while time.monotonic() < end and len(socks) < n:
