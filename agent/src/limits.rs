@@ -16,6 +16,10 @@ pub const MAX_CONNECTIONS_LIMIT: usize = 65_536;
 pub const REQUEST_HEAD_MAX_BYTES: usize = 8 * 1024;
 /// Most headers in one request or response head (httparse needs a fixed array).
 pub const MAX_HEADERS: usize = 48;
+/// Headers of a request the agent sends upstream and signs: every client header it accepted
+/// plus its own (`content-length` of a de-chunked body, claims, date), so that whatever the
+/// parser accepts can be signed.
+pub const UPSTREAM_HEADERS_MAX: usize = MAX_HEADERS + 3;
 /// Largest request body accepted for signing (MSP §5.6: 100 KiB). Over it: `413`.
 pub const REQUEST_BODY_MAX_BYTES: usize = 100 * 1024;
 /// Request body buffers shared by all connections: only requests with a body need one, and

@@ -290,3 +290,94 @@ fn a_silent_upstream_gets_504_after_the_configured_timeout() {
     assert_eq!(status, 504, "{text}\n{}", agent.log());
     assert!(started.elapsed() < std::time::Duration::from_secs(5), "the timeout is the configured one");
 }
+
+/// Valid requests at the edges of what the parser accepts are forwarded and signed, never a
+/// gateway error; what it refuses is a 4xx (issue 14, finding 6).
+#[test]
+fn requests_at_the_parser_limits_are_forwarded_or_get_a_4xx_never_a_5xx() {
+    require_privileged!();
+    let e = env("limits", "enforce");
+    let base = "http://169.254.169.254/metadata/instance";
+    // 65, 200 and 600 query pieces (the signer stopped at 64: 502).
+    for pieces in [65, 200, 600] {
+        let query: Vec<String> = (0..pieces).map(|i| format!("k{i}=v{i}")).collect();
+        let url = format!("{base}?api-version=2021-02-01&{}", query.join("&"));
+        let (status, text) = curl(&e.ns, root_in(&e.cg), &["-H", "Metadata: true", &url]);
+        assert_eq!(status, 200, "{pieces} query pieces: {text}\n{}", e.agent.log());
+        assert_eq!(last_data_request(&e)["signature"], "valid", "{pieces} query pieces");
+    }
+    // 1,000 pieces do not fit the 8 KiB head: a 4xx, not a gateway error.
+    let query: Vec<String> = (0..1000).map(|i| format!("k{i}=v{i}")).collect();
+    let (status, _) = curl(&e.ns, root_in(&e.cg), &["-H", "Metadata: true", &format!("{base}?{}", query.join("&"))]);
+    assert!((400..500).contains(&status), "an oversized target got {status}");
+    // Client headers up to the parser's 48 (curl adds Host, User-Agent, Accept): all signed;
+    // one more is 431 (47 and 48 were 502: the signer counted the agent's own headers too).
+    for extra in [40, 44, 45] {
+        let mut args = vec!["-H".to_owned(), "Metadata: true".to_owned()];
+        for i in 0..extra {
+            args.push("-H".to_owned());
+            args.push(format!("x-test-{i}: {i}"));
+        }
+        args.push(format!("{base}?api-version=2021-02-01"));
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (status, text) = curl(&e.ns, root_in(&e.cg), &argv);
+        let headers = extra + 4;
+        if headers <= 48 {
+            assert_eq!(status, 200, "{headers} headers: {text}\n{}", e.agent.log());
+            assert_eq!(last_data_request(&e)["signature"], "valid", "{headers} headers");
+        } else {
+            assert_eq!(status, 431, "{headers} headers: {text}");
+        }
+    }
+    // An obs-text byte in a header value: 400 at the agent (it was 502).
+    let out = python(
+        &e.ns,
+        root_in(&e.cg),
+        "import socket\n\
+         s = socket.create_connection(('169.254.169.254', 80))\n\
+         s.sendall(b'GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\\r\\nHost: x\\r\\nMetadata: true\\r\\nX-Name: caf\\xe9\\r\\nConnection: close\\r\\n\\r\\n')\n\
+         print(s.recv(100).split(b'\\r\\n')[0].decode())",
+    );
+    assert!(out.contains(" 400 "), "obs-text header: {out}");
+    // x-ms-azure-hostname is the client's header: it reaches the host (the x-ms-azure-host-
+    // prefix alone is the agent's).
+    let (status, text) = curl(
+        &e.ns,
+        root_in(&e.cg),
+        &["-H", "Metadata: true", "-H", "x-ms-azure-hostname: vm-1", &format!("{base}?api-version=2021-02-01")],
+    );
+    assert_eq!(status, 200, "{text}");
+    let seen = last_data_request(&e);
+    let headers = seen["headers"].to_string().to_ascii_lowercase();
+    assert!(headers.contains("x-ms-azure-hostname"), "x-ms-azure-hostname was dropped: {seen}");
+}
+
+/// `status.json` follows the modules: once the key is latched and the redirect armed it says
+/// so at once, not at the next timer tick (here an hour away).
+#[test]
+fn the_status_file_changes_when_the_key_latches_not_on_the_timer() {
+    require_privileged!();
+    let ns = Netns::new("stfile");
+    let cg = Cgroup::new("stfile");
+    let host = FakeHost::start(&ns, "enforce");
+    let agent = Agent::start(&ns, &cg, &[r#""statusIntervalSeconds":3600"#]);
+    agent.wait_ready(&ns);
+    let path = agent.log_dir.join("status.json");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let latched = loop {
+        let doc: serde_json::Value =
+            std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+        let states = &doc["proxyAgentStatus"]["keyLatchStatus"]["states"];
+        if states["keyGuid"].is_string() && states["secureChannelState"] != "Unknown" {
+            break doc;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "status.json still shows no key 3 s after readiness: {doc}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(latched["proxyAgentStatus"]["keyLatchStatus"]["status"], "RUNNING", "{latched}");
+    drop(host);
+}

@@ -29,6 +29,8 @@ pub enum HeadError {
     RepeatedHeader,
     /// Control bytes in a header value → 400.
     ControlBytes,
+    /// A header value byte at or above 0x80 (obs-text) → 400.
+    ObsText,
     /// The target is not origin-form (`/path?query`) → 400.
     TargetForm,
     /// The method is not one the proxy forwards (CONNECT, TRACE, unknown) → 405.
@@ -138,6 +140,11 @@ impl RequestHead {
             let name = h.name.as_bytes();
             if h.value.iter().any(|b| (*b < 0x20 && *b != b'\t') || *b == 0x7f) {
                 return Err(HeadError::ControlBytes);
+            }
+            // obs-text (RFC 9110 §5.5): no client of the metadata services sends it, and the
+            // signature covers ASCII values only; refused here rather than failing upstream.
+            if h.value.iter().any(|b| *b >= 0x80) {
+                return Err(HeadError::ObsText);
             }
             if req.headers[..i].iter().any(|p| eq_ignore_case(p.name.as_bytes(), name)) {
                 return Err(if eq_ignore_case(name, b"content-length") || eq_ignore_case(name, b"transfer-encoding") {

@@ -17,7 +17,7 @@ use heapless::String;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::limits::MAX_HEADERS;
+use crate::limits::UPSTREAM_HEADERS_MAX;
 
 /// The only authorization scheme the host speaks (§1.2, §3.2).
 pub const AUTHORIZATION_SCHEME: &str = "Azure-HMAC-SHA256";
@@ -32,9 +32,10 @@ pub const CLAIMS_ROOT: &str = "{ \"isRoot\": \"true\"}";
 /// Claims of a non-root caller (§3.5).
 pub const CLAIMS_NOT_ROOT: &str = "{ \"isRoot\": \"false\"}";
 
-/// Most non-empty-key pieces in one query string. Real MSP queries have at most a handful; the
-/// bound keeps the sort on a fixed stack array.
-pub const MAX_QUERY_PIECES: usize = 64;
+/// Most non-empty-key pieces in one query string: as many as a request head the proxy accepts
+/// can hold (`k&` is two bytes), so whatever the parser accepts can be signed. Each piece is a
+/// few offsets (10 bytes), so the sort still runs on a fixed 40 KiB stack array.
+pub const MAX_QUERY_PIECES: usize = crate::limits::REQUEST_HEAD_MAX_BYTES / 2;
 /// Longest key GUID accepted; GUIDs are 36 characters (38 with braces).
 pub const GUID_MAX_BYTES: usize = 64;
 /// Shortest key accepted (128 bits); the host issues 256-bit keys.
@@ -60,7 +61,7 @@ pub enum SignError {
     KeyLength,
     /// The key GUID is empty, too long, or has characters other than `[0-9A-Za-z{}_-]`.
     KeyGuid,
-    /// The request has more than [`MAX_HEADERS`] headers.
+    /// The request has more than [`UPSTREAM_HEADERS_MAX`] headers.
     TooManyHeaders,
     /// A header name is empty or not a visible-ASCII token without `:`.
     HeaderNameInvalid,
@@ -236,25 +237,35 @@ pub fn is_skip_listed(method: &[u8], target: &[u8]) -> bool {
 /// collide); each is `key=value`, or `key` when the value is empty; joined with `&`.
 /// Nothing is emitted when the query is over [`MAX_QUERY_PIECES`].
 pub fn canonical_query(raw_query: &[u8], out: &mut impl FnMut(&[u8])) -> Result<(), SignError> {
+    if raw_query.len() > usize::from(u16::MAX) {
+        return Err(SignError::QueryTooComplex);
+    }
     let mut pieces = [QueryPiece::default(); MAX_QUERY_PIECES];
     let mut count = 0;
+    let mut start = 0_usize;
     for (order, piece) in raw_query.split(|&b| b == b'&').enumerate() {
-        let (key, value) = match piece.iter().position(|&b| b == b'=') {
-            Some(eq) => (&piece[..eq], &piece[eq + 1..]),
-            None => (piece, &b""[..]),
-        };
-        if key.is_empty() {
+        let at = start;
+        start += piece.len() + 1;
+        let key_len = piece.iter().position(|&b| b == b'=').unwrap_or(piece.len());
+        if key_len == 0 {
             continue;
         }
+        let value_at = (at + key_len + 1).min(at + piece.len());
         let slot = pieces.get_mut(count).ok_or(SignError::QueryTooComplex)?;
-        *slot = QueryPiece { key, value, order };
+        // Every offset fits in u16: the query is at most u16::MAX bytes (checked above).
+        let short = |n: usize| u16::try_from(n).unwrap_or(u16::MAX);
+        *slot = QueryPiece {
+            key: (short(at), short(key_len)),
+            value: (short(value_at), short(at + piece.len() - value_at)),
+            order: short(order),
+        };
         count += 1;
     }
     let pieces = &mut pieces[..count];
-    pieces.sort_unstable_by(|a, b| a.sort_key_cmp(b).then(a.order.cmp(&b.order)));
+    pieces.sort_unstable_by(|a, b| a.sort_key_cmp(b, raw_query).then(a.order.cmp(&b.order)));
     let mut first = true;
     for (i, piece) in pieces.iter().enumerate() {
-        let superseded = pieces.get(i + 1).is_some_and(|next| next.sort_key_cmp(piece) == Ordering::Equal);
+        let superseded = pieces.get(i + 1).is_some_and(|next| next.sort_key_cmp(piece, raw_query) == Ordering::Equal);
         if superseded {
             continue;
         }
@@ -262,28 +273,37 @@ pub fn canonical_query(raw_query: &[u8], out: &mut impl FnMut(&[u8])) -> Result<
             out(b"&");
         }
         first = false;
-        emit_lowercase(piece.key, out);
-        if !piece.value.is_empty() {
+        emit_lowercase(piece.key(raw_query), out);
+        let value = piece.value(raw_query);
+        if !value.is_empty() {
             out(b"=");
-            out(piece.value);
+            out(value);
         }
     }
     Ok(())
 }
 
-/// One query piece, borrowed from the request-target.
+/// One query piece: offsets and lengths into the raw query.
 #[derive(Clone, Copy, Default)]
-struct QueryPiece<'a> {
-    key: &'a [u8],
-    value: &'a [u8],
+struct QueryPiece {
+    key: (u16, u16),
+    value: (u16, u16),
     /// Position in the query, so that the last of equal sort keys wins.
-    order: usize,
+    order: u16,
 }
 
-impl QueryPiece<'_> {
+impl QueryPiece {
+    fn key<'q>(&self, query: &'q [u8]) -> &'q [u8] {
+        &query[usize::from(self.key.0)..usize::from(self.key.0) + usize::from(self.key.1)]
+    }
+
+    fn value<'q>(&self, query: &'q [u8]) -> &'q [u8] {
+        &query[usize::from(self.value.0)..usize::from(self.value.0) + usize::from(self.value.1)]
+    }
+
     /// Compares the sort keys (lower-cased key immediately followed by the raw value).
-    fn sort_key_cmp(&self, other: &Self) -> Ordering {
-        let sort_key = |p: &Self| p.key.iter().map(u8::to_ascii_lowercase).chain(p.value.iter().copied());
+    fn sort_key_cmp(&self, other: &Self, query: &[u8]) -> Ordering {
+        let sort_key = |p: &Self| p.key(query).iter().map(u8::to_ascii_lowercase).chain(p.value(query).iter().copied());
         sort_key(self).cmp(sort_key(other))
     }
 }
@@ -296,10 +316,10 @@ fn mac_request(
     headers: &[(&[u8], &[u8])],
     target: &[u8],
 ) -> Result<HmacSha256, SignError> {
-    if headers.len() > MAX_HEADERS {
+    if headers.len() > UPSTREAM_HEADERS_MAX {
         return Err(SignError::TooManyHeaders);
     }
-    let mut signed = [0_usize; MAX_HEADERS];
+    let mut signed = [0_usize; UPSTREAM_HEADERS_MAX];
     let mut count = 0;
     for (index, &(name, value)) in headers.iter().enumerate() {
         let name_ok = !name.is_empty() && name.iter().all(|&b| b.is_ascii_graphic() && b != b':');
@@ -572,9 +592,9 @@ mod tests {
         assert_eq!(sign(&key(), b"GET", b"", &colon, b"/"), Err(SignError::HeaderNameInvalid));
         let empty: [(&[u8], &[u8]); 1] = [(b"", b"v")];
         assert_eq!(sign(&key(), b"GET", b"", &empty, b"/"), Err(SignError::HeaderNameInvalid));
-        let many: Vec<(&[u8], &[u8])> = vec![(b"x", b"v"); MAX_HEADERS + 1];
+        let many: Vec<(&[u8], &[u8])> = vec![(b"x", b"v"); UPSTREAM_HEADERS_MAX + 1];
         assert_eq!(sign(&key(), b"GET", b"", &many, b"/"), Err(SignError::TooManyHeaders));
-        assert!(sign(&key(), b"GET", b"", &many[..MAX_HEADERS], b"/").is_ok());
+        assert!(sign(&key(), b"GET", b"", &many[..UPSTREAM_HEADERS_MAX], b"/").is_ok());
     }
 
     #[test]

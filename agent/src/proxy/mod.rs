@@ -896,6 +896,11 @@ impl EventLoop {
         if self.shared.keeper.ready() {
             self.shared.provision.key_latch_ready(self.shared.keeper.ready_at_unix_ns());
         }
+        // A module's state changed (rules applied, key latched, redirect armed): the status
+        // file says so now, not at the next timer tick (issue 14).
+        if changes.status || changes.routes {
+            self.next_status = now;
+        }
     }
 
     /// The telemetry uploader's call or timer (never touches connections: it only shares the

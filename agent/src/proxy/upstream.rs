@@ -13,7 +13,7 @@
 //! Everything else — target, version, header order and spelling — is forwarded as received.
 
 use crate::http::{BodyFraming, RequestHead, eq_ignore_case};
-use crate::limits::MAX_HEADERS;
+use crate::limits::UPSTREAM_HEADERS_MAX;
 use crate::msp::signing::{self, SigningKey};
 
 /// Why the upstream request could not be built (answered `502`).
@@ -84,7 +84,7 @@ pub fn write_request_head(
     let claims = if endorsement.is_root { signing::CLAIMS_ROOT } else { signing::CLAIMS_NOT_ROOT };
 
     // The header list as sent, also the input of the signature.
-    let mut sent: [(&[u8], &[u8]); MAX_HEADERS + 3] = [(&[], &[]); MAX_HEADERS + 3];
+    let mut sent: [(&[u8], &[u8]); UPSTREAM_HEADERS_MAX] = [(&[], &[]); UPSTREAM_HEADERS_MAX];
     let mut n = 0;
     for (name, value) in head.headers(req) {
         if is_dropped(name, head.framing) {
