@@ -1008,7 +1008,7 @@ fn host_rules_apply_per_request_and_bad_rules_or_host_faults_fail_closed() {
     assert_eq!(ws, 200, "the WireServer item is unaffected");
     run.pass("S2", "IMDS enforce + defaultAccess deny + no rules: /metadata/instance and /compute 403 for root (WireServer unaffected)");
 
-    // D4: malformed and over-size rules keep the last good rules; nothing opens.
+    // D4: malformed rules close their endpoint; an over-size document is refused whole.
     apply_rules(&e, trusted_only(), "good rules back", || root_status(&e, instance) == 200);
     let polls = |e: &Env| e.stats()["statusCalls"].as_u64().unwrap_or(0);
     let wrong_types = json!({"defaultAccess": "allow", "mode": "enforce", "id": "bad-types", "rules": {"privileges": "not-an-array", "roles": 7, "identities": {}, "roleAssignments": null}});
@@ -1021,22 +1021,29 @@ fn host_rules_apply_per_request_and_bad_rules_or_host_faults_fail_closed() {
         e.eventually(Duration::from_secs(20), what, || (polls(e) > before).then_some(()));
         std::thread::sleep(Duration::from_millis(400));
     };
-    let mut observed = Vec::new();
-    for (what, bad) in [("wrong types", wrong_types), ("over-size (~300 KiB)", huge)] {
-        e.control(&json!({"rules": rules_with_imds(bad)}));
-        next_poll(&e, what);
-        assert_eq!(root_status(&e, TOKEN_URL), 403, "{what}: the token must stay denied");
-        assert_eq!(root_status(&e, instance), 200, "{what}: the agent keeps serving with the last good rules");
-        observed.push(what);
-    }
+    // A rule set the agent cannot take (wrong types) closes its endpoint only (issue 14): the
+    // document applies, IMDS allows nothing, the WireServer keeps its rules.
+    e.control(&json!({"rules": rules_with_imds(wrong_types)}));
+    next_poll(&e, "wrong types");
+    assert_eq!(root_status(&e, TOKEN_URL), 403, "wrong types: the token must stay denied");
+    assert_eq!(root_status(&e, instance), 403, "wrong types: IMDS is closed, not left open");
+    let (ws, _) = e.curl(root(&e.cg), &["-H", "x-ms-version: 2012-11-30", GOAL_STATE]);
+    assert_eq!(ws, 200, "wrong types: the WireServer keeps its rules");
+    assert!(e.agent.log().contains("rules refused: endpoint=imds"), "{}", tail(&e.agent.log()));
+    // A document over the size limit is refused whole: the last good rules stay.
+    apply_rules(&e, trusted_only(), "good rules back", || root_status(&e, instance) == 200);
+    e.control(&json!({"rules": rules_with_imds(huge)}));
+    next_poll(&e, "over-size");
+    assert_eq!(root_status(&e, TOKEN_URL), 403, "over-size: the token must stay denied");
+    assert_eq!(root_status(&e, instance), 200, "over-size: the last good rules are kept");
     assert!(
         e.agent.log().contains("Failed to get key status"),
-        "the bad documents were refused:\n{}",
+        "the over-size document was refused:\n{}",
         tail(&e.agent.log())
     );
     run.pass(
         "D4",
-        format!("{}: status document refused, last good rules kept (token 403, /compute 200)", observed.join(" and ")),
+        "wrong-typed IMDS rules: IMDS closed (token and /compute 403), WireServer 200, `rules refused` logged; over-size (~300 KiB) document refused whole, last good rules kept (token 403, /compute 200)",
     );
 
     // Host faults: slower than the agent's timeout, malformed JSON as text/plain, 500.
