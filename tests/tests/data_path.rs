@@ -381,3 +381,39 @@ fn the_status_file_changes_when_the_key_latches_not_on_the_timer() {
     assert_eq!(latched["proxyAgentStatus"]["keyLatchStatus"]["status"], "RUNNING", "{latched}");
     drop(host);
 }
+
+/// urllib3 sends a repeated header name as it was given (an `HTTPHeaderDict`); IMDS answers
+/// it directly, so the agent must too: one combined field, signed as sent (issue 14).
+#[test]
+fn a_repeated_header_name_is_combined_signed_and_forwarded() {
+    require_privileged!();
+    let e = env("repeat", "enforce");
+    let code = "import urllib3\n\
+        from urllib3._collections import HTTPHeaderDict\n\
+        h = HTTPHeaderDict()\n\
+        h.add('Metadata', 'true')\n\
+        h.add('X-Trace', 'a')\n\
+        h.add('x-trace', 'b')\n\
+        r = urllib3.PoolManager().request('GET', 'http://169.254.169.254/metadata/instance?api-version=2021-02-01', headers=h, retries=False)\n\
+        print(r.status)";
+    let out = client(&e.ns, root_in(&e.cg), &["/usr/bin/python3", "-c", code]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(text.trim(), "200", "{text} {}\n{}", String::from_utf8_lossy(&out.stderr), e.agent.log());
+    let seen = last_data_request(&e);
+    assert_eq!(seen["signature"], "valid", "{seen}");
+    let headers = seen["headers"].as_array().expect("headers");
+    let traces: Vec<&serde_json::Value> =
+        headers.iter().filter(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case("x-trace"))).collect();
+    assert_eq!(traces.len(), 1, "one field: {seen}");
+    assert_eq!(traces[0][1], "a, b", "{seen}");
+    // A repeated Host stays refused.
+    let out = python(
+        &e.ns,
+        root_in(&e.cg),
+        "import socket\n\
+         s = socket.create_connection(('169.254.169.254', 80))\n\
+         s.sendall(b'GET /metadata/instance HTTP/1.1\\r\\nHost: a\\r\\nHost: b\\r\\nMetadata: true\\r\\nConnection: close\\r\\n\\r\\n')\n\
+         print(s.recv(100).split(b'\\r\\n')[0].decode())",
+    );
+    assert!(out.contains(" 400 "), "repeated Host: {out}");
+}

@@ -4,10 +4,11 @@
 //!
 //! Framing rules (MSP §11 item 4, RFC 9112 §6): a request with both `Content-Length` and
 //! `Transfer-Encoding`, a repeated `Content-Length` or `Host`, a transfer coding other than
-//! plain `chunked`, control bytes in a header value, or any repeated header name is refused
-//! with `400` and never forwarded. Repeated names are refused because the MSP signature covers
-//! only the last value of a repeated header: forwarding both would send bytes the signature
-//! does not cover.
+//! plain `chunked`, control bytes or obs-text in a header value, or a repeated `Host` is
+//! refused with `400` and never forwarded. Any other repeated name is combined into one field
+//! (values joined with `, `, RFC 9110 §5.3) when the request is written upstream, and that one
+//! field is what is signed: the MSP signature covers one value per name, so forwarding the
+//! repeats as they came would send bytes it does not cover.
 
 use std::ops::Range;
 
@@ -25,7 +26,7 @@ pub enum HeadError {
     TooLarge,
     /// Ambiguous framing: CL+TE, repeated CL, unsupported transfer coding → 400.
     AmbiguousFraming,
-    /// A header name occurs twice → 400.
+    /// `Host` occurs twice → 400 (other repeated names are combined).
     RepeatedHeader,
     /// Control bytes in a header value → 400.
     ControlBytes,
@@ -147,11 +148,14 @@ impl RequestHead {
                 return Err(HeadError::ObsText);
             }
             if req.headers[..i].iter().any(|p| eq_ignore_case(p.name.as_bytes(), name)) {
-                return Err(if eq_ignore_case(name, b"content-length") || eq_ignore_case(name, b"transfer-encoding") {
-                    HeadError::AmbiguousFraming
-                } else {
-                    HeadError::RepeatedHeader
-                });
+                if eq_ignore_case(name, b"content-length") || eq_ignore_case(name, b"transfer-encoding") {
+                    return Err(HeadError::AmbiguousFraming);
+                }
+                if eq_ignore_case(name, b"host") {
+                    return Err(HeadError::RepeatedHeader);
+                }
+                // Any other repeated name is combined into one field upstream (RFC 9110 §5.3),
+                // and that one field is what is signed (`proxy::upstream`).
             }
             head.headers[i] = HeaderSpan { name: span(buf, name), value: span(buf, h.value) };
             if eq_ignore_case(name, b"content-length") {

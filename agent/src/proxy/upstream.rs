@@ -83,13 +83,40 @@ pub fn write_request_head(
     let length = length_buf.as_slice();
     let claims = if endorsement.is_root { signing::CLAIMS_ROOT } else { signing::CLAIMS_NOT_ROOT };
 
+    // Repeated names become one field, values joined with `, ` in wire order (RFC 9110 §5.3):
+    // first the joined values of every repeated name, then the list refers to them.
+    let mut joined = [0_u8; crate::limits::REQUEST_HEAD_MAX_BYTES];
+    let mut joined_at: [Option<(usize, usize)>; crate::limits::MAX_HEADERS] = [None; crate::limits::MAX_HEADERS];
+    let mut used = 0;
+    let headers: heapless::Vec<(&[u8], &[u8]), { crate::limits::MAX_HEADERS }> = head.headers(req).collect();
+    for (i, (name, _)) in headers.iter().enumerate() {
+        let first = !headers[..i].iter().any(|(n, _)| eq_ignore_case(n, name));
+        let repeated = headers[i + 1..].iter().any(|(n, _)| eq_ignore_case(n, name));
+        if !first || !repeated {
+            continue;
+        }
+        let start = used;
+        for (_, value) in headers[i..].iter().filter(|(n, _)| eq_ignore_case(n, name)) {
+            let sep: &[u8] = if used == start { b"" } else { b", " };
+            let end = used + sep.len() + value.len();
+            // Values and separators of one head never outgrow the head itself.
+            let Some(slot) = joined.get_mut(used..end) else { return Err(EndorseError::HeadTooLarge) };
+            slot[..sep.len()].copy_from_slice(sep);
+            slot[sep.len()..].copy_from_slice(value);
+            used = end;
+        }
+        joined_at[i] = Some((start, used));
+    }
+    let joined = &joined[..used];
+
     // The header list as sent, also the input of the signature.
     let mut sent: [(&[u8], &[u8]); UPSTREAM_HEADERS_MAX] = [(&[], &[]); UPSTREAM_HEADERS_MAX];
     let mut n = 0;
-    for (name, value) in head.headers(req) {
-        if is_dropped(name, head.framing) {
+    for (i, &(name, value)) in headers.iter().enumerate() {
+        if is_dropped(name, head.framing) || headers[..i].iter().any(|(n, _)| eq_ignore_case(n, name)) {
             continue;
         }
+        let value = joined_at[i].map_or(value, |(start, end)| &joined[start..end]);
         let value = if head.framing == BodyFraming::Chunked && eq_ignore_case(name, b"content-length") {
             length
         } else {
@@ -133,5 +160,30 @@ mod tests {
             assert!(!is_dropped(name, BodyFraming::None), "{}", String::from_utf8_lossy(name));
         }
         assert!(is_dropped(b"Transfer-Encoding", BodyFraming::Chunked));
+    }
+
+    #[test]
+    fn repeated_names_go_upstream_as_one_signed_field() {
+        let req = b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: x\r\nAccept: text/plain\r\nMetadata: true\r\naccept: application/json\r\n\r\n";
+        let head = RequestHead::parse(req).expect("parses").expect("complete");
+        let key = SigningKey::from_hex("8f4d2c1e-9b3a-4e6f-8a7d-2c1b0e9f8a7d", &"ab".repeat(32)).expect("key");
+        let date = "Wed, 02 Dec 2026 06:00:00 GMT";
+        let endorsement = Endorsement { key: Some(&key), is_root: true, date };
+        let mut out = [0_u8; 4096];
+        let n = write_request_head(&head, req, b"", &endorsement, &mut out).expect("written");
+        let text = core::str::from_utf8(&out[..n]).expect("ascii");
+        assert_eq!(text.matches("ccept:").count(), 1, "one field: {text}");
+        assert!(text.contains("Accept: text/plain, application/json\r\n"), "{text}");
+        // The signature is over exactly the list as sent.
+        let sent: [(&[u8], &[u8]); 5] = [
+            (b"Host", b"x"),
+            (b"Accept", b"text/plain, application/json"),
+            (b"Metadata", b"true"),
+            (signing::CLAIMS_HEADER.as_bytes(), signing::CLAIMS_ROOT.as_bytes()),
+            (signing::DATE_HEADER.as_bytes(), date.as_bytes()),
+        ];
+        let mac = signing::sign(&key, b"GET", b"", &sent, b"/metadata/instance?api-version=2021-02-01").expect("signs");
+        let value = signing::authorization_value(&key, &mac);
+        assert!(text.contains(value.as_str()), "{text}");
     }
 }
