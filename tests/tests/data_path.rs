@@ -27,6 +27,15 @@ fn env(tag: &str, mode: &str) -> Env {
     Env { agent, host, cg, ns }
 }
 
+/// Sends `request` (a python bytes literal's body, escapes as python reads them) to IMDS on one
+/// connection, as root inside the cgroup, and returns the answer's status line.
+fn raw_status_line(e: &Env, request: &str) -> String {
+    let code = format!(
+        "import socket\ns = socket.create_connection(('169.254.169.254', 80))\ns.sendall(b'{request}')\nprint(s.recv(100).split(b'\\r\\n')[0].decode())"
+    );
+    python(&e.ns, root_in(&e.cg), &code)
+}
+
 fn last_data_request(e: &Env) -> serde_json::Value {
     e.host
         .requests(&e.ns)
@@ -330,13 +339,9 @@ fn requests_at_the_parser_limits_are_forwarded_or_get_a_4xx_never_a_5xx() {
         }
     }
     // An obs-text byte in a header value: 400 at the agent (it was 502).
-    let out = python(
-        &e.ns,
-        root_in(&e.cg),
-        "import socket\n\
-         s = socket.create_connection(('169.254.169.254', 80))\n\
-         s.sendall(b'GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\\r\\nHost: x\\r\\nMetadata: true\\r\\nX-Name: caf\\xe9\\r\\nConnection: close\\r\\n\\r\\n')\n\
-         print(s.recv(100).split(b'\\r\\n')[0].decode())",
+    let out = raw_status_line(
+        &e,
+        r"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nX-Name: caf\xe9\r\nConnection: close\r\n\r\n",
     );
     assert!(out.contains(" 400 "), "obs-text header: {out}");
     // x-ms-azure-hostname is the client's header: it reaches the host (the x-ms-azure-host-
@@ -407,13 +412,9 @@ fn a_repeated_header_name_is_combined_signed_and_forwarded() {
     assert_eq!(traces.len(), 1, "one field: {seen}");
     assert_eq!(traces[0][1], "a, b", "{seen}");
     // A repeated Host stays refused.
-    let out = python(
-        &e.ns,
-        root_in(&e.cg),
-        "import socket\n\
-         s = socket.create_connection(('169.254.169.254', 80))\n\
-         s.sendall(b'GET /metadata/instance HTTP/1.1\\r\\nHost: a\\r\\nHost: b\\r\\nMetadata: true\\r\\nConnection: close\\r\\n\\r\\n')\n\
-         print(s.recv(100).split(b'\\r\\n')[0].decode())",
+    let out = raw_status_line(
+        &e,
+        r"GET /metadata/instance HTTP/1.1\r\nHost: a\r\nHost: b\r\nMetadata: true\r\nConnection: close\r\n\r\n",
     );
     assert!(out.contains(" 400 "), "repeated Host: {out}");
 }

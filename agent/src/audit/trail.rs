@@ -48,6 +48,14 @@ struct Bucket {
     reported: Instant,
 }
 
+impl Bucket {
+    /// The tokens at `now`: refilled at `rate` thousandths per millisecond, at most `burst`.
+    fn tokens_at(&self, now: Instant, rate: u64, burst: u64) -> u64 {
+        let elapsed_ms = u64::try_from(now.saturating_duration_since(self.refilled).as_millis()).unwrap_or(u64::MAX);
+        self.tokens_milli.saturating_add(elapsed_ms.saturating_mul(rate)).min(burst)
+    }
+}
+
 /// The proxy's audit output: the full trail, the security trail, and the per-uid rate.
 #[derive(Debug)]
 pub struct AuditTrail {
@@ -97,15 +105,16 @@ impl AuditTrail {
 
     /// Writes the due `suppressed` summaries, then both buffers (see [`AuditLog::flush`]).
     pub fn flush(&mut self, now: Instant) -> Result<(), AuditError> {
-        self.summarise(now, false);
-        let all = self.all.flush();
-        let security = self.security.flush();
-        all.and(security)
+        self.write_out(now, false)
     }
 
     /// Every pending summary now, due or not, and both buffers (at shutdown).
     pub fn flush_all(&mut self, now: Instant) -> Result<(), AuditError> {
-        self.summarise(now, true);
+        self.write_out(now, true)
+    }
+
+    fn write_out(&mut self, now: Instant, every_summary: bool) -> Result<(), AuditError> {
+        self.summarise(now, every_summary);
         let all = self.all.flush();
         let security = self.security.flush();
         all.and(security)
@@ -140,9 +149,10 @@ impl AuditTrail {
             suppressed_security: 0,
             reported: now,
         });
-        let elapsed_ms = u64::try_from(now.saturating_duration_since(b.refilled).as_millis()).unwrap_or(u64::MAX);
-        if elapsed_ms > 0 {
-            b.tokens_milli = b.tokens_milli.saturating_add(elapsed_ms.saturating_mul(rate)).min(burst);
+        // Only whole milliseconds advance the refill point, so calls closer together than
+        // that still add up.
+        if now.saturating_duration_since(b.refilled).as_millis() > 0 {
+            b.tokens_milli = b.tokens_at(now, rate, burst);
             b.refilled = now;
         }
         if b.tokens_milli >= 1000 {
@@ -180,10 +190,7 @@ impl AuditTrail {
     /// Forgets buckets that are full again and owe no summary.
     fn prune(&mut self, now: Instant) {
         let (burst, rate) = (self.burst_milli, self.rate_milli_per_ms);
-        self.buckets.retain(|_, b| {
-            let elapsed_ms = u64::try_from(now.saturating_duration_since(b.refilled).as_millis()).unwrap_or(u64::MAX);
-            b.suppressed > 0 || b.tokens_milli.saturating_add(elapsed_ms.saturating_mul(rate)) < burst
-        });
+        self.buckets.retain(|_, b| b.suppressed > 0 || b.tokens_at(now, rate, burst) < burst);
     }
 }
 

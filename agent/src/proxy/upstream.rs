@@ -64,6 +64,18 @@ fn is_dropped(name: &[u8], framing: BodyFraming) -> bool {
         || (framing == BodyFraming::Chunked && eq_ignore_case(name, b"transfer-encoding"))
 }
 
+/// What a client header is in the list sent upstream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Its name occurs once: sent as it came.
+    Single,
+    /// The first of a repeated name: sent with every value of that name (a range of the
+    /// joined scratch).
+    Joined(usize, usize),
+    /// A later occurrence of a repeated name: already in the first one's field.
+    Later,
+}
+
 /// Writes the upstream request head for `head` (parsed from `req`) into `out` and returns its
 /// length. `body` is the complete (de-chunked) body that will follow.
 pub fn write_request_head(
@@ -84,39 +96,40 @@ pub fn write_request_head(
     let claims = if endorsement.is_root { signing::CLAIMS_ROOT } else { signing::CLAIMS_NOT_ROOT };
 
     // Repeated names become one field, values joined with `, ` in wire order (RFC 9110 §5.3):
-    // first the joined values of every repeated name, then the list refers to them.
-    let mut joined = [0_u8; crate::limits::REQUEST_HEAD_MAX_BYTES];
-    let mut joined_at: [Option<(usize, usize)>; crate::limits::MAX_HEADERS] = [None; crate::limits::MAX_HEADERS];
-    let mut used = 0;
+    // first the joined values of every repeated name, then the list refers to them. The
+    // scratch is a heapless Vec: nothing is zeroed on the per-request path.
+    let mut joined: heapless::Vec<u8, { crate::limits::REQUEST_HEAD_MAX_BYTES }> = heapless::Vec::new();
+    let mut role = [Role::Single; crate::limits::MAX_HEADERS];
     let headers: heapless::Vec<(&[u8], &[u8]), { crate::limits::MAX_HEADERS }> = head.headers(req).collect();
     for (i, (name, _)) in headers.iter().enumerate() {
-        let first = !headers[..i].iter().any(|(n, _)| eq_ignore_case(n, name));
-        let repeated = headers[i + 1..].iter().any(|(n, _)| eq_ignore_case(n, name));
-        if !first || !repeated {
+        if role[i] == Role::Later || !headers[i + 1..].iter().any(|(n, _)| eq_ignore_case(n, name)) {
             continue;
         }
-        let start = used;
-        for (_, value) in headers[i..].iter().filter(|(n, _)| eq_ignore_case(n, name)) {
-            let sep: &[u8] = if used == start { b"" } else { b", " };
-            let end = used + sep.len() + value.len();
+        let start = joined.len();
+        for (j, (_, value)) in headers.iter().enumerate().skip(i).filter(|(_, (n, _))| eq_ignore_case(n, name)) {
+            let sep: &[u8] = if j == i { b"" } else { b", " };
             // Values and separators of one head never outgrow the head itself.
-            let Some(slot) = joined.get_mut(used..end) else { return Err(EndorseError::HeadTooLarge) };
-            slot[..sep.len()].copy_from_slice(sep);
-            slot[sep.len()..].copy_from_slice(value);
-            used = end;
+            joined
+                .extend_from_slice(sep)
+                .and_then(|()| joined.extend_from_slice(value))
+                .map_err(|()| EndorseError::HeadTooLarge)?;
+            if j != i {
+                role[j] = Role::Later;
+            }
         }
-        joined_at[i] = Some((start, used));
+        role[i] = Role::Joined(start, joined.len());
     }
-    let joined = &joined[..used];
 
     // The header list as sent, also the input of the signature.
     let mut sent: [(&[u8], &[u8]); UPSTREAM_HEADERS_MAX] = [(&[], &[]); UPSTREAM_HEADERS_MAX];
     let mut n = 0;
     for (i, &(name, value)) in headers.iter().enumerate() {
-        if is_dropped(name, head.framing) || headers[..i].iter().any(|(n, _)| eq_ignore_case(n, name)) {
-            continue;
-        }
-        let value = joined_at[i].map_or(value, |(start, end)| &joined[start..end]);
+        let value = match role[i] {
+            _ if is_dropped(name, head.framing) => continue,
+            Role::Later => continue,
+            Role::Joined(start, end) => &joined[start..end],
+            Role::Single => value,
+        };
         let value = if head.framing == BodyFraming::Chunked && eq_ignore_case(name, b"content-length") {
             length
         } else {
