@@ -22,6 +22,11 @@ pub const MAX_HEADERS: usize = 48;
 pub const UPSTREAM_HEADERS_MAX: usize = MAX_HEADERS + 3;
 /// Largest request body accepted for signing (MSP §5.6: 100 KiB). Over it: `413`.
 pub const REQUEST_BODY_MAX_BYTES: usize = 100 * 1024;
+/// Largest body of a skip-listed request (MSP §3.7, §5.6: 100 MiB, as the reference). Such a
+/// body is never signed, so it is streamed through the connection's request buffer and never
+/// held whole: the guest agent's log archive (`PUT /vmAgentLog`) reaches ~150 MB uncompressed
+/// but is uploaded compressed. Declared or streamed over it: `413`.
+pub const SKIP_LIST_BODY_MAX_BYTES: u64 = 100 * 1024 * 1024;
 /// Request body buffers shared by all connections: only requests with a body need one, and
 /// metadata callers almost never send bodies. When all are busy a new body gets `503`.
 pub const BODY_BUFFERS: usize = 16;
@@ -38,6 +43,10 @@ pub const CONNECTION_BUFFER_BYTES: usize = REQUEST_HEAD_MAX_BYTES + UPSTREAM_HEA
 pub const CLIENT_HEAD_TIMEOUT_MS: u64 = 10_000;
 /// Time a client has to send a complete request body.
 pub const CLIENT_BODY_TIMEOUT_MS: u64 = 10_000;
+/// Longest pause between two pieces of a streamed (skip-listed) body. Such a body may take
+/// minutes, so the bound is on silence, not on the whole: it holds no body buffer, only its
+/// connection and upstream, both counted in the caller's shares.
+pub const STREAMED_BODY_IDLE_TIMEOUT_MS: u64 = 10_000;
 /// Time the upstream has to accept a TCP connection (answer: `502`).
 pub const UPSTREAM_CONNECT_TIMEOUT_MS: u64 = 5_000;
 /// Default time the upstream has to send a complete response head (answer: `504`) and, after

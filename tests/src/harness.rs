@@ -388,6 +388,25 @@ impl Drop for Agent {
     }
 }
 
+/// A scratch directory under the temp dir (a state/log root that must survive an agent
+/// restart, a file to upload), removed with everything in it on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(unique(tag));
+        fs::create_dir_all(&path).expect("temp dir");
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        drop(fs::remove_dir_all(&self.0));
+    }
+}
+
 /// Extra config keys for [`Agent::start`], as JSON fragments (`"key":value`).
 pub const NO_EXTRA: &[&str] = &[];
 
@@ -607,7 +626,12 @@ pub fn curl(ns: &Netns, who: As<'_>, args: &[&str]) -> (u16, String) {
     argv.extend_from_slice(args);
     let out = client(ns, who, &argv);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    // The final status: interim `1xx` heads (`100 Continue` to a large upload) come first.
+    let status = text
+        .split("\r\n\r\n")
+        .filter_map(|head| head.split(' ').nth(1).and_then(|c| c.parse::<u16>().ok()))
+        .find(|status| *status >= 200)
+        .unwrap_or(0);
     (status, text)
 }
 

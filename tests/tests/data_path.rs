@@ -418,3 +418,98 @@ fn a_repeated_header_name_is_combined_signed_and_forwarded() {
     );
     assert!(out.contains(" 400 "), "repeated Host: {out}");
 }
+
+/// The agent's `VmHWM` (peak resident set), in KiB.
+fn peak_rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[test]
+fn a_skip_listed_upload_of_several_mib_is_streamed_through_not_buffered() {
+    require_privileged!();
+    // Enforce: the host takes `PUT /vmAgentLog` unsigned (skip list), everything else signed.
+    let e = env("agentlog", "enforce");
+    let pid = e.agent.proc.pid();
+    // Forget the start-up peak: from here VmHWM is what the uploads cost.
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset VmHWM");
+    let before = peak_rss_kib(pid);
+
+    // curl with a Content-Length (the guest agent's upload is a plain PUT of a zip), then
+    // python's http.client chunked, on one kept-alive connection with a signed GET after it.
+    let dir = gpa_system_tests::harness::TempDir::new("agentlog");
+    let archive = dir.0.join("logs.zip");
+    let code = format!(
+        "import hashlib, http.client\n\
+         data = b''.join(hashlib.sha256(str(i).encode()).digest() for i in range(8 * 1024 * 1024 // 32))\n\
+         open('{archive}', 'wb').write(data)\n\
+         print(hashlib.sha256(data).hexdigest())\n\
+         c = http.client.HTTPConnection('168.63.129.16', 32526, timeout=30)\n\
+         def pieces():\n\
+         \x20   for i in range(0, 6 * 1024 * 1024, 61 * 1024):\n\
+         \x20       yield data[i:min(i + 61 * 1024, 6 * 1024 * 1024)]\n\
+         c.request('PUT', '/vmAgentLog', body=pieces(), encode_chunked=True)\n\
+         r = c.getresponse(); r.read(); print(r.status, r.getheader('x-ms-azure-host-authorization'))\n\
+         print(hashlib.sha256(data[:6 * 1024 * 1024]).hexdigest())\n\
+         c.request('GET', '/status')\n\
+         r = c.getresponse(); r.read(); print(r.status)\n",
+        archive = archive.display()
+    );
+    let out = python(&e.ns, root_in(&e.cg), &code);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}\n{}", e.agent.log());
+    let (whole_sha, chunked_status, chunked_sha, after_status) = (lines[0], lines[1], lines[2], lines[3]);
+    assert_eq!(chunked_status, "200 value", "chunked upload through the proxy: {out}\n{}", e.agent.log());
+    assert_eq!(after_status, "200", "the connection stays usable after a streamed body: {out}");
+
+    let (status, text) = curl(
+        &e.ns,
+        root_in(&e.cg),
+        &["-X", "PUT", "--data-binary", &format!("@{}", archive.display()), "http://168.63.129.16:32526/vmAgentLog"],
+    );
+    assert_eq!(status, 200, "{text}\n{}", e.agent.log());
+    assert!(text.contains("x-ms-azure-host-authorization: value"), "went through the proxy: {text}");
+
+    let uploads: Vec<serde_json::Value> =
+        e.host.requests(&e.ns).into_iter().filter(|r| r["target"] == "/vmAgentLog").collect();
+    assert_eq!(uploads.len(), 2, "{uploads:?}");
+    let (chunked, whole) = (&uploads[0], &uploads[1]);
+    assert_eq!((chunked["bodyLength"].as_u64(), chunked["bodySha256"].as_str()), (Some(6 << 20), Some(chunked_sha)));
+    assert_eq!((whole["bodyLength"].as_u64(), whole["bodySha256"].as_str()), (Some(8 << 20), Some(whole_sha)));
+    for upload in &uploads {
+        assert_eq!(upload["status"], 200, "{upload}");
+        assert_eq!(upload["signature"], "missing", "skip-listed: never signed");
+    }
+    // The chunked one keeps its framing (streamed), not a de-chunked length.
+    let framing = gpa_system_tests::harness::header_values(chunked, "transfer-encoding");
+    assert_eq!(framing, ["chunked"], "{chunked}");
+    assert!(gpa_system_tests::harness::header_values(chunked, "content-length").is_empty(), "{chunked}");
+    assert_eq!(gpa_system_tests::harness::header_values(whole, "content-length"), [(8 << 20).to_string()]);
+    let signed_after =
+        e.host.requests(&e.ns).into_iter().rev().find(|r| r["target"] == "/status").expect("the GET after the upload");
+    assert_eq!(signed_after["signature"], "valid", "{signed_after}");
+
+    // 14 MiB went through; the agent's peak grew by far less than one of the bodies.
+    let grown = peak_rss_kib(pid).saturating_sub(before);
+    eprintln!("agent VmHWM grew by {grown} KiB over two uploads (14 MiB)");
+    assert!(grown < 2048, "VmHWM grew by {grown} KiB while streaming 14 MiB: bodies were buffered");
+
+    // Over the skip list's 100 MiB limit: refused from the declared length, nothing forwarded;
+    // an ordinary request keeps the 100 KiB limit.
+    for (port, target, length) in
+        [(32526, "/vmAgentLog", (100 << 20) + 1), (80, "/machine?comp=health", (100 << 10) + 1)]
+    {
+        let code = format!(
+            "import socket\ns = socket.create_connection(('168.63.129.16', {port}))\n\
+             s.sendall(b'PUT {target} HTTP/1.1\\r\\nHost: 168.63.129.16\\r\\nContent-Length: {length}\\r\\n\\r\\n')\n\
+             print(s.recv(100).split(b'\\r\\n')[0].decode())"
+        );
+        let line = python(&e.ns, root_in(&e.cg), &code);
+        assert_eq!(line.trim(), "HTTP/1.1 413 Content Too Large", "{target} with {length} bytes");
+    }
+    assert_eq!(e.host.requests(&e.ns).iter().filter(|r| r["target"] == "/vmAgentLog").count(), 2);
+}

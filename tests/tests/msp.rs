@@ -12,12 +12,12 @@
 #![expect(clippy::disallowed_methods, reason = "system tests wait on real agents and hosts in real time")]
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
 use gpa_system_tests::harness::{
-    Agent, As, Cgroup, FakeHost, Netns, binary, curl, eventually, header_values, http, python, root_in, unique,
+    Agent, As, Cgroup, FakeHost, Netns, TempDir, binary, curl, eventually, header_values, http, python, root_in,
 };
 use gpa_system_tests::require_privileged;
 use serde_json::{Value, json};
@@ -155,23 +155,6 @@ fn stdout(out: &Output) -> String {
 /// Continue` block first).
 fn body_of(text: &str) -> &str {
     text.rsplit_once("\r\n\r\n").map_or("", |(_, body)| body)
-}
-
-/// A state/log root for agents that must survive a restart; removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let path = std::env::temp_dir().join(unique(tag));
-        fs::create_dir_all(&path).expect("temp dir");
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        drop(fs::remove_dir_all(&self.0));
-    }
 }
 
 /// Asserts that a tagged request went through the proxy and reached the host signed with the

@@ -3,10 +3,16 @@
 //!
 //! ```text
 //! ReadingHead ──> ReadingBody ──> Connecting ──> SendingRequest ──> AwaitingResponse ──> Relaying
-//!      ^   │            (body only)   (no kept-alive upstream)                              │
+//!      ^   │            (body only)   (no kept-alive upstream)   │               ^             │
+//!      │   │                                                     └─> StreamingBody            │
+//!      │   │                                                   (skip-listed body) │            │
 //!      │   └──> WritingLocal (errors, /provision, ...) ──> Closed or ReadingHead            │
 //!      └────────────────────────── keep-alive ───────────────────────────────────────────────┘
 //! ```
+//!
+//! A signed request's body is read whole into a pool buffer first (the signature covers it).
+//! A skip-listed request's body (MSP §3.7: never signed, up to 100 MiB) is relayed through the
+//! request buffer after the head has gone up, so a log upload holds no body buffer.
 //!
 //! Both sockets are registered once for read and write readiness (edge-triggered). Every
 //! event runs [`Connection::drive`], which performs whatever I/O the current state wants until
@@ -22,14 +28,15 @@ use mio::{Interest, Registry, Token};
 
 use super::Verdict;
 use super::shares::Resource;
-use super::upstream::{self, Endorsement};
+use super::upstream::{self, Endorsement, RequestBody};
 use super::{CloseReason, Endorse, Shared};
 use crate::clock;
 use crate::http::{BodyFraming, ChunkedDecoder, HeadError, RequestHead, ResponseFraming, ResponseHead};
 use crate::identity::Caller;
 use crate::limits::{
     CLIENT_BODY_TIMEOUT_MS, CLIENT_HEAD_TIMEOUT_MS, CLIENT_WRITE_TIMEOUT_MS, CONNECTION_BUFFER_BYTES, IDLE_TIMEOUT_MS,
-    REQUEST_BODY_MAX_BYTES, REQUEST_HEAD_MAX_BYTES, UPSTREAM_CONNECT_TIMEOUT_MS, UPSTREAM_HEAD_MAX_BYTES,
+    REQUEST_BODY_MAX_BYTES, REQUEST_HEAD_MAX_BYTES, SKIP_LIST_BODY_MAX_BYTES, STREAMED_BODY_IDLE_TIMEOUT_MS,
+    UPSTREAM_CONNECT_TIMEOUT_MS, UPSTREAM_HEAD_MAX_BYTES,
 };
 
 /// Added to every proxied response (MSP §5.7): tells the caller the call went through us.
@@ -77,8 +84,10 @@ enum State {
     ReadingBody,
     /// Non-blocking connect to the original destination in flight.
     Connecting,
-    /// Writing the serialised head and body upstream.
+    /// Writing the serialised head (and a buffered body) upstream.
     SendingRequest,
+    /// Relaying a skip-listed body from the client to the upstream as it arrives.
+    StreamingBody,
     /// Waiting for the upstream response head.
     AwaitingResponse,
     /// Streaming the response to the client.
@@ -94,6 +103,61 @@ enum Remaining {
     Chunked(ChunkedDecoder),
     UntilClose,
     Done,
+}
+
+/// A skip-listed body on its way up: how much of it is left and how much of the request
+/// buffer's front is body bytes checked against the framing and not yet written upstream.
+#[derive(Clone, Copy, Debug)]
+struct Streamed {
+    framing: BodyFraming,
+    /// `Length`: body bytes not yet checked.
+    left: u64,
+    decoder: ChunkedDecoder,
+    /// `Chunked`: decoded bytes so far (the limit counts content, not framing).
+    decoded: u64,
+    /// Bytes at the front of the request buffer that are body, checked, not yet sent.
+    ready: usize,
+    /// The end of the body is within `ready`.
+    done: bool,
+}
+
+impl Streamed {
+    fn new(framing: BodyFraming) -> Self {
+        let left = if let BodyFraming::Length(n) = framing { n } else { 0 };
+        Self {
+            framing,
+            left,
+            decoder: ChunkedDecoder::new(),
+            decoded: 0,
+            ready: 0,
+            done: left == 0 && framing != BodyFraming::Chunked,
+        }
+    }
+
+    /// Checks the unchecked bytes at `input` (the request buffer from `ready` on) against the
+    /// framing: what belongs to the body becomes `ready`, the rest (a pipelined request) stays.
+    fn check(&mut self, input: &[u8]) -> Result<(), u16> {
+        match self.framing {
+            BodyFraming::Length(_) => {
+                let take = usize::try_from(self.left).unwrap_or(usize::MAX).min(input.len());
+                self.left -= take as u64;
+                self.ready += take;
+                self.done = self.left == 0;
+            }
+            BodyFraming::Chunked => {
+                let decoded = &mut self.decoded;
+                let consumed =
+                    self.decoder.feed(input, |data| *decoded += data.len() as u64).map_err(|_malformed| 400u16)?;
+                if self.decoded > SKIP_LIST_BODY_MAX_BYTES {
+                    return Err(413);
+                }
+                self.ready += consumed;
+                self.done = self.decoder.is_done();
+            }
+            BodyFraming::None => self.done = true,
+        }
+        Ok(())
+    }
 }
 
 /// Outcome of one step of the state machine.
@@ -155,6 +219,8 @@ pub(crate) struct Connection {
     up_len: usize,
     up_sent: usize,
     body_sent: usize,
+    /// A skip-listed body being relayed (MSP §3.7); `None` for every other request.
+    streamed: Option<Streamed>,
     resp_start: usize,
     resp_len: usize,
     remaining: Remaining,
@@ -201,6 +267,7 @@ impl Connection {
             up_len: 0,
             up_sent: 0,
             body_sent: 0,
+            streamed: None,
             resp_start: 0,
             resp_len: 0,
             remaining: Remaining::Done,
@@ -241,6 +308,7 @@ impl Connection {
                 State::ReadingBody => self.read_body(ctx),
                 State::Connecting => self.connecting(ctx),
                 State::SendingRequest => self.send_request(ctx),
+                State::StreamingBody => self.stream_body(ctx),
                 State::AwaitingResponse => self.await_response(ctx),
                 State::Relaying => self.relay(ctx),
                 State::WritingLocal { close } => self.write_local(ctx, close),
@@ -280,7 +348,13 @@ impl Connection {
             State::ReadingHead if self.req_len == 0 => return Next::Close(CloseReason::Idle),
             State::ReadingHead | State::ReadingBody => self.respond(ctx, 408, &[], b"", true),
             State::Connecting => self.respond(ctx, 502, &[], b"", true),
-            State::SendingRequest | State::AwaitingResponse => self.respond(ctx, 504, &[], b"", true),
+            // Silence from the client mid-body is the client's; a full upstream is the host's.
+            State::StreamingBody if self.streamed.is_some_and(|s| s.ready == 0) => {
+                self.respond(ctx, 408, &[], b"", true)
+            }
+            State::SendingRequest | State::StreamingBody | State::AwaitingResponse => {
+                self.respond(ctx, 504, &[], b"", true)
+            }
             State::Relaying | State::WritingLocal { .. } => return Next::Close(CloseReason::Timeout),
         }
         self.drive(ctx)
@@ -374,8 +448,11 @@ impl Connection {
             self.respond(ctx, 421, &[], b"", true);
             return Step::Progress;
         };
+        // A skip-listed body is never signed, so it is streamed, with its own limit (§3.7).
+        let streamed = head.framing != BodyFraming::None && crate::msp::signing::is_skip_listed(method, target);
+        let body_max = if streamed { SKIP_LIST_BODY_MAX_BYTES } else { REQUEST_BODY_MAX_BYTES as u64 };
         if let BodyFraming::Length(n) = head.framing
-            && n > REQUEST_BODY_MAX_BYTES as u64
+            && n > body_max
         {
             self.respond(ctx, 413, &[], b"", true);
             return Step::Progress;
@@ -394,6 +471,11 @@ impl Connection {
         if head.framing == BodyFraming::None {
             return self.prepare_upstream(ctx);
         }
+        if streamed {
+            self.streamed = Some(Streamed::new(head.framing));
+            self.send_continue(&head);
+            return self.prepare_upstream(ctx);
+        }
         let Some((uid, cgroup)) = self.owner() else { return Step::Close(CloseReason::Internal) };
         // A uid's share of the body buffers, then the pool itself (its last buffers are root's).
         if !ctx.shared.shares.take(uid, cgroup, Resource::Body) {
@@ -410,12 +492,17 @@ impl Connection {
         self.body_len = 0;
         self.body_want = head.framing;
         self.body_decoder = ChunkedDecoder::new();
+        self.send_continue(&head);
+        self.set_state(State::ReadingBody, CLIENT_BODY_TIMEOUT_MS, ctx.now);
+        Step::Progress
+    }
+
+    /// `100 Continue` to a client that waits for it before sending its body.
+    fn send_continue(&mut self, head: &RequestHead) {
         if head.expect_continue && self.req_len == head.head_len {
             // Best effort: a client that does not see it sends the body after its own delay.
             drop(self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n"));
         }
-        self.set_state(State::ReadingBody, CLIENT_BODY_TIMEOUT_MS, ctx.now);
-        Step::Progress
     }
 
     fn read_body(&mut self, ctx: &mut Ctx<'_>) -> Step {
@@ -491,7 +578,10 @@ impl Connection {
             return Step::Close(CloseReason::Internal);
         };
         let req = &self.bufs.req[..self.req_len];
-        let body = self.body.as_deref().map_or(&[][..], |b| &b[..self.body_len]);
+        let body = match (self.streamed, self.body.as_deref()) {
+            (Some(_), _) => RequestBody::Streamed,
+            (None, body) => RequestBody::Buffered(body.map_or(&[][..], |b| &b[..self.body_len])),
+        };
         let key = match ctx.shared.endorsement_for(caller, head.method(req), head.target(req)) {
             Endorse::Sign(key) => Some(key),
             Endorse::Unsigned => None,
@@ -516,6 +606,11 @@ impl Connection {
         // The head is serialised; what follows it in the buffer is the next pipelined request.
         self.consume_head(head.head_len);
         self.head = None;
+        if self.streamed.is_some() {
+            // A streamed body cannot be replayed, so a kept-alive upstream the host may have
+            // closed meanwhile is not risked: it goes up on a fresh connection.
+            self.drop_upstream(ctx);
+        }
         if self.upstream.is_some() {
             self.upstream_reused = true;
             self.set_state(State::SendingRequest, ctx.shared.upstream_timeout_ms, ctx.now);
@@ -594,6 +689,10 @@ impl Connection {
         let Some(up) = self.upstream.as_mut() else { return Step::Close(CloseReason::Internal) };
         let body = self.body.as_deref().map_or(&[][..], |b| &b[..self.body_len]);
         if self.up_sent == self.up_len && self.body_sent == body.len() {
+            if self.streamed.is_some() {
+                self.set_state(State::StreamingBody, STREAMED_BODY_IDLE_TIMEOUT_MS, ctx.now);
+                return Step::Progress;
+            }
             if let Some(buf) = self.body.take() {
                 ctx.shared.pool.give_back(buf);
                 if let Some((uid, cgroup)) = self.owner() {
@@ -619,6 +718,70 @@ impl Connection {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Step::Progress,
             Err(_) => self.upstream_failed(ctx),
         }
+    }
+
+    /// Relays a skip-listed body: checks what the client sent against its framing, writes the
+    /// checked bytes upstream, reads more; then waits for the response. The bytes after the
+    /// body's end stay in the buffer (a pipelined request).
+    fn stream_body(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        let Some(mut streamed) = self.streamed else { return Step::Close(CloseReason::Internal) };
+        if streamed.ready == 0 {
+            if streamed.done {
+                self.streamed = None;
+                self.resp_start = 0;
+                self.resp_len = 0;
+                self.set_state(State::AwaitingResponse, ctx.shared.upstream_timeout_ms, ctx.now);
+                return Step::Progress;
+            }
+            if self.req_len > 0 {
+                if let Err(status) = streamed.check(&self.bufs.req[..self.req_len]) {
+                    // The host has part of a request it will never see end: that upstream goes.
+                    self.streamed = None;
+                    self.drop_upstream(ctx);
+                    self.respond(ctx, status, &[], b"", true);
+                    return Step::Progress;
+                }
+                self.streamed = Some(streamed);
+                if streamed.ready > 0 || streamed.done {
+                    return Step::Progress;
+                }
+                // Nothing was body yet (the decoder holds a partial chunk-size line): read on.
+            }
+            let free = &mut self.bufs.req[self.req_len..];
+            return match read_some(&mut self.client, free) {
+                Ok(0) => Step::Close(CloseReason::ClientClosed),
+                Ok(n) => {
+                    self.req_len += n;
+                    self.deadline = clock::after(ctx.now, STREAMED_BODY_IDLE_TIMEOUT_MS);
+                    Step::Progress
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
+                Err(_) => Step::Close(CloseReason::ClientError),
+            };
+        }
+        let Some(up) = self.upstream.as_mut() else { return Step::Close(CloseReason::Internal) };
+        match up.write(&self.bufs.req[..streamed.ready]) {
+            Ok(0) => self.stream_failed(ctx),
+            Ok(n) => {
+                self.bufs.req.copy_within(n..self.req_len, 0);
+                self.req_len -= n;
+                streamed.ready -= n;
+                self.streamed = Some(streamed);
+                self.deadline = clock::after(ctx.now, STREAMED_BODY_IDLE_TIMEOUT_MS);
+                Step::Progress
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Step::Progress,
+            Err(_) => self.stream_failed(ctx),
+        }
+    }
+
+    /// The upstream went away mid-body: the body cannot be replayed, so no retry.
+    fn stream_failed(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        self.streamed = None;
+        self.drop_upstream(ctx);
+        self.respond(ctx, 502, &[], b"", true);
+        Step::Progress
     }
 
     /// The upstream failed before any response byte. A kept-alive connection the host closed
@@ -915,5 +1078,36 @@ pub(crate) fn peer_v4(addr: SocketAddr) -> Option<SocketAddrV4> {
     match addr {
         SocketAddr::V4(a) => Some(a),
         SocketAddr::V6(a) => a.ip().to_ipv4_mapped().map(|ip| SocketAddrV4::new(ip, a.port())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_streamed_body_is_checked_against_its_framing_and_the_skip_list_limit() {
+        // A length: body bytes become ready, a pipelined request after them does not.
+        let mut s = Streamed::new(BodyFraming::Length(5));
+        s.check(b"abc").expect("body");
+        assert_eq!((s.ready, s.done), (3, false));
+        s.ready = 0;
+        s.check(b"deGET / HTTP/1.1\r\n").expect("body");
+        assert_eq!((s.ready, s.done), (2, true));
+
+        // Chunked: framing goes up verbatim with the data; the end is found.
+        let mut s = Streamed::new(BodyFraming::Chunked);
+        let body = b"3\r\nabc\r\n0\r\n\r\nGET /next";
+        s.check(body).expect("chunked");
+        assert_eq!((s.ready, s.done, s.decoded), (body.len() - b"GET /next".len(), true, 3));
+        assert_eq!(Streamed::new(BodyFraming::Chunked).check(b"zz\r\n"), Err(400));
+
+        // The limit counts decoded bytes, across pieces: one byte over is 413 before it is ready.
+        let mut s = Streamed::new(BodyFraming::Chunked);
+        s.decoded = SKIP_LIST_BODY_MAX_BYTES - 2;
+        s.check(b"2\r\nab").expect("at the limit");
+        s.ready = 0;
+        assert_eq!(s.check(b"\r\n1\r\nc"), Err(413));
+        assert_eq!(s.ready, 0);
     }
 }

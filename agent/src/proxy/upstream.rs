@@ -4,9 +4,10 @@
 //!
 //! What changes on the way (MSP §5.5, with this project's fixes):
 //! * every client-supplied `x-ms-azure-host-*` header is dropped, on every path;
-//! * a chunked body has been de-chunked, so `transfer-encoding` is dropped and a
-//!   `content-length` with the decoded length is sent instead; `expect` is dropped (the proxy
-//!   answered `100 Continue` itself);
+//! * a buffered chunked body has been de-chunked, so `transfer-encoding` is dropped and a
+//!   `content-length` with the decoded length is sent instead; a streamed (skip-listed, never
+//!   signed) body keeps the client's framing and goes up byte for byte; `expect` is dropped
+//!   (the proxy answered `100 Continue` itself);
 //! * `x-ms-azure-host-claims` and `x-ms-azure-host-date` are added, and
 //!   `x-ms-azure-host-authorization` when a key is held and the request is not skip-listed.
 //!
@@ -23,6 +24,9 @@ pub enum EndorseError {
     HeadTooLarge,
     /// Signing failed (for example a header value that is not visible ASCII).
     Sign(signing::SignError),
+    /// A key was passed with a streamed body: a signature covers the whole body, so only a
+    /// skip-listed (never signed) request may be streamed.
+    StreamedBodyCannotBeSigned,
 }
 
 /// Inputs that are not in the request itself.
@@ -57,11 +61,21 @@ impl Writer<'_> {
 /// prefix: `x-ms-azure-hostname` is the client's and is forwarded).
 const HOST_PREFIX: &[u8] = b"x-ms-azure-host-";
 
-/// Whether a client header is replaced or dropped rather than forwarded.
-fn is_dropped(name: &[u8], framing: BodyFraming) -> bool {
+/// The body that follows the head upstream.
+#[derive(Clone, Copy, Debug)]
+pub enum RequestBody<'a> {
+    /// Complete and de-chunked: sent with a `content-length` and covered by the signature.
+    Buffered(&'a [u8]),
+    /// A skip-listed body relayed as the client frames it (MSP §3.7); never signed.
+    Streamed,
+}
+
+/// Whether a client header is replaced or dropped rather than forwarded. `rechunked`: the
+/// body was de-chunked, so the client's `transfer-encoding` no longer describes it.
+fn is_dropped(name: &[u8], rechunked: bool) -> bool {
     name.len() >= HOST_PREFIX.len() && eq_ignore_case(&name[..HOST_PREFIX.len()], HOST_PREFIX)
         || eq_ignore_case(name, b"expect")
-        || (framing == BodyFraming::Chunked && eq_ignore_case(name, b"transfer-encoding"))
+        || (rechunked && eq_ignore_case(name, b"transfer-encoding"))
 }
 
 /// What a client header is in the list sent upstream.
@@ -77,14 +91,20 @@ enum Role {
 }
 
 /// Writes the upstream request head for `head` (parsed from `req`) into `out` and returns its
-/// length. `body` is the complete (de-chunked) body that will follow.
+/// length. `body` says what follows: a buffered body is complete and de-chunked; a streamed
+/// one is never signed (`Sign(BodyStreamed)` if a key is passed with it).
 pub fn write_request_head(
     head: &RequestHead,
     req: &[u8],
-    body: &[u8],
+    body: RequestBody<'_>,
     endorsement: &Endorsement<'_>,
     out: &mut [u8],
 ) -> Result<usize, EndorseError> {
+    let (body, rechunked) = match body {
+        RequestBody::Buffered(body) => (body, head.framing == BodyFraming::Chunked),
+        RequestBody::Streamed if endorsement.key.is_some() => return Err(EndorseError::StreamedBodyCannotBeSigned),
+        RequestBody::Streamed => (&[][..], false),
+    };
     let method = head.method(req);
     let target = head.target(req);
     let mut w = Writer { out, len: 0 };
@@ -125,20 +145,16 @@ pub fn write_request_head(
     let mut n = 0;
     for (i, &(name, value)) in headers.iter().enumerate() {
         let value = match role[i] {
-            _ if is_dropped(name, head.framing) => continue,
+            _ if is_dropped(name, rechunked) => continue,
             Role::Later => continue,
             Role::Joined(start, end) => &joined[start..end],
             Role::Single => value,
         };
-        let value = if head.framing == BodyFraming::Chunked && eq_ignore_case(name, b"content-length") {
-            length
-        } else {
-            value
-        };
+        let value = if rechunked && eq_ignore_case(name, b"content-length") { length } else { value };
         sent[n] = (name, value);
         n += 1;
     }
-    if head.framing == BodyFraming::Chunked {
+    if rechunked {
         sent[n] = (b"content-length", length);
         n += 1;
     }
@@ -166,13 +182,14 @@ mod tests {
         for name in
             [&b"x-ms-azure-host-authorization"[..], b"X-MS-Azure-Host-Claims", b"x-ms-azure-host-date", b"Expect"]
         {
-            assert!(is_dropped(name, BodyFraming::None), "{}", String::from_utf8_lossy(name));
+            assert!(is_dropped(name, false), "{}", String::from_utf8_lossy(name));
         }
         // Headers of the client that only share the first letters: forwarded.
         for name in [&b"x-ms-azure-hostname"[..], b"x-ms-azure-ho", b"x-ms-azure-host", b"x-ms-version", b"metadata"] {
-            assert!(!is_dropped(name, BodyFraming::None), "{}", String::from_utf8_lossy(name));
+            assert!(!is_dropped(name, false), "{}", String::from_utf8_lossy(name));
         }
-        assert!(is_dropped(b"Transfer-Encoding", BodyFraming::Chunked));
+        assert!(is_dropped(b"Transfer-Encoding", true));
+        assert!(!is_dropped(b"Transfer-Encoding", false));
     }
 
     #[test]
@@ -183,7 +200,7 @@ mod tests {
         let date = "Wed, 02 Dec 2026 06:00:00 GMT";
         let endorsement = Endorsement { key: Some(&key), is_root: true, date };
         let mut out = [0_u8; 4096];
-        let n = write_request_head(&head, req, b"", &endorsement, &mut out).expect("written");
+        let n = write_request_head(&head, req, RequestBody::Buffered(b""), &endorsement, &mut out).expect("written");
         let text = core::str::from_utf8(&out[..n]).expect("ascii");
         assert_eq!(text.matches("ccept:").count(), 1, "one field: {text}");
         assert!(text.contains("Accept: text/plain, application/json\r\n"), "{text}");
@@ -198,5 +215,32 @@ mod tests {
         let mac = signing::sign(&key, b"GET", b"", &sent, b"/metadata/instance?api-version=2021-02-01").expect("signs");
         let value = signing::authorization_value(&key, &mac);
         assert!(text.contains(value.as_str()), "{text}");
+    }
+
+    #[test]
+    fn a_streamed_body_keeps_its_framing_and_is_never_signed() {
+        let req = b"PUT /vmAgentLog HTTP/1.1\r\nHost: 168.63.129.16:32526\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\nX-MS-Azure-Host-Authorization: forged\r\n\r\n";
+        let head = RequestHead::parse(req).expect("parses").expect("complete");
+        let date = "Wed, 02 Dec 2026 06:00:00 GMT";
+        let mut out = [0_u8; 4096];
+        let unsigned = Endorsement { key: None, is_root: true, date };
+        let n = write_request_head(&head, req, RequestBody::Streamed, &unsigned, &mut out).expect("written");
+        let text = core::str::from_utf8(&out[..n]).expect("ascii");
+        assert_eq!(
+            text,
+            "PUT /vmAgentLog HTTP/1.1\r\nHost: 168.63.129.16:32526\r\nTransfer-Encoding: chunked\r\n\
+             x-ms-azure-host-claims: { \"isRoot\": \"true\"}\r\nx-ms-azure-host-date: Wed, 02 Dec 2026 06:00:00 GMT\r\n\r\n"
+        );
+        // The same head buffered: de-chunked, so the framing header becomes a length.
+        let n = write_request_head(&head, req, RequestBody::Buffered(b"log"), &unsigned, &mut out).expect("written");
+        let text = core::str::from_utf8(&out[..n]).expect("ascii");
+        assert!(!text.contains("Transfer-Encoding") && text.contains("content-length: 3\r\n"), "{text}");
+        // A key with a streamed body is a caller's mistake, refused rather than half-signed.
+        let key = SigningKey::from_hex("8f4d2c1e-9b3a-4e6f-8a7d-2c1b0e9f8a7d", &"ab".repeat(32)).expect("key");
+        let signed = Endorsement { key: Some(&key), is_root: true, date };
+        assert_eq!(
+            write_request_head(&head, req, RequestBody::Streamed, &signed, &mut out),
+            Err(EndorseError::StreamedBodyCannotBeSigned)
+        );
     }
 }

@@ -27,6 +27,8 @@ const ISSUED: &str = "2021-05-05T 12:00:00Z";
 const MALFORMED_STATUS: &str = r#"{"version": "2.0", "#;
 /// The telemetry upload (spec §1.2 G, §7.3): on the skip list of §3.7, so never signed.
 const TELEMETRY_TARGET: &str = "/machine/?comp=telemetrydata";
+/// The guest agent's log upload to HostGAPlugin: the other §3.7 skip-list entry.
+const AGENT_LOG_TARGET: &str = "/vmagentlog";
 const JSON: &str = "application/json; charset=utf-8";
 const XML: &str = "text/xml; charset=utf-8";
 
@@ -145,10 +147,16 @@ enum Route {
     Attest(String),
     /// `POST /machine/?comp=telemetrydata` (exact target, case-insensitive, as in §3.7).
     Telemetry,
+    /// `PUT /vmAgentLog` on HostGAPlugin (exact target, case-insensitive, §3.7): taken unsigned
+    /// in every mode, as the host does.
+    AgentLog,
     Data,
 }
 
 fn route(endpoint: Endpoint, req: &Request) -> Route {
+    if endpoint == Endpoint::HostGa && req.method == "PUT" && req.target.eq_ignore_ascii_case(AGENT_LOG_TARGET) {
+        return Route::AgentLog;
+    }
     if endpoint != Endpoint::WireServer {
         return Route::Data;
     }
@@ -198,6 +206,10 @@ pub(crate) fn handle_endpoint(
                 state.stats.telemetry_uploads += 1;
                 false
             }
+            Route::AgentLog => {
+                state.stats.agent_log_uploads += 1;
+                false
+            }
             Route::Data => false,
         };
         let seq = state.next_seq;
@@ -231,6 +243,7 @@ pub(crate) fn handle_endpoint(
         Route::Acquire => acquire_response(&mut state, req),
         Route::Attest(guid) => attest_response(&mut state, &guid, verdict),
         Route::Telemetry => telemetry_response(&mut state),
+        Route::AgentLog => (Response::new(200, JSON, "{}"), None),
         Route::Data => (data_response(&state, shared, endpoint, req, verdict), None),
     };
     let down = state.settings.down;
@@ -522,7 +535,7 @@ fn echo(endpoint: Endpoint, req: &Request) -> Response {
             "method": req.method,
             "target": req.target,
             "headers": headers,
-            "body": String::from_utf8_lossy(&req.body),
+            "body": super::state::body_text(&req.body),
         }),
     )
 }

@@ -322,6 +322,8 @@ pub(crate) struct Stats {
     /// `POST /machine/?comp=telemetrydata` requests, and how many were failed on purpose.
     pub(crate) telemetry_uploads: u64,
     pub(crate) telemetry_failures_injected: u64,
+    /// `PUT /vmAgentLog` uploads to HostGAPlugin.
+    pub(crate) agent_log_uploads: u64,
 }
 
 /// One request as received on an endpoint listener, and what the fake made of it.
@@ -355,14 +357,31 @@ impl Record {
             "target": self.target,
             "version": self.version,
             "headers": headers,
-            "body": String::from_utf8_lossy(&self.body),
+            "body": body_text(&self.body),
             "bodyLength": self.body.len(),
+            "bodySha256": body_sha256(&self.body),
             "signature": self.signature,
             "keyGuid": self.key_guid,
             "status": self.status,
             "note": self.note,
         })
     }
+}
+
+/// Bodies larger than this are not copied into the request log's JSON (a log upload is MiB):
+/// `body` is empty for them and `bodyLength` and `bodySha256` say what arrived.
+const BODY_TEXT_MAX_BYTES: usize = 64 * 1024;
+
+/// A body as text for the request log and the echo, or `""` when it is over
+/// [`BODY_TEXT_MAX_BYTES`].
+pub(crate) fn body_text(body: &[u8]) -> String {
+    if body.len() > BODY_TEXT_MAX_BYTES { String::new() } else { String::from_utf8_lossy(body).into_owned() }
+}
+
+/// Lower-case hex SHA-256 of a body: tests compare what arrived with what was sent.
+fn body_sha256(body: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(body).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// splitmix64: tiny, good enough for key material *in a test fake*, seeded from the OS.
@@ -466,6 +485,7 @@ impl State {
             "acquireBodyMismatches": self.stats.acquire_body_mismatches,
             "telemetryUploads": self.stats.telemetry_uploads,
             "telemetryFailuresInjected": self.stats.telemetry_failures_injected,
+            "agentLogUploads": self.stats.agent_log_uploads,
             "currentKeyGuid": self.current_key,
             "issuedKeys": self.keys.iter().map(|k| k.guid.as_str()).collect::<Vec<_>>(),
         })
