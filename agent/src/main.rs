@@ -202,14 +202,15 @@ fn run(args: &[String]) -> Result<ExitCode, MainError> {
                 log::warn!(target: "gpa::main", "cannot clear the dumpable flag: {e}");
             }
             let mut event_loop = EventLoop::start(config).map_err(MainError::Start)?;
-            // Everything privileged is done: keep only what the loop needs (sys::harden).
-            match sys::harden::drop_capabilities().and_then(|()| sys::harden::install_seccomp()) {
-                Ok(()) => log::info!(target: "gpa::main", "hardened: capabilities dropped, seccomp filter installed"),
-                Err(e) => log::error!(target: "gpa::main", "hardening failed, running with full privileges: {e}"),
-            }
+            // Everything privileged is done: keep only what the loop needs (sys::harden). After
+            // a failed attach it waits for the retry that succeeds.
+            event_loop.harden();
             logger::milestone(&format!("started, version {}", gpa::VERSION));
             // Type=notify: the unit is "started" only now that the redirect is armed and the
-            // listener serves, so units ordered after it (network-pre) wait for protection.
+            // listener serves, so units ordered after it (network-pre) wait for protection. A
+            // redirector that failed is reported instead (`--status` exits 2 with the cause)
+            // and retried: waiting here would only let systemd kill the one process that can
+            // say what went wrong.
             if let Err(e) = sys::sd_notify("READY=1") {
                 log::warn!(target: "gpa::main", "cannot notify systemd: {e}");
             }

@@ -664,3 +664,60 @@ fn slow_failing_and_malformed_host_answers_keep_the_agent_unready_and_it_recover
         assert_redirected_and_signed(&e, "after-fault", status, &text);
     }
 }
+
+#[test]
+fn a_failed_redirector_start_is_reported_by_status_and_retried_until_it_attaches() {
+    require_privileged!();
+    // The cgroup the agent is told to protect does not exist yet (a unit ordered too early, a
+    // container runtime that makes it later): the attach fails for a real reason.
+    let ns = Netns::new("late-cg");
+    let host = FakeHost::start_with(&ns, &["--mode", "enforce"]);
+    let path =
+        gpa_system_tests::harness::cgroup2_root().expect("cgroup2").join(gpa_system_tests::harness::unique("late-cg"));
+    // Dropped (removed) at the end like any test cgroup; created below, by this test.
+    let cg = Cgroup { path };
+    let agent = Agent::start(&ns, &cg, FAST_POLL);
+    let e = Env { agent, host, cg, ns };
+
+    // The daemon stays up and says why; `--status` finishes with that error, exit 2.
+    let answer = provision(&e.ns);
+    assert_eq!(answer["finished"], true, "{answer}");
+    let error = answer["errorMessage"].as_str().unwrap_or_default();
+    assert!(error.starts_with("ebpfProgramStatus - Failed to start redirector:"), "{answer}");
+    let (out, _) = e.status_cli(Some(5));
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("Provisioning finished with errors: ebpfProgramStatus - Failed to start redirector"),
+        "{}",
+        stdout(&out)
+    );
+    let (status, body) = http(
+        &e.ns,
+        "127.0.0.1:3080".parse().expect("addr"),
+        "GET",
+        "/gpa-aggregated-status",
+        &[("Metadata", "true")],
+        b"",
+    );
+    // Not through the redirect: 403 (no claims); the status file says the same as --status.
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+    let doc: Value = eventually(Duration::from_secs(5), "status.json to show the failure", || {
+        let text = fs::read_to_string(e.agent.log_dir.join("status.json")).ok()?;
+        let doc: Value = serde_json::from_str(&text).ok()?;
+        (doc["proxyAgentStatus"]["ebpfProgramStatus"]["status"] == "STOPPED").then_some(doc)
+    });
+    let message = doc["proxyAgentStatus"]["ebpfProgramStatus"]["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("Failed to start redirector"), "{doc}");
+
+    // The cgroup appears; the next retry attaches, the key latch goes on, callers are served.
+    fs::create_dir(&e.cg.path).expect("create the cgroup");
+    eventually(Duration::from_secs(10), "the retry to attach", || {
+        e.agent.log().contains("eBPF redirector attached to").then_some(())
+    });
+    e.agent.wait_ready(&e.ns);
+    let (out, _) = e.status_cli(Some(10));
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let (status, text) = e.root_curl("after-retry", &["-H", "Metadata: true", IMDS]);
+    assert_redirected_and_signed(&e, "after-retry", status, &text);
+    assert!(e.agent.log().contains("hardened: capabilities dropped"), "hardening followed the attach");
+}

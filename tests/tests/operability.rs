@@ -145,3 +145,23 @@ fn status_file_status_doctor_audit_verify_and_explain_on_a_live_agent() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).to_ascii_lowercase().contains("forbidden"), "{}", text(&out));
 }
+
+/// Unprivileged: the shipped unit's restart settings can never reach systemd's start limit,
+/// which would leave the VM without an agent until someone notices (issue 14).
+#[test]
+fn the_unit_restarts_forever_and_never_hits_the_start_limit() {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/guest-proxy-agent.service"))
+        .expect("the shipped unit");
+    let value = |key: &str| {
+        unit.lines().find_map(|l| l.trim().strip_prefix(key).and_then(|v| v.strip_prefix('='))).map(str::trim)
+    };
+    assert_eq!(value("Restart"), Some("always"), "{unit}");
+    let restart_sec: f64 = value("RestartSec").and_then(|v| v.parse().ok()).expect("RestartSec in seconds");
+    // systemd's defaults (DefaultStartLimitIntervalSec=10s, DefaultStartLimitBurst=5) unless set.
+    let interval: f64 =
+        value("StartLimitIntervalSec").map_or(10.0, |v| v.trim_end_matches('s').parse().expect("seconds"));
+    let burst: f64 = value("StartLimitBurst").map_or(5.0, |v| v.parse().expect("count"));
+    // Disabled, or `burst` starts cannot fit into one interval even if each fails at once.
+    assert!(interval == 0.0 || restart_sec * (burst - 1.0) > interval, "start limit reachable: {unit}");
+    assert!(restart_sec >= 2.0, "a crash loop must not spin: RestartSec={restart_sec}");
+}

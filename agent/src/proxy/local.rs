@@ -24,8 +24,8 @@ pub(crate) struct LocalResponse {
     pub(crate) close: bool,
 }
 
-/// Provisioning readiness (§2.8): the redirector and listener are ready once the loop runs;
-/// the key latch reports when it is.
+/// Provisioning readiness (§2.8): the listener is ready once the loop runs; the redirector
+/// reports a failed attach (finished with its error); the key latch reports when it is.
 #[derive(Debug)]
 pub(crate) struct Provision {
     started: Instant,
@@ -97,7 +97,10 @@ impl Shared {
         }
         let finished_ns = self.provision.finished_unix_ns;
         let latched = !matches!(self.keeper.state(), "Unknown" | "disabled");
-        let finished = finished_ns != 0 && (finished_ns >= tick || latched);
+        // A component that failed to start finishes provisioning at once, with its error:
+        // waiting would only turn the cause into a timeout (issue 14). It is retried, and
+        // the answer follows it.
+        let finished = self.ebpf_failed || finished_ns != 0 && (finished_ns >= tick || latched);
         if !finished && head.header(req, b"x-ms-azure-notify").is_some() {
             if !latched {
                 // §2.7: provisioning restarts; it finishes again when the keeper is ready.
@@ -106,6 +109,9 @@ impl Shared {
             self.keeper.notify(now);
         }
         let mut error = String::new();
+        if self.ebpf_failed {
+            write!(error, "ebpfProgramStatus - {}\r\n", self.ebpf_message).ok();
+        }
         if !keeper_ready {
             // §6.5: one line per readiness bit still missing.
             write!(error, "keyLatchStatus - {}\r\n", self.keeper.message()).ok();

@@ -59,6 +59,9 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// How long a taking agent waits for its key latch before it tells the early agent to stop
 /// anyway (the early agent faces the same host, so waiting longer gains nothing).
 const TAKEOVER_READY_WAIT: Duration = Duration::from_secs(10);
+/// First wait before the redirector is tried again after a failed attach, and the longest.
+const REDIRECT_RETRY_FIRST_MS: u64 = 1_000;
+const REDIRECT_RETRY_MAX_MS: u64 = 30_000;
 
 const SERVER_FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
@@ -191,6 +194,9 @@ pub struct Shared {
     pub(crate) log_dir: PathBuf,
     /// `ebpfProgramStatus` message.
     pub(crate) ebpf_message: String,
+    /// The redirector failed to load or attach and is being retried: `ebpfProgramStatus` is
+    /// `STOPPED` and `/provision` finishes with that error (issue 14).
+    pub(crate) ebpf_failed: bool,
     /// `proxyListenerStatus` message.
     pub(crate) listener_message: String,
     /// Handing over to another agent: finish each exchange, keep no connection alive.
@@ -303,7 +309,11 @@ impl Shared {
             monitor: self.status_writer.monitor(),
             key_latch: ModuleStatus::running(self.keeper.message()),
             key_latch_states: Some(KeyLatchStates::from_keeper(&self.keeper)),
-            ebpf_program: ModuleStatus::running(&self.ebpf_message),
+            ebpf_program: if self.ebpf_failed {
+                ModuleStatus { state: crate::status::ModuleState::Stopped, message: &self.ebpf_message }
+            } else {
+                ModuleStatus::running(&self.ebpf_message)
+            },
             proxy_listener: ModuleStatus::running(&self.listener_message),
             telemetry_logger: self
                 .telemetry
@@ -477,7 +487,16 @@ pub struct EventLoop {
     /// still be accepted and shed.
     spare_fd: Option<std::fs::File>,
     shared: Shared,
-    redirector: Redirector,
+    /// `None` while the programs are not attached (a failed start, retried with backoff): the
+    /// agent stays up to report why, and nothing is redirected meanwhile.
+    redirector: Option<Redirector>,
+    /// What the redirector is attached to, and with which options, for the retries.
+    cgroup: PathBuf,
+    keep_records: bool,
+    /// When the next attach is tried, and the wait after that one.
+    redirect_retry: Option<(Instant, u64)>,
+    /// Capabilities and seccomp wait for the redirector: the retries need `bpf()`.
+    harden_pending: bool,
     resolver: Resolver,
     config: ValidatedConfig,
     routes: [bool; 3],
@@ -560,28 +579,7 @@ impl EventLoop {
             "Started proxy listener, ready to accept request - {}",
             clock::now().saturating_duration_since(started).as_millis()
         );
-        let redirector = Redirector::attach(
-            &cgroup,
-            &AttachOptions {
-                agent_mark: config.agent_mark,
-                agent_tgid: crate::sys::getpid(),
-                pins: config.pin_dir.as_deref(),
-                listener: listener.as_fd(),
-                netns_cookie,
-                kernel_identity: config.caller_identity == CallerIdentity::Kernel,
-                keep_records: shared_listener,
-            },
-        )
-        .map_err(StartError::Redirect)?;
-        let attach_ms = clock::now().saturating_duration_since(started).as_millis();
-        let identity = match redirector.task_identity() {
-            TaskIdentity::Kernel => "executable identity from the kernel's connect-time record".to_owned(),
-            TaskIdentity::Procfs(why) => format!("executable identity from /proc only ({why})"),
-        };
-        logger::milestone(&format!("eBPF redirector attached to {} in {attach_ms} ms; {identity}", cgroup.display()));
-        let ebpf_message = format!("Started Redirector with eBPF maps - {attach_ms}; {identity}");
         telemetry::module_status("ProxyServer", &listener_message);
-        telemetry::module_status("Redirector", &ebpf_message);
         // Read now: the seccomp filter installed after start does not allow `sysinfo`.
         let telemetry = config.telemetry.map(|t| {
             let uploader = UploaderConfig {
@@ -643,7 +641,8 @@ impl EventLoop {
                 status_writer: StatusWriter::new(&config.log_dir),
                 status_buf: crate::status::new_buffer(),
                 log_dir: config.log_dir.clone(),
-                ebpf_message,
+                ebpf_message: "eBPF redirector is starting".to_owned(),
+                ebpf_failed: false,
                 listener_message,
                 draining: false,
                 telemetry,
@@ -656,7 +655,11 @@ impl EventLoop {
                     }
                 },
             },
-            redirector,
+            redirector: None,
+            cgroup,
+            keep_records: shared_listener,
+            redirect_retry: None,
+            harden_pending: false,
             resolver: Resolver::new(),
             config,
             routes: [false; 3],
@@ -664,25 +667,105 @@ impl EventLoop {
             next_status: clock::now(),
             audited_key: None,
         };
-        // Adopted pinned state keeps the previous agent's routes until the key latch decides.
-        for (i, destination) in
-            [this.config.wire_server, this.config.imds, this.config.host_ga_plugin].into_iter().enumerate()
-        {
-            this.routes[i] = this.redirector.routed(destination);
-        }
-        this.apply_routes();
+        this.attach_redirector(started);
         let started = format!(
             "pid {}, version {}, caller identity {}, {} connections",
             std::process::id(),
             env!("CARGO_PKG_VERSION"),
-            match this.redirector.task_identity() {
-                TaskIdentity::Kernel => "kernel",
-                TaskIdentity::Procfs(_) => "procfs",
+            match this.redirector.as_ref().map(Redirector::task_identity) {
+                Some(TaskIdentity::Kernel) => "kernel",
+                Some(TaskIdentity::Procfs(_)) => "procfs",
+                None => "none (redirector not attached)",
             },
             max_connections
         );
         this.audit_event("start", &started);
         Ok(this)
+    }
+
+    /// Loads and attaches the redirector. A failure does not stop the agent: it is reported
+    /// (`ebpfProgramStatus`, `/provision`, `--status`) and retried with backoff, 1 s doubling
+    /// to [`REDIRECT_RETRY_MAX_MS`]. A process that exits instead loses the cause, and systemd
+    /// gives up on it after a few restarts.
+    fn attach_redirector(&mut self, started: Instant) {
+        let attached = Redirector::attach(
+            &self.cgroup,
+            &AttachOptions {
+                agent_mark: self.config.agent_mark,
+                agent_tgid: crate::sys::getpid(),
+                pins: self.config.pin_dir.as_deref(),
+                listener: self.listener.as_fd(),
+                netns_cookie: self.netns_cookie,
+                kernel_identity: self.config.caller_identity == CallerIdentity::Kernel,
+                keep_records: self.keep_records,
+            },
+        );
+        let now = clock::now();
+        let redirector = match attached {
+            Ok(r) => r,
+            Err(e) => {
+                let wait_ms = self.redirect_retry.map_or(REDIRECT_RETRY_FIRST_MS, |(_, wait)| wait);
+                self.shared.ebpf_message = format!("Failed to start redirector: {e}");
+                if !self.shared.ebpf_failed {
+                    logger::milestone(&format!(
+                        "{}; retrying, nothing is redirected meanwhile",
+                        self.shared.ebpf_message
+                    ));
+                    telemetry::module_status("Redirector", &self.shared.ebpf_message);
+                    self.shared.ebpf_failed = true;
+                    self.next_status = now;
+                } else {
+                    log::warn!(target: "gpa::loop", "{}; next try in {wait_ms} ms", self.shared.ebpf_message);
+                }
+                self.redirect_retry = Some((clock::after(now, wait_ms), (wait_ms * 2).min(REDIRECT_RETRY_MAX_MS)));
+                return;
+            }
+        };
+        let attach_ms = now.saturating_duration_since(started).as_millis();
+        let identity = match redirector.task_identity() {
+            TaskIdentity::Kernel => "executable identity from the kernel's connect-time record".to_owned(),
+            TaskIdentity::Procfs(why) => format!("executable identity from /proc only ({why})"),
+        };
+        logger::milestone(&format!(
+            "eBPF redirector attached to {} in {attach_ms} ms; {identity}",
+            self.cgroup.display()
+        ));
+        self.shared.ebpf_message = format!("Started Redirector with eBPF maps - {attach_ms}; {identity}");
+        self.shared.ebpf_failed = false;
+        self.redirect_retry = None;
+        self.next_status = now;
+        telemetry::module_status("Redirector", &self.shared.ebpf_message);
+        // Adopted pinned state keeps the previous agent's routes until the key latch decides.
+        for (i, destination) in
+            [self.config.wire_server, self.config.imds, self.config.host_ga_plugin].into_iter().enumerate()
+        {
+            self.routes[i] = redirector.routed(destination);
+        }
+        self.redirector = Some(redirector);
+        self.apply_routes();
+        if self.harden_pending {
+            self.harden();
+        }
+    }
+
+    /// Whether the redirector is attached (a failed start is retried in the loop).
+    pub fn redirector_attached(&self) -> bool {
+        self.redirector.is_some()
+    }
+
+    /// Drops the capabilities and installs the seccomp filter (`sys::harden`) once everything
+    /// privileged is done: now, or after the redirector's retry succeeds.
+    pub fn harden(&mut self) {
+        if self.redirector.is_none() {
+            self.harden_pending = true;
+            log::info!(target: "gpa::main", "hardening waits for the redirector (its retries need bpf())");
+            return;
+        }
+        self.harden_pending = false;
+        match crate::sys::harden::drop_capabilities().and_then(|()| crate::sys::harden::install_seccomp()) {
+            Ok(()) => log::info!(target: "gpa::main", "hardened: capabilities dropped, seccomp filter installed"),
+            Err(e) => log::error!(target: "gpa::main", "hardening failed, running with full privileges: {e}"),
+        }
     }
 
     /// An `event` record in both audit trails, written at once (events are rare and are the
@@ -732,6 +815,9 @@ impl EventLoop {
                 }
             }
             self.expire(now);
+            if self.redirect_retry.is_some_and(|(at, _)| now >= at) {
+                self.attach_redirector(now);
+            }
             if let Some(audit) = self.shared.audit.as_mut()
                 && let Err(e) = audit.flush(now)
             {
@@ -854,6 +940,9 @@ impl EventLoop {
         if let Some(retry) = self.accept_retry {
             next = next.min(retry);
         }
+        if let Some((retry, _)) = self.redirect_retry {
+            next = next.min(retry);
+        }
         if !self.redrive.is_empty() {
             return Some(now);
         }
@@ -929,11 +1018,9 @@ impl EventLoop {
             if want == self.routes[i] {
                 continue;
             }
-            let result = if want {
-                self.redirector.set_route(destination, endpoint)
-            } else {
-                self.redirector.remove_route(destination)
-            };
+            let Some(redirector) = self.redirector.as_mut() else { return };
+            let result =
+                if want { redirector.set_route(destination, endpoint) } else { redirector.remove_route(destination) };
             match result {
                 Ok(()) => {
                     self.routes[i] = want;
@@ -974,7 +1061,11 @@ impl EventLoop {
                 src_port: peer.port(),
                 pad: 0,
             };
-            let record = match self.redirector.take_caller(&key, crate::sys::boottime_ns()) {
+            let taken = self
+                .redirector
+                .as_mut()
+                .map_or(Err(NoRecord::Missing), |r| r.take_caller(&key, crate::sys::boottime_ns()));
+            let record = match taken {
                 Ok(record) => Some(record),
                 Err(why) => {
                     if why != NoRecord::Missing {
