@@ -39,6 +39,16 @@ pub const RESPONSE_BUFFER_BYTES: usize = 16 * 1024;
 /// All buffers one connection slot owns, allocated on first use of the slot and reused.
 pub const CONNECTION_BUFFER_BYTES: usize = REQUEST_HEAD_MAX_BYTES + UPSTREAM_HEAD_MAX_BYTES + RESPONSE_BUFFER_BYTES;
 
+/// Longest a redirected request waits for the key latch (or the first status document) before
+/// it is answered `429` with `Retry-After: 1` (issue 14). Early boot intercepts everything
+/// before the network is up; a `503` there would be a provisioning failure to cloud-init,
+/// which retries IMDS only on 404, 410, 429 and 500. Shorter than any client's read timeout
+/// we know of (cloud-init's IMDS calls allow several seconds).
+pub const KEY_LATCH_HOLD_MS: u64 = 5_000;
+/// While requests are held, the key keeper polls the host at least this often, whatever its
+/// backoff (a caller is waiting: the network may just have come up).
+pub const KEY_LATCH_HOLD_POLL_MS: u64 = 250;
+
 /// Time a client has to send a complete request head (slow-loris bound).
 pub const CLIENT_HEAD_TIMEOUT_MS: u64 = 10_000;
 /// Time a client has to send a complete request body.

@@ -134,7 +134,7 @@ fn no_request_bypasses_the_agent_while_it_is_killed_in_a_loop() {
                  \x20       c.request('GET','/metadata/instance',headers={'Metadata':'true'})\n\
                  \x20       r=c.getresponse(); r.read()\n\
                  \x20       if r.status==200 and r.getheader('x-ms-azure-host-authorization')=='value': ok+=1\n\
-                 \x20       elif r.status in (502,503): refused+=1\n\
+                 \x20       elif r.status in (429,502,503): refused+=1\n\
                  \x20       else: other+=1; print('unexpected', r.status)\n\
                  \x20   except OSError:\n\
                  \x20       refused+=1\n\
@@ -347,4 +347,46 @@ fn systemd_hears_ready_only_once_the_redirect_is_armed() {
     assert_eq!(attached_programs(&cg).len(), 3, "READY=1 before the programs were attached");
     assert!(agent.log().contains("eBPF redirector attached"), "{}", agent.log());
     drop(agent);
+}
+
+#[test]
+fn before_the_key_latch_early_boot_holds_requests_instead_of_answering_503() {
+    require_privileged!();
+    let ns = Netns::new("hold");
+    let cg = Cgroup::new("hold");
+    let host = FakeHost::start(&ns, "enforce");
+    // The host answers the first status polls late (the network still coming up), within the
+    // agent's host timeout: the early agent intercepts everything before it knows the modes.
+    host.control(&ns, &serde_json::json!({"statusDelayMs": 600}));
+    let base = scratch("hold-early");
+    let early = Agent::start_with_args(&ns, &cg, &base, &["\"pollIntervalSeconds\":1"], &["--early"]);
+    // Right away, as cloud-init does at boot: held until the latch, then signed. curl and
+    // python's http.client (the shape of cloud-init's own IMDS call, with its timeout).
+    let (status, text) = curl(&ns, root_in(&cg), &["-H", "Metadata: true", IMDS]);
+    assert_eq!(status, 200, "{text}\n{}", early.log());
+    assert!(text.contains("x-ms-azure-host-authorization: value"), "{text}");
+    assert!(early.log().contains("request held for the key latch"), "it was held: {}", early.log());
+    let out = gpa_system_tests::harness::python(
+        &ns,
+        root_in(&cg),
+        "import http.client\n\
+         c=http.client.HTTPConnection('169.254.169.254',80,timeout=30)\n\
+         c.request('GET','/metadata/instance/compute?api-version=2021-08-01',headers={'Metadata':'true'})\n\
+         r=c.getresponse(); r.read(); print(r.status)\n",
+    );
+    assert_eq!(out.trim(), "200", "{}", early.log());
+    drop(early);
+
+    // A host that does not answer within the agent's timeout at all: the hold is bounded and
+    // ends in a status provisioning agents retry (429, with when), never a 503.
+    host.control(&ns, &serde_json::json!({"statusDelayMs": 3000}));
+    let base = scratch("hold-bounded");
+    let early = Agent::start_with_args(&ns, &cg, &base, &["\"pollIntervalSeconds\":1"], &["--early"]);
+    let (status, text) = curl(&ns, root_in(&cg), &["-H", "Metadata: true", IMDS]);
+    assert_eq!(status, 429, "{text}\n{}", early.log());
+    assert!(text.to_ascii_lowercase().contains("retry-after: 1\r\n"), "{text}");
+    drop(early);
+    for r in data_requests(&host, &ns) {
+        assert_eq!(r["signature"], "valid", "an unsigned request reached the host: {r}");
+    }
 }

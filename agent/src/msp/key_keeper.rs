@@ -212,6 +212,14 @@ impl KeyKeeper {
         }
     }
 
+    /// A caller is waiting for the latch (a held request): poll within `within`, cutting
+    /// any backoff short. Several held requests do not make it poll more often than that.
+    pub fn poll_within(&mut self, now: Instant, within: Duration) {
+        if let Phase::Waiting { until } = &mut self.phase {
+            *until = (*until).min(now + within);
+        }
+    }
+
     fn next_delay(&self, now: Instant) -> Duration {
         let base = if self.summary.is_none() && now.saturating_duration_since(self.started) < FAST_POLL_WINDOW {
             FAST_POLL_INTERVAL

@@ -35,8 +35,8 @@ use crate::http::{BodyFraming, ChunkedDecoder, HeadError, RequestHead, ResponseF
 use crate::identity::Caller;
 use crate::limits::{
     CLIENT_BODY_TIMEOUT_MS, CLIENT_HEAD_TIMEOUT_MS, CLIENT_WRITE_TIMEOUT_MS, CONNECTION_BUFFER_BYTES, IDLE_TIMEOUT_MS,
-    REQUEST_BODY_MAX_BYTES, REQUEST_HEAD_MAX_BYTES, SKIP_LIST_BODY_MAX_BYTES, STREAMED_BODY_IDLE_TIMEOUT_MS,
-    UPSTREAM_CONNECT_TIMEOUT_MS, UPSTREAM_HEAD_MAX_BYTES,
+    KEY_LATCH_HOLD_MS, KEY_LATCH_HOLD_POLL_MS, REQUEST_BODY_MAX_BYTES, REQUEST_HEAD_MAX_BYTES,
+    SKIP_LIST_BODY_MAX_BYTES, STREAMED_BODY_IDLE_TIMEOUT_MS, UPSTREAM_CONNECT_TIMEOUT_MS, UPSTREAM_HEAD_MAX_BYTES,
 };
 
 /// Added to every proxied response (MSP §5.7): tells the caller the call went through us.
@@ -88,6 +88,8 @@ enum State {
     SendingRequest,
     /// Relaying a skip-listed body from the client to the upstream as it arrives.
     StreamingBody,
+    /// Authorized, waiting for the key latch before it can be signed (bounded).
+    HeldForKey,
     /// Waiting for the upstream response head.
     AwaitingResponse,
     /// Streaming the response to the client.
@@ -309,6 +311,7 @@ impl Connection {
                 State::Connecting => self.connecting(ctx),
                 State::SendingRequest => self.send_request(ctx),
                 State::StreamingBody => self.stream_body(ctx),
+                State::HeldForKey => self.prepare_upstream(ctx),
                 State::AwaitingResponse => self.await_response(ctx),
                 State::Relaying => self.relay(ctx),
                 State::WritingLocal { close } => self.write_local(ctx, close),
@@ -337,6 +340,11 @@ impl Connection {
         }
     }
 
+    /// Waiting for the key latch: the loop drives it again when the keeper's state changes.
+    pub(crate) fn is_held_for_key(&self) -> bool {
+        self.state == State::HeldForKey
+    }
+
     /// The caller's uid and cgroup, under which its shares are counted.
     pub(crate) fn owner(&self) -> Option<(u32, u64)> {
         self.caller.as_ref().map(|c| (c.uid(), c.record.cgroup_id))
@@ -347,6 +355,8 @@ impl Connection {
         match self.state {
             State::ReadingHead if self.req_len == 0 => return Next::Close(CloseReason::Idle),
             State::ReadingHead | State::ReadingBody => self.respond(ctx, 408, &[], b"", true),
+            // Still no key: a status every provisioning client retries, with when (issue 14).
+            State::HeldForKey => self.respond(ctx, 429, &[b"retry-after: 1\r\n"], b"", true),
             State::Connecting => self.respond(ctx, 502, &[], b"", true),
             // Silence from the client mid-body is the client's; a full upstream is the host's.
             State::StreamingBody if self.streamed.is_some_and(|s| s.ready == 0) => {
@@ -586,8 +596,15 @@ impl Connection {
             Endorse::Sign(key) => Some(key),
             Endorse::Unsigned => None,
             Endorse::NotReady => {
-                self.respond(ctx, 503, &[], b"", true);
-                return Step::Progress;
+                // Before the first status document or the key latch: hold the request, with
+                // the keeper told to poll now, instead of a `503` no provisioning agent retries.
+                // The loop drives it again when the keeper's state changes.
+                ctx.shared.keeper.poll_within(ctx.now, std::time::Duration::from_millis(KEY_LATCH_HOLD_POLL_MS));
+                if self.state != State::HeldForKey {
+                    log::debug!(target: "gpa::proxy", "request held for the key latch: peer={}", self.peer);
+                    self.set_state(State::HeldForKey, KEY_LATCH_HOLD_MS, ctx.now);
+                }
+                return Step::Blocked;
             }
         };
         let date = ctx.shared.host_date();
@@ -1065,6 +1082,7 @@ pub(crate) fn status_line(status: u16) -> &'static [u8] {
         408 => b"408 Request Timeout",
         413 => b"413 Content Too Large",
         421 => b"421 Misdirected Request",
+        429 => b"429 Too Many Requests",
         431 => b"431 Request Header Fields Too Large",
         502 => b"502 Bad Gateway",
         503 => b"503 Service Unavailable",

@@ -91,7 +91,7 @@ pub(crate) enum Endorse<'a> {
     Sign(&'a SigningKey),
     /// Unsigned: the host does not require a signature for it.
     Unsigned,
-    /// A signature is (or may be) required and no key is held yet: answer `503`.
+    /// A signature is (or may be) required and no key is held yet: hold the request (bounded).
     NotReady,
 }
 
@@ -210,7 +210,8 @@ impl Shared {
     /// require a signature for it: skip-listed, or MSP / the endpoint's mode known to be off.
     /// A redirected request while the state is still unknown or the key not yet latched (for
     /// example right after a restart that adopted pinned routes) is not forwarded unsigned:
-    /// it gets `503` and the caller retries — fail closed, never a silent unsigned pass.
+    /// it is held for the latch, then answered `429` — fail closed, never a silent unsigned
+    /// pass.
     pub(crate) fn endorsement_for(&self, caller: &Caller, method: &[u8], target: &[u8]) -> Endorse<'_> {
         if signing::is_skip_listed(method, target) {
             return Endorse::Unsigned;
@@ -989,6 +990,13 @@ impl EventLoop {
         // file says so now, not at the next timer tick (issue 14).
         if changes.status || changes.routes {
             self.next_status = now;
+            // Requests held for the latch try again: signed now, or forwarded unsigned if MSP
+            // turned out to be off, or held on until their deadline.
+            for (index, slot) in self.slots.iter().enumerate() {
+                if slot.conn.as_ref().is_some_and(|c| c.is_held_for_key()) && !self.redrive.contains(&index) {
+                    self.redrive.push(index);
+                }
+            }
         }
     }
 
