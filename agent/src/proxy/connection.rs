@@ -395,18 +395,30 @@ impl Connection {
         if self.req_len == self.bufs.req.len() {
             return Step::Blocked;
         }
-        match read_some(&mut self.client, &mut self.bufs.req[self.req_len..]) {
-            Ok(0) => Step::Close(CloseReason::ClientClosed),
-            Ok(n) => {
-                if self.req_len == 0 {
+        let first = self.req_len == 0;
+        match self.read_client() {
+            Ok(_) => {
+                if first {
                     // First byte of a new request: the head timeout starts now.
                     self.deadline = clock::after(ctx.now, CLIENT_HEAD_TIMEOUT_MS);
                 }
-                self.req_len += n;
                 Step::Progress
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
-            Err(_) => Step::Close(CloseReason::ClientError),
+            Err(step) => step,
+        }
+    }
+
+    /// Reads client bytes onto the end of the request buffer: how many (never 0), or the step
+    /// to return (the client closed or failed, or nothing is there yet).
+    fn read_client(&mut self) -> Result<usize, Step> {
+        match read_some(&mut self.client, &mut self.bufs.req[self.req_len..]) {
+            Ok(0) => Err(Step::Close(CloseReason::ClientClosed)),
+            Ok(n) => {
+                self.req_len += n;
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(Step::Blocked),
+            Err(_) => Err(Step::Close(CloseReason::ClientError)),
         }
     }
 
@@ -532,17 +544,9 @@ impl Connection {
                 return self.prepare_upstream(ctx);
             }
         }
-        match read_some(&mut self.client, &mut self.bufs.req[self.req_len..]) {
-            Ok(0) => Step::Close(CloseReason::ClientClosed),
-            Ok(n) => {
-                // The body deadline is absolute (set when the body started): a byte every few
-                // seconds must not hold a body buffer for ever (issue 13).
-                self.req_len += n;
-                Step::Progress
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
-            Err(_) => Step::Close(CloseReason::ClientError),
-        }
+        // The body deadline is absolute (set when the body started): a byte every few seconds
+        // must not hold a body buffer for ever (issue 13).
+        self.read_client().map_or_else(|step| step, |_| Step::Progress)
     }
 
     /// Moves body bytes from the request buffer into the body buffer. Returns the bytes
@@ -764,16 +768,12 @@ impl Connection {
                 }
                 // Nothing was body yet (the decoder holds a partial chunk-size line): read on.
             }
-            let free = &mut self.bufs.req[self.req_len..];
-            return match read_some(&mut self.client, free) {
-                Ok(0) => Step::Close(CloseReason::ClientClosed),
-                Ok(n) => {
-                    self.req_len += n;
+            return match self.read_client() {
+                Ok(_) => {
                     self.deadline = clock::after(ctx.now, STREAMED_BODY_IDLE_TIMEOUT_MS);
                     Step::Progress
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
-                Err(_) => Step::Close(CloseReason::ClientError),
+                Err(step) => step,
             };
         }
         let Some(up) = self.upstream.as_mut() else { return Step::Close(CloseReason::Internal) };

@@ -311,7 +311,7 @@ impl Shared {
             key_latch: ModuleStatus::running(self.keeper.message()),
             key_latch_states: Some(KeyLatchStates::from_keeper(&self.keeper)),
             ebpf_program: if self.ebpf_failed {
-                ModuleStatus { state: crate::status::ModuleState::Stopped, message: &self.ebpf_message }
+                ModuleStatus::stopped(&self.ebpf_message)
             } else {
                 ModuleStatus::running(&self.ebpf_message)
             },
@@ -747,11 +747,6 @@ impl EventLoop {
         if self.harden_pending {
             self.harden();
         }
-    }
-
-    /// Whether the redirector is attached (a failed start is retried in the loop).
-    pub fn redirector_attached(&self) -> bool {
-        self.redirector.is_some()
     }
 
     /// Drops the capabilities and installs the seccomp filter (`sys::harden`) once everything
