@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddrV4, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -333,9 +333,36 @@ fn exchange_provision(listen: SocketAddrV4, tick_ns: u64, notify: bool) -> Optio
     serde_json_core::from_slice_escaped::<Provision>(&resp[body_at..], &mut unescape).ok().map(|(p, _)| p)
 }
 
+/// The agent's `status.json`, where `--status` looks when no agent socket answers.
+#[derive(Debug, Clone, Copy)]
+pub struct StatusFile<'a> {
+    /// The configured log directory.
+    pub log_dir: &'a Path,
+    /// Older than this, the file is a dead agent's (it is rewritten on every change and at
+    /// least every status interval).
+    pub max_age: Duration,
+}
+
+/// A listener that failed to bind has no socket to answer `/provision`: the running agent
+/// says so in its `status.json` (`proxyListenerStatus` `STOPPED`). Trusted only when the
+/// file is root's, writable by no one else, and fresh.
+fn listener_failure_from_status_file(file: StatusFile<'_>) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let path = file.log_dir.join(crate::status::writer::STATUS_FILE_NAME);
+    let meta = std::fs::symlink_metadata(&path).ok()?;
+    let fresh = meta.modified().ok()?.elapsed().is_ok_and(|age| age <= file.max_age);
+    if !meta.is_file() || meta.uid() != 0 || meta.mode() & 0o022 != 0 || !fresh {
+        return None;
+    }
+    let view = crate::status::view::parse(&crate::status::view::read_file(&path).ok()?).ok()?;
+    let listener = &view.proxy_agent_status.proxy_listener_status;
+    (listener.status == "STOPPED").then(|| format!("proxyListenerStatus - {}", listener.message))
+}
+
 /// Runs `--status [--wait N]` against the agent: at the address it recorded, else at the
-/// configured one (`candidates`, in that order; a killed agent leaves a stale record).
-pub fn status(candidates: &[SocketAddrV4], wait_secs: u64) -> StatusOutcome {
+/// configured one (`candidates`, in that order; a killed agent leaves a stale record). When
+/// none answers, a listener failure the agent reported in `status.json` finishes it.
+pub fn status(candidates: &[SocketAddrV4], status_file: StatusFile<'_>, wait_secs: u64) -> StatusOutcome {
     let start = crate::clock::now();
     let tick_ns = u64::try_from(crate::clock::wall_now().as_nanos()).unwrap_or(0);
     let mut first = true;
@@ -352,6 +379,11 @@ pub fn status(candidates: &[SocketAddrV4], wait_secs: u64) -> StatusOutcome {
                 Err(e) if !e.is_empty() && !why.contains(&e) => why.push(e),
                 Err(_) => {}
             }
+        }
+        if answer.is_none()
+            && let Some(failure) = listener_failure_from_status_file(status_file)
+        {
+            return StatusOutcome { exit_code: 2, message: format!("Provisioning finished with errors: {failure}") };
         }
         if let Some(p) = answer
             && p.finished
@@ -381,6 +413,58 @@ pub fn status(candidates: &[SocketAddrV4], wait_secs: u64) -> StatusOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rendered status document with `listener` as `proxyListenerStatus`.
+    fn status_document(listener: crate::status::document::ModuleStatus<'_>) -> Vec<u8> {
+        use crate::status::document::{ModuleStatus, StatusInputs, new_buffer, render};
+        let summaries = crate::status::summary::Summaries::new();
+        let inputs = StatusInputs {
+            timestamp_unix_ms: 1_784_715_072_345,
+            version: "0.1.0",
+            monitor: ModuleStatus::running("Proxy agent status is running."),
+            key_latch: ModuleStatus::running("Key latch is waiting"),
+            key_latch_states: None,
+            ebpf_program: ModuleStatus::running("eBPF redirector waits for the proxy listener"),
+            proxy_listener: listener,
+            telemetry_logger: ModuleStatus::TELEMETRY_NOT_CONFIGURED,
+            proxy_connections_count: 0,
+            summaries: &summaries,
+        };
+        let mut buf = new_buffer();
+        render(&inputs, &mut buf).unwrap().json.to_vec()
+    }
+
+    /// `--status` takes a listener failure from `status.json` only when the file could only
+    /// have been written by the agent: root's, not group- or world-writable, and fresh.
+    #[test]
+    fn a_listener_failure_is_read_from_status_json_only_when_it_is_roots_fresh_and_private() {
+        use crate::status::document::ModuleStatus;
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let dir = std::env::temp_dir().join(format!("gpa-cli-status-file-{}", std::process::id()));
+        drop(std::fs::remove_dir_all(&dir));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("status.json");
+        let failed =
+            "Failed to start proxy listener - cannot listen on 127.0.0.2:3080: Cannot assign requested address";
+        std::fs::write(&path, status_document(ModuleStatus::stopped(failed))).unwrap();
+        let set_mode = |mode| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        set_mode(0o644);
+        let file = StatusFile { log_dir: &dir, max_age: Duration::from_secs(60) };
+        let roots = std::fs::metadata(&path).unwrap().uid() == 0;
+        let expected = roots.then(|| format!("proxyListenerStatus - {failed}"));
+        assert_eq!(listener_failure_from_status_file(file), expected);
+        for writable_by_others in [0o664, 0o646] {
+            set_mode(writable_by_others);
+            assert_eq!(listener_failure_from_status_file(file), None, "mode {writable_by_others:o}");
+        }
+        set_mode(0o644);
+        let an_hour_ago = std::time::UNIX_EPOCH + crate::clock::wall_now() - Duration::from_secs(3600);
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(an_hour_ago).unwrap();
+        assert_eq!(listener_failure_from_status_file(file), None, "a dead agent's file");
+        std::fs::write(&path, status_document(ModuleStatus::running("Started proxy listener"))).unwrap();
+        assert_eq!(listener_failure_from_status_file(file), None, "a running listener");
+        drop(std::fs::remove_dir_all(&dir));
+    }
 
     fn args(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| (*s).to_owned()).collect()
@@ -468,7 +552,9 @@ mod tests {
     #[test]
     fn status_without_an_agent_is_not_finished() {
         // Port 9 on loopback: nothing listens there.
-        let outcome = status(&["127.0.0.1:9".parse().unwrap()], 0);
+        let nowhere = std::env::temp_dir().join(format!("gpa-cli-no-agent-{}", std::process::id()));
+        let file = StatusFile { log_dir: &nowhere, max_age: Duration::from_secs(60) };
+        let outcome = status(&["127.0.0.1:9".parse().unwrap()], file, 0);
         assert_eq!(outcome.exit_code, 1);
     }
 }

@@ -152,7 +152,11 @@ fn run(args: &[String]) -> Result<ExitCode, MainError> {
             if recorded != config.listen {
                 candidates.push(config.listen);
             }
-            let outcome = cli::status(&candidates, wait_secs);
+            let status_file = cli::StatusFile {
+                log_dir: &config.log_dir,
+                max_age: std::time::Duration::from_secs(2 * config.status_interval_secs + 5),
+            };
+            let outcome = cli::status(&candidates, status_file, wait_secs);
             println!("{}", outcome.message);
             Ok(ExitCode::from(outcome.exit_code))
         }

@@ -439,6 +439,22 @@ impl Agent {
         args: &[&str],
         envs: &[(&str, &str)],
     ) -> Self {
+        let agent = Self::spawn_full(ns, cg, base, extra, args, envs);
+        agent.wait_listening(ns);
+        agent
+    }
+
+    /// Starts the agent with a fresh state directory and returns at once, without waiting
+    /// for its listener (for an agent that is expected not to have one).
+    pub fn spawn(ns: &Netns, cg: &Cgroup, extra: &[&str]) -> Self {
+        let base = std::env::temp_dir().join(unique("agent"));
+        fs::create_dir_all(&base).expect("temp dir");
+        let mut agent = Self::spawn_full(ns, cg, &base, extra, &[], &[]);
+        agent.owned_base = Some(base);
+        agent
+    }
+
+    fn spawn_full(ns: &Netns, cg: &Cgroup, base: &Path, extra: &[&str], args: &[&str], envs: &[(&str, &str)]) -> Self {
         let state_dir = base.join("state");
         let log_dir = base.join("log");
         let config = base.join("config.json");
@@ -475,9 +491,7 @@ impl Agent {
             .stderr(log)
             .spawn()
             .expect("spawn agent");
-        let agent = Self { proc: Proc { child }, state_dir, log_dir, config, stderr, owned_base: None };
-        agent.wait_listening(ns);
-        agent
+        Self { proc: Proc { child }, state_dir, log_dir, config, stderr, owned_base: None }
     }
 
     fn wait_listening(&self, ns: &Netns) {

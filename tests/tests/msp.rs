@@ -17,7 +17,8 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use gpa_system_tests::harness::{
-    Agent, As, Cgroup, FakeHost, Netns, TempDir, binary, curl, eventually, header_values, http, python, root_in,
+    Agent, As, Cgroup, FakeHost, Netns, TempDir, attached_programs, binary, curl, eventually, header_values, http,
+    python, root_in,
 };
 use gpa_system_tests::require_privileged;
 use serde_json::{Value, json};
@@ -663,6 +664,69 @@ fn slow_failing_and_malformed_host_answers_keep_the_agent_unready_and_it_recover
         let (status, text) = e.root_curl("after-fault", &["-H", "Metadata: true", IMDS]);
         assert_redirected_and_signed(&e, "after-fault", status, &text);
     }
+}
+
+/// The listener's address is not on the machine yet (loopback configured with 127.0.0.1 only,
+/// `listenAddress` 127.0.0.2, an address that comes later): the daemon stays up, `status.json` says `proxyListenerStatus` STOPPED
+/// with the cause, and `--status`, which finds no socket to ask, reads it there and exits 2
+/// with it, as cloud-init needs to report it. Nothing is redirected meanwhile (callers reach
+/// the host directly and are refused unsigned). Once the address exists, the retry binds,
+/// the redirector attaches, the key latches and callers are served signed.
+#[test]
+fn a_listener_that_cannot_bind_is_reported_by_status_and_retried_until_it_binds() {
+    require_privileged!();
+    let ns = Netns::new("late-addr");
+    let ip = |args: &[&str]| {
+        let status = ns.command("ip").args(args).status().expect("run ip");
+        assert!(status.success(), "ip {args:?}");
+    };
+    ip(&["addr", "del", "127.0.0.1/8", "dev", "lo"]);
+    ip(&["addr", "add", "127.0.0.1/32", "dev", "lo"]);
+    let host = FakeHost::start_with(&ns, &["--mode", "enforce"]);
+    let cg = Cgroup::new("late-addr");
+    let mut extra = FAST_POLL.to_vec();
+    extra.push("\"listenAddress\":\"127.0.0.2:3080\"");
+    let agent = Agent::spawn(&ns, &cg, &extra);
+    let e = Env { agent, host, cg, ns };
+
+    let doc: Value = eventually(Duration::from_secs(20), "status.json to show the listener failure", || {
+        let text = fs::read_to_string(e.agent.log_dir.join("status.json")).ok()?;
+        let doc: Value = serde_json::from_str(&text).ok()?;
+        (doc["proxyAgentStatus"]["proxyListenerStatus"]["status"] == "STOPPED").then_some(doc)
+    });
+    let message = doc["proxyAgentStatus"]["proxyListenerStatus"]["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("Failed to start proxy listener - cannot listen on 127.0.0.2:3080"), "{doc}");
+    assert!(e.agent.log().contains("started, version"), "the daemon runs:\n{}", e.agent.log());
+    let (out, _) = e.status_cli(Some(5));
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(
+            "Provisioning finished with errors: proxyListenerStatus - Failed to start proxy listener - cannot listen on 127.0.0.2:3080"
+        ),
+        "{}",
+        stdout(&out)
+    );
+    assert!(attached_programs(&e.cg).is_empty(), "no redirect without the listener");
+    let (status, _) = e.root_curl("no-listener", &["-H", "Metadata: true", IMDS]);
+    assert_eq!(status, 401, "not redirected: the enforcing host refuses the unsigned request");
+
+    // The address appears; the next retry binds, then everything else follows.
+    let added = e.ns.command("ip").args(["addr", "add", "127.0.0.2/32", "dev", "lo"]).status().expect("ip addr add");
+    assert!(added.success());
+    eventually(Duration::from_secs(10), "the retry to bind", || {
+        e.agent.log().contains("proxy listener ready on 127.0.0.2:3080").then_some(())
+    });
+    let (out, _) = e.status_cli(Some(20));
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(e.agent.log().contains("eBPF redirector attached to"), "{}", e.agent.log());
+    let (status, text) = e.root_curl("after-bind", &["-H", "Metadata: true", IMDS]);
+    assert_redirected_and_signed(&e, "after-bind", status, &text);
+    let doc: Value = eventually(Duration::from_secs(5), "status.json to show the listener running", || {
+        let text = fs::read_to_string(e.agent.log_dir.join("status.json")).ok()?;
+        let doc: Value = serde_json::from_str(&text).ok()?;
+        (doc["proxyAgentStatus"]["proxyListenerStatus"]["status"] == "RUNNING").then_some(doc)
+    });
+    assert_eq!(doc["proxyAgentStatus"]["ebpfProgramStatus"]["status"], "RUNNING", "{doc}");
 }
 
 #[test]

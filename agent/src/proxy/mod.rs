@@ -60,8 +60,11 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// anyway (the early agent faces the same host, so waiting longer gains nothing).
 const TAKEOVER_READY_WAIT: Duration = Duration::from_secs(10);
 /// First wait before the redirector is tried again after a failed attach, and the longest.
+/// The same backoff serves a listener that could not be bound.
 const REDIRECT_RETRY_FIRST_MS: u64 = 1_000;
 const REDIRECT_RETRY_MAX_MS: u64 = 30_000;
+/// Binds tried at start (500 ms apart, MSP §5.1) before the listener counts as failed.
+const BIND_ATTEMPTS_AT_START: u32 = 6;
 
 const SERVER_FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
@@ -199,6 +202,10 @@ pub struct Shared {
     pub(crate) ebpf_failed: bool,
     /// `proxyListenerStatus` message.
     pub(crate) listener_message: String,
+    /// The listener could not be bound and is being retried: `proxyListenerStatus` is
+    /// `STOPPED`, nothing is redirected meanwhile (the redirect needs the socket), and
+    /// `--status` reads the cause from `status.json` (issue 14).
+    pub(crate) listener_failed: bool,
     /// Handing over to another agent: finish each exchange, keep no connection alive.
     pub(crate) draining: bool,
     /// The telemetry uploader (`telemetryLoggerStatus`); `None`: not configured.
@@ -315,7 +322,11 @@ impl Shared {
             } else {
                 ModuleStatus::running(&self.ebpf_message)
             },
-            proxy_listener: ModuleStatus::running(&self.listener_message),
+            proxy_listener: if self.listener_failed {
+                ModuleStatus::stopped(&self.listener_message)
+            } else {
+                ModuleStatus::running(&self.listener_message)
+            },
             telemetry_logger: self
                 .telemetry
                 .as_ref()
@@ -468,7 +479,8 @@ enum Handover {
 #[derive(Debug)]
 pub struct EventLoop {
     poll: Poll,
-    listener: TcpListener,
+    /// `None` while the listener cannot be bound (retried with the redirector's backoff).
+    listener: Option<TcpListener>,
     /// The listener is registered (it is not while taking over, or once handed over).
     accepting: bool,
     handover: Handover,
@@ -494,7 +506,8 @@ pub struct EventLoop {
     /// What the redirector is attached to, and with which options, for the retries.
     cgroup: PathBuf,
     keep_records: bool,
-    /// When the next attach is tried, and the wait after that one.
+    /// When the failed start step is tried again (the listener's bind, then the
+    /// redirector's attach), and the wait after that one.
     redirect_retry: Option<(Instant, u64)>,
     /// Capabilities and seccomp wait for the redirector: the retries need `bpf()`.
     harden_pending: bool,
@@ -552,35 +565,18 @@ impl EventLoop {
         poll.registry()
             .register(&mut SourceFd(&signals.raw()), SIGNALS, Interest::READABLE)
             .map_err(StartError::Poll)?;
-        let (mut listener, taker, shared_listener) = listener_for(&config)?;
-        // A listener shared with the early agent is accepted on only once this agent is armed
-        // and latched; until then the early agent keeps accepting from the same queue.
-        let accepting = !shared_listener;
-        if accepting {
-            poll.registry().register(&mut listener, LISTENER, Interest::READABLE).map_err(StartError::Poll)?;
-        }
-        let netns_cookie = crate::sys::netns_cookie(listener.as_fd()).unwrap_or(0);
-        let listen = match listener.local_addr() {
-            Ok(std::net::SocketAddr::V4(a)) => a,
-            _ => config.listen,
+        // A listener that cannot be bound does not stop the daemon either: it is reported
+        // and retried like the redirector (issue 14).
+        let (listener, taker, shared_listener) = match listener_for(&config, BIND_ATTEMPTS_AT_START) {
+            Ok((listener, taker, shared)) => (Ok(listener), taker, shared),
+            Err(e @ StartError::Bind(..)) => (Err(e.to_string()), None, false),
+            Err(e) => return Err(e),
         };
-        if let Err(e) = crate::listener::record_address(&config.state_dir, listen) {
-            log::warn!(target: "gpa::loop", "cannot record the listener address for --status: {e}");
-        }
-        logger::milestone(&format!(
-            "proxy listener ready on {listen}{}",
-            if shared_listener { " (shared by the early agent)" } else { "" }
-        ));
 
         let cgroup = match &config.cgroup {
             Some(p) => p.clone(),
             None => crate::redirect::find_cgroup2_root().ok_or(StartError::NoCgroup2)?,
         };
-        let listener_message = format!(
-            "Started proxy listener, ready to accept request - {}",
-            clock::now().saturating_duration_since(started).as_millis()
-        );
-        telemetry::module_status("ProxyServer", &listener_message);
         // Read now: the seccomp filter installed after start does not allow `sysinfo`.
         let telemetry = config.telemetry.map(|t| {
             let uploader = UploaderConfig {
@@ -617,10 +613,10 @@ impl EventLoop {
         let free = (0..max_connections).rev().collect();
         let mut this = Self {
             poll,
-            listener,
-            accepting,
+            listener: None,
+            accepting: false,
             handover,
-            listen,
+            listen: config.listen,
             signals,
             slots,
             free,
@@ -644,7 +640,8 @@ impl EventLoop {
                 log_dir: config.log_dir.clone(),
                 ebpf_message: "eBPF redirector is starting".to_owned(),
                 ebpf_failed: false,
-                listener_message,
+                listener_message: "Proxy listener is starting".to_owned(),
+                listener_failed: false,
                 draining: false,
                 telemetry,
                 shares: shares::Shares::new(caps),
@@ -664,11 +661,17 @@ impl EventLoop {
             resolver: Resolver::new(),
             config,
             routes: [false; 3],
-            netns_cookie,
+            netns_cookie: 0,
             next_status: clock::now(),
             audited_key: None,
         };
-        this.attach_redirector(started);
+        match listener {
+            Ok(listener) => {
+                this.install_listener(listener, shared_listener, started).map_err(StartError::Poll)?;
+                this.attach_redirector(started);
+            }
+            Err(why) => this.listener_unavailable(&why, clock::now()),
+        }
         let started = format!(
             "pid {}, version {}, caller identity {}, {} connections",
             std::process::id(),
@@ -684,18 +687,92 @@ impl EventLoop {
         Ok(this)
     }
 
+    /// Takes `listener` into the loop: registered unless it is shared with an early agent
+    /// that still accepts from it (it is registered at the hand-over), its address recorded
+    /// for `--status`, its namespace noted for the redirect.
+    fn install_listener(&mut self, mut listener: TcpListener, shared: bool, started: Instant) -> io::Result<()> {
+        // A listener shared with the early agent is accepted on only once this agent is armed
+        // and latched; until then the early agent keeps accepting from the same queue.
+        if !shared {
+            self.poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        }
+        self.accepting = !shared;
+        self.netns_cookie = crate::sys::netns_cookie(listener.as_fd()).unwrap_or(0);
+        self.listen = match listener.local_addr() {
+            Ok(std::net::SocketAddr::V4(a)) => a,
+            _ => self.config.listen,
+        };
+        if let Err(e) = crate::listener::record_address(&self.config.state_dir, self.listen) {
+            log::warn!(target: "gpa::loop", "cannot record the listener address for --status: {e}");
+        }
+        logger::milestone(&format!(
+            "proxy listener ready on {}{}",
+            self.listen,
+            if shared { " (shared by the early agent)" } else { "" }
+        ));
+        self.shared.listener_message = format!(
+            "Started proxy listener, ready to accept request - {}",
+            clock::now().saturating_duration_since(started).as_millis()
+        );
+        self.shared.listener_failed = false;
+        self.next_status = clock::now();
+        telemetry::module_status("ProxyServer", &self.shared.listener_message);
+        self.listener = Some(listener);
+        Ok(())
+    }
+
+    /// The listener could not be bound: report it (`proxyListenerStatus` `STOPPED`, read by
+    /// `--status` from `status.json`, since no socket answers `/provision`) and retry with
+    /// the redirector's backoff. The redirector waits: its redirect needs this socket.
+    fn listener_unavailable(&mut self, why: &str, now: Instant) {
+        let wait_ms = self.redirect_retry.map_or(REDIRECT_RETRY_FIRST_MS, |(_, wait)| wait);
+        self.shared.listener_message = format!("Failed to start proxy listener - {why}");
+        self.shared.ebpf_message = "eBPF redirector waits for the proxy listener".to_owned();
+        if self.shared.listener_failed {
+            log::warn!(target: "gpa::loop", "{}; next try in {wait_ms} ms", self.shared.listener_message);
+        } else {
+            logger::milestone(&format!("{}; retrying, nothing is redirected meanwhile", self.shared.listener_message));
+            telemetry::module_status("ProxyServer", &self.shared.listener_message);
+            self.shared.listener_failed = true;
+            self.next_status = now;
+        }
+        self.redirect_retry = Some((clock::after(now, wait_ms), (wait_ms * 2).min(REDIRECT_RETRY_MAX_MS)));
+    }
+
+    /// The retry timer fired: bind the listener if it is still missing (one attempt, the
+    /// loop must not sleep), then attach the redirector.
+    fn retry_start(&mut self, now: Instant) {
+        if self.listener.is_none() {
+            match bind_listener(self.config.listen, 1) {
+                Ok(listener) => {
+                    if let Err(e) = self.install_listener(listener, false, now) {
+                        self.listener_unavailable(&format!("cannot watch the listener: {e}"), now);
+                        return;
+                    }
+                    self.redirect_retry = None;
+                }
+                Err(e) => {
+                    self.listener_unavailable(&e.to_string(), now);
+                    return;
+                }
+            }
+        }
+        self.attach_redirector(now);
+    }
+
     /// Loads and attaches the redirector. A failure does not stop the agent: it is reported
     /// (`ebpfProgramStatus`, `/provision`, `--status`) and retried with backoff, 1 s doubling
     /// to [`REDIRECT_RETRY_MAX_MS`]. A process that exits instead loses the cause, and systemd
     /// gives up on it after a few restarts.
     fn attach_redirector(&mut self, started: Instant) {
+        let Some(listener) = self.listener.as_ref() else { return };
         let attached = Redirector::attach(
             &self.cgroup,
             &AttachOptions {
                 agent_mark: self.config.agent_mark,
                 agent_tgid: crate::sys::getpid(),
                 pins: self.config.pin_dir.as_deref(),
-                listener: self.listener.as_fd(),
+                listener: listener.as_fd(),
                 netns_cookie: self.netns_cookie,
                 kernel_identity: self.config.caller_identity == CallerIdentity::Kernel,
                 keep_records: self.keep_records,
@@ -812,7 +889,7 @@ impl EventLoop {
             }
             self.expire(now);
             if self.redirect_retry.is_some_and(|(at, _)| now >= at) {
-                self.attach_redirector(now);
+                self.retry_start(now);
             }
             if let Some(audit) = self.shared.audit.as_mut()
                 && let Err(e) = audit.flush(now)
@@ -829,7 +906,12 @@ impl EventLoop {
     /// Early agent: a taker connected; send it the listener.
     fn offer_listener(&mut self) {
         let Handover::Offering(offer) = &mut self.handover else { return };
-        match offer.accept(self.listener.as_fd(), self.listen) {
+        let Some(listener) = self.listener.as_ref() else {
+            // Nothing to offer: the taker times out and binds its own.
+            log::warn!(target: "gpa::handover", "a taker connected, but this agent has no listener to offer");
+            return;
+        };
+        match offer.accept(listener.as_fd(), self.listen) {
             Ok(Some(pid)) => {
                 log::info!(target: "gpa::handover", "listener offered to pid {pid}");
                 if let Some(peer) = offer.peer()
@@ -861,8 +943,10 @@ impl EventLoop {
     /// idle (its client could be sending right then): it ends after its next response, or by
     /// its own idle timeout; the deadline only bounds the wait.
     fn begin_drain(&mut self, successor: u32, now: Instant) {
-        if self.accepting {
-            drop(self.poll.registry().deregister(&mut self.listener));
+        if self.accepting
+            && let Some(listener) = self.listener.as_mut()
+        {
+            drop(self.poll.registry().deregister(listener));
             self.accepting = false;
         }
         if let Handover::Offering(offer) = &self.handover {
@@ -883,8 +967,10 @@ impl EventLoop {
                 else {
                     return false;
                 };
-                if !self.accepting {
-                    match self.poll.registry().register(&mut self.listener, LISTENER, Interest::READABLE) {
+                if !self.accepting
+                    && let Some(listener) = self.listener.as_mut()
+                {
+                    match self.poll.registry().register(listener, LISTENER, Interest::READABLE) {
                         Ok(()) => self.accepting = true,
                         Err(e) => log::error!(target: "gpa::handover", "cannot accept on the shared listener: {e}"),
                     }
@@ -1038,7 +1124,8 @@ impl EventLoop {
 
     fn accept_all(&mut self, now: Instant) {
         loop {
-            let (mut stream, addr) = match self.listener.accept() {
+            let Some(listener) = self.listener.as_ref() else { return };
+            let (mut stream, addr) = match listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -1143,7 +1230,7 @@ impl EventLoop {
         if self.spare_fd.take().is_none() {
             return;
         }
-        if let Ok((stream, _)) = self.listener.accept() {
+        if let Some(Ok((stream, _))) = self.listener.as_ref().map(TcpListener::accept) {
             self.shared.stats.refused_full += 1;
             drop(stream);
         }
@@ -1254,7 +1341,10 @@ fn secure_rules_dir(dir: &std::path::Path) {
 /// The proxy listener: the early agent's own socket when it offers one (hand-over), else a
 /// fresh bind. Returns the listener, the line to the early agent, and whether the socket is
 /// shared with it.
-fn listener_for(config: &ValidatedConfig) -> Result<(TcpListener, Option<crate::handover::Taker>, bool), StartError> {
+fn listener_for(
+    config: &ValidatedConfig,
+    attempts: u32,
+) -> Result<(TcpListener, Option<crate::handover::Taker>, bool), StartError> {
     // Without pins the early agent's programs and maps would go with it: nothing to adopt.
     if let (false, Some(path), Some(_)) = (config.early, &config.handover_socket, &config.pin_dir) {
         match crate::handover::take(path, config.listen) {
@@ -1262,14 +1352,14 @@ fn listener_for(config: &ValidatedConfig) -> Result<(TcpListener, Option<crate::
                 logger::milestone(&format!("taking over from the early agent (pid {})", taken.taker.early_pid));
                 return Ok(match taken.listener {
                     Some(shared) => (TcpListener::from_std(shared), Some(taken.taker), true),
-                    None => (bind_listener(config.listen)?, Some(taken.taker), false),
+                    None => (bind_listener(config.listen, attempts)?, Some(taken.taker), false),
                 });
             }
             Ok(None) => {}
             Err(e) => log::warn!(target: "gpa::handover", "no hand-over from {}: {e}", path.display()),
         }
     }
-    Ok((bind_listener(config.listen)?, None, false))
+    Ok((bind_listener(config.listen, attempts)?, None, false))
 }
 
 /// Early agent: listen for the agent that will take over (only with pinning, which is what
@@ -1297,15 +1387,16 @@ fn offer_handover(config: &ValidatedConfig, poll: &Poll) -> Handover {
     }
 }
 
-fn bind_listener(addr: SocketAddrV4) -> Result<TcpListener, StartError> {
+/// Binds `addr`, `attempts` times 500 ms apart.
+fn bind_listener(addr: SocketAddrV4, attempts: u32) -> Result<TcpListener, StartError> {
     // MSP §5.1: a busy port is retried (an old instance may still be exiting).
     let mut last = None;
-    for attempt in 0..6 {
+    for attempt in 1..=attempts {
         match crate::sys::listen_tcp(addr, LISTEN_BACKLOG) {
             Ok(l) => return Ok(TcpListener::from_std(l)),
             Err(e) => last = Some(e),
         }
-        if attempt < 5 {
+        if attempt < attempts {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
