@@ -47,7 +47,11 @@ ok, failed, statuses, lat = 0, 0, {}, []
 reqs = [("168.63.129.16", "GET", "/machine?comp=goalstate", {"x-ms-version": "2012-11-30"}, None),
         ("169.254.169.254", "GET", "/metadata/instance?api-version=2021-02-01", {"Metadata": "true"}, None),
         ("168.63.129.16", "POST", "/machine?comp=health", {"x-ms-version": "2012-11-30", "Content-Type": "text/xml"},
-         b"<Health><GoalStateIncarnation>1</GoalStateIncarnation></Health>")]
+         # A ready report as cloud-init sends it, for the fake host's container and role instance.
+         b"<?xml version=\"1.0\" encoding=\"utf-8\"?><Health><GoalStateIncarnation>1</GoalStateIncarnation>"
+         b"<Container><ContainerId>a8016240-7286-49ef-8981-63520cb8f6d0</ContainerId><RoleInstanceList><Role>"
+         b"<InstanceId>fake-deployment.fake-vm_IN_0</InstanceId><Health><State>Ready</State></Health>"
+         b"</Role></RoleInstanceList></Container></Health>")]
 imds_post = ("169.254.169.254", "POST", "/metadata/instance?api-version=2021-02-01",
              {"Metadata": "true", "Content-Type": "application/json"}, b'{"probe": 1}')
 for i in range(count):

@@ -39,6 +39,11 @@ const SUBSCRIPTION_ID: &str = "0e1f2a3b-4c5d-4e6f-8a9b-0c1d2e3f4a5b";
 const CONTAINER_ID: &str = "a8016240-7286-49ef-8981-63520cb8f6d0";
 const ROLE_INSTANCE: &str = "fake-deployment.fake-vm_IN_0";
 const DEPLOYMENT: &str = "fake-deployment";
+/// The admin account of the provisioning documents (IMDS `osProfile`, OVF environment).
+const ADMIN_USER: &str = "azureuser";
+/// An ed25519 public key whose private half was discarded when it was made.
+const ADMIN_SSH_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOc3rW9Ycz1R3YE0YL8oZgGMDuz7F9+AQIs2r4Hogjpm azureuser@fake-vm";
 
 /// Wall-clock time since the Unix epoch: the one place the fake reads the clock.
 #[expect(
@@ -150,6 +155,8 @@ enum Route {
     /// `PUT /vmAgentLog` on HostGAPlugin (exact target, case-insensitive, §3.7): taken unsigned
     /// in every mode, as the host does.
     AgentLog,
+    /// `POST /machine?comp=health`: the provisioning agent's ready (or failure) report.
+    Health,
     Data,
 }
 
@@ -165,6 +172,9 @@ fn route(endpoint: Endpoint, req: &Request) -> Route {
         "GET" | "HEAD" if path == "/secure-channel/status" => Route::Status,
         "POST" if path == "/secure-channel/key" => Route::Acquire,
         "POST" if req.target.eq_ignore_ascii_case(TELEMETRY_TARGET) => Route::Telemetry,
+        // Only a health report document: the system tests also use this target as a signed
+        // POST echo, with bodies of their own.
+        "POST" if is_machine(path) && query_has(req, "comp", "health") && is_health_report(&req.body) => Route::Health,
         "POST" => path
             .strip_prefix("/secure-channel/key/")
             .and_then(|rest| rest.strip_suffix("/key-attestation"))
@@ -210,7 +220,7 @@ pub(crate) fn handle_endpoint(
                 state.stats.agent_log_uploads += 1;
                 false
             }
-            Route::Data => false,
+            Route::Health | Route::Data => false,
         };
         let seq = state.next_seq;
         state.next_seq += 1;
@@ -244,6 +254,7 @@ pub(crate) fn handle_endpoint(
         Route::Attest(guid) => attest_response(&mut state, &guid, verdict),
         Route::Telemetry => telemetry_response(&mut state),
         Route::AgentLog => (Response::new(200, JSON, "{}"), None),
+        Route::Health => health_response(&mut state, req, verdict),
         Route::Data => (data_response(&state, shared, endpoint, req, verdict), None),
     };
     let down = state.settings.down;
@@ -355,6 +366,52 @@ fn telemetry_response(state: &mut State) -> (Response, Option<String>) {
     (Response::new(200, XML, Vec::new()), None)
 }
 
+/// A provisioning health report (the XML cloud-init and waagent post after provisioning).
+/// Signed like any WireServer request; a report for another container or role instance
+/// is refused with 400, as the host would.
+fn health_response(state: &mut State, req: &Request, verdict: Verdict) -> (Response, Option<String>) {
+    if state.settings.effective_mode(Endpoint::WireServer) == Mode::Enforce && verdict != Verdict::Valid {
+        return (Response::json(401, &json!({"error": "unsigned or invalid signature"})), None);
+    }
+    let report = String::from_utf8_lossy(&req.body);
+    let field = |tag: &str| xml_text(&report, tag).unwrap_or_default();
+    if field("ContainerId") != CONTAINER_ID || field("InstanceId") != ROLE_INSTANCE {
+        state.stats.rejected_health_reports += 1;
+        let note = format!("health report for container {:?} instance {:?}", field("ContainerId"), field("InstanceId"));
+        return (Response::json(400, &json!({"error": "unknown container or role instance"})), Some(note));
+    }
+    let health = field("State");
+    let note = match health {
+        "Ready" => {
+            state.stats.ready_reports += 1;
+            "health Ready".to_owned()
+        }
+        _ => {
+            state.stats.not_ready_reports += 1;
+            format!("health {health} {}: {}", field("SubStatus"), field("Description"))
+        }
+    };
+    (Response::new(200, XML, Vec::new()), Some(note))
+}
+
+/// The text of the first `<tag>…</tag>` element (no attributes, no nesting: the health
+/// report's leaf elements), entity references left as sent.
+fn xml_text<'a>(doc: &'a str, tag: &str) -> Option<&'a str> {
+    let start = doc.find(&format!("<{tag}>"))? + tag.len() + 2;
+    let len = doc[start..].find(&format!("</{tag}>"))?;
+    Some(doc[start..start + len].trim())
+}
+
+fn is_health_report(body: &[u8]) -> bool {
+    body.windows(b"<Health".len()).any(|w| w == b"<Health")
+}
+
+/// `/machine` as WireServer clients spell it: waagent and cloud-init use `/machine/?comp=…`
+/// for the goal state and `/machine?comp=health` for reports.
+fn is_machine(path: &str) -> bool {
+    path == "/machine" || path == "/machine/"
+}
+
 fn data_response(state: &State, shared: &Shared, endpoint: Endpoint, req: &Request, verdict: Verdict) -> Response {
     if state.settings.effective_mode(endpoint) == Mode::Enforce && verdict != Verdict::Valid {
         return Response::json(401, &json!({"error": "unsigned or invalid signature"}));
@@ -364,7 +421,7 @@ fn data_response(state: &State, shared: &Shared, endpoint: Endpoint, req: &Reque
     match endpoint {
         Endpoint::Imds if reads && path.starts_with("/metadata/instance") => imds_instance(path),
         Endpoint::Imds if reads && path.starts_with("/metadata/identity/oauth2/token") => imds_token(req),
-        Endpoint::WireServer if reads && path == "/machine" && query_has(req, "comp", "goalstate") => {
+        Endpoint::WireServer if reads && is_machine(path) && query_has(req, "comp", "goalstate") => {
             Response::new(200, XML, goal_state(&wireserver_base(shared, req)))
         }
         Endpoint::WireServer if reads && path.starts_with("/machine/") && query_has(req, "type", "sharedconfig") => {
@@ -480,15 +537,21 @@ fn imds_instance(path: &str) -> Response {
         "azEnvironment": "AzurePublicCloud",
         "location": "eastus",
         "name": VM_NAME,
-        "offer": "0001-com-ubuntu-server-jammy",
+        "offer": "debian-13",
+        "osProfile": {
+            "adminUsername": ADMIN_USER,
+            "computerName": VM_NAME,
+            "disablePasswordAuthentication": "true",
+        },
         "osType": "Linux",
-        "publisher": "Canonical",
+        "publicKeys": [{"keyData": ADMIN_SSH_KEY, "path": format!("/home/{ADMIN_USER}/.ssh/authorized_keys")}],
+        "publisher": "Debian",
         "resourceGroupName": "fake-rg",
         "resourceId": format!("/subscriptions/{SUBSCRIPTION_ID}/resourceGroups/fake-rg/providers/Microsoft.Compute/virtualMachines/{VM_NAME}"),
-        "sku": "22_04-lts-gen2",
+        "sku": "13-gen2",
         "subscriptionId": SUBSCRIPTION_ID,
         "tags": "",
-        "version": "22.04.202504230",
+        "version": "0.20251117.2299",
         "vmId": VM_ID,
         "vmSize": "Standard_D2s_v3",
         "zone": "1",
@@ -510,6 +573,49 @@ fn imds_instance(path: &str) -> Response {
         _ => json!({"compute": compute, "network": network}),
     };
     Response::json(200, &body)
+}
+
+/// The OVF environment the platform puts on the provisioning media (`ovf-env.xml`), for
+/// the same VM the IMDS document describes. `ProvisionGuestProxyAgent` is the platform
+/// setting that makes cloud-init wait for `azure-proxy-agent --status --wait` before it
+/// talks to IMDS or WireServer.
+pub(crate) fn ovf_environment(provision_guest_proxy_agent: bool) -> String {
+    format!(
+        r#"<?xml version="1.0" encoding="utf-8"?>
+<ns0:Environment xmlns:ns0="http://schemas.dmtf.org/ovf/environment/1" xmlns:ns1="http://schemas.microsoft.com/windowsazure" xmlns:i="http://www.w3.org/2001/XMLSchema-instance">
+  <ns1:ProvisioningSection>
+    <ns1:Version>1.0</ns1:Version>
+    <ns1:LinuxProvisioningConfigurationSet>
+      <ns1:ConfigurationSetType>LinuxProvisioningConfiguration</ns1:ConfigurationSetType>
+      <ns1:UserName>{ADMIN_USER}</ns1:UserName>
+      <ns1:DisableSshPasswordAuthentication>true</ns1:DisableSshPasswordAuthentication>
+      <ns1:SSH>
+        <ns1:PublicKeys>
+          <ns1:PublicKey>
+            <ns1:Path>/home/{ADMIN_USER}/.ssh/authorized_keys</ns1:Path>
+            <ns1:Value>{ADMIN_SSH_KEY}</ns1:Value>
+          </ns1:PublicKey>
+        </ns1:PublicKeys>
+      </ns1:SSH>
+      <ns1:HostName>{VM_NAME}</ns1:HostName>
+    </ns1:LinuxProvisioningConfigurationSet>
+  </ns1:ProvisioningSection>
+  <ns1:PlatformSettingsSection>
+    <ns1:Version>1.0</ns1:Version>
+    <ns1:PlatformSettings>
+      <ns1:KmsServerHostname>kms.core.windows.net</ns1:KmsServerHostname>
+      <ns1:ProvisionGuestAgent>false</ns1:ProvisionGuestAgent>
+      <ns1:GuestAgentPackageName i:nil="true" />
+      <ns1:RetainWindowsPEPassInUnattend>true</ns1:RetainWindowsPEPassInUnattend>
+      <ns1:RetainOfflineServicingPassInUnattend>true</ns1:RetainOfflineServicingPassInUnattend>
+      <ns1:PreprovisionedVm>false</ns1:PreprovisionedVm>
+      <ns1:EnableTrustedImageIdentifier>false</ns1:EnableTrustedImageIdentifier>
+      <ns1:ProvisionGuestProxyAgent>{provision_guest_proxy_agent}</ns1:ProvisionGuestProxyAgent>
+    </ns1:PlatformSettings>
+  </ns1:PlatformSettingsSection>
+</ns0:Environment>
+"#
+    )
 }
 
 fn imds_token(req: &Request) -> Response {

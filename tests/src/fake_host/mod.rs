@@ -43,7 +43,8 @@ use state::{Settings, State};
 const WAKE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 const USAGE: &str = "usage: fake-host [--imds ADDR] [--wireserver ADDR] [--hostga ADDR] --control ADDR \
-[--mode enforce|audit|disabled] [--version 1.0|2.0] [--rules FILE]";
+[--mode enforce|audit|disabled] [--version 1.0|2.0] [--rules FILE]
+       fake-host ovf-env --provision-guest-proxy-agent true|false   (print the provisioning media's ovf-env.xml)";
 
 /// What to listen on and how to start.
 #[derive(Debug, Clone, PartialEq)]
@@ -419,6 +420,10 @@ fn read_rules(path: &str) -> Result<Value, FakeHostError> {
 /// The `fake-host` binary: parse, bind everything, print the ready line, serve until killed.
 /// Exit codes: 1 = cannot start (e.g. busy port), 2 = usage error.
 pub fn run(args: impl IntoIterator<Item = String>) -> ExitCode {
+    let args: Vec<String> = args.into_iter().collect();
+    if args.first().map(String::as_str) == Some("ovf-env") {
+        return print_ovf_environment(&args[1..]);
+    }
     let config = match parse_args(args) {
         Ok(Some(config)) => config,
         Ok(None) => {
@@ -447,6 +452,27 @@ pub fn run(args: impl IntoIterator<Item = String>) -> ExitCode {
     loop {
         thread::park();
     }
+}
+
+/// `fake-host ovf-env --provision-guest-proxy-agent true|false`: the OVF environment of the
+/// VM this fake describes, for a boot test's provisioning media.
+fn print_ovf_environment(args: &[String]) -> ExitCode {
+    let flag = match args {
+        [name, value] if name == "--provision-guest-proxy-agent" => match value.as_str() {
+            "true" => true,
+            "false" => false,
+            _ => {
+                eprintln!("fake-host: --provision-guest-proxy-agent: expected true or false, got {value:?}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => {
+            eprintln!("fake-host: ovf-env needs --provision-guest-proxy-agent true|false\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    print!("{}", handlers::ovf_environment(flag));
+    ExitCode::SUCCESS
 }
 
 #[cfg(test)]
@@ -715,6 +741,57 @@ mod tests {
         assert!(idle.read_to_end(&mut buf).map_or(true, |_| buf.is_empty()));
         control(&host, &json!({"down": false}));
         assert_eq!(status(&host).status, 200);
+    }
+
+    /// The goal state and health report as cloud-init's Azure datasource sends them
+    /// (`/machine/?comp=goalstate`, `/machine?comp=health` with its report XML).
+    #[test]
+    fn provisioning_goal_state_and_health_reports_as_cloud_init_sends_them() {
+        let host = FakeHost::start(FakeHostConfig { mode: Mode::Audit, ..FakeHostConfig::loopback() }).unwrap();
+        let ws = host.addrs().wireserver.unwrap();
+        let headers = &[("x-ms-agent-name", "WALinuxAgent"), ("x-ms-version", "2012-11-30")];
+        let goal = send(ws, "GET", "/machine/?comp=goalstate", headers, b"", None);
+        assert_eq!(goal.status, 200);
+        let xml = String::from_utf8(goal.body).unwrap();
+        assert!(xml.contains("<ContainerId>a8016240-7286-49ef-8981-63520cb8f6d0</ContainerId>"), "{xml}");
+        let report = |state: &str, detail: &str, container: &str| {
+            format!(
+                "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<Health><GoalStateIncarnation>1</GoalStateIncarnation>\
+                 <Container><ContainerId>{container}</ContainerId><RoleInstanceList><Role>\
+                 <InstanceId>fake-deployment.fake-vm_IN_0</InstanceId><Health><State>{state}</State>{detail}\
+                 </Health></Role></RoleInstanceList></Container></Health>"
+            )
+        };
+        let post = |body: String| {
+            let headers = &[("x-ms-version", "2012-11-30"), ("content-type", "text/xml; charset=utf-8")];
+            send(ws, "POST", "/machine?comp=health", headers, body.as_bytes(), None).status
+        };
+        let container = "a8016240-7286-49ef-8981-63520cb8f6d0";
+        assert_eq!(post(report("Ready", "", container)), 200);
+        let failed =
+            "<Details><SubStatus>ProvisioningFailed</SubStatus><Description>proxy agent</Description></Details>";
+        assert_eq!(post(report("NotReady", failed, container)), 200);
+        assert_eq!(post(report("Ready", "", "00000000-0000-0000-0000-000000000000")), 400);
+        let stats = get_json(&host, "/stats");
+        assert_eq!((stats["readyReports"].as_u64(), stats["notReadyReports"].as_u64()), (Some(1), Some(1)));
+        assert_eq!(stats["rejectedHealthReports"], 1);
+        let records = get_json(&host, "/requests");
+        let notes: Vec<&str> = records.as_array().unwrap().iter().filter_map(|r| r["note"].as_str()).collect();
+        assert!(notes.contains(&"health NotReady ProvisioningFailed: proxy agent"), "{notes:?}");
+
+        // Enforce: an unsigned report is refused like any other WireServer request.
+        control(&host, &json!({"mode": "enforce"}));
+        assert_eq!(post(report("Ready", "", container)), 401);
+        assert_eq!(get_json(&host, "/stats")["readyReports"], 1);
+    }
+
+    #[test]
+    fn the_ovf_environment_names_the_imds_documents_vm_and_carries_the_proxy_agent_flag() {
+        for flag in [true, false] {
+            let ovf = handlers::ovf_environment(flag);
+            assert!(ovf.contains(&format!("<ns1:ProvisionGuestProxyAgent>{flag}</ns1:ProvisionGuestProxyAgent>")));
+            assert!(ovf.contains("<ns1:HostName>fake-vm</ns1:HostName>") && ovf.contains("<ns1:UserName>azureuser<"));
+        }
     }
 
     #[test]

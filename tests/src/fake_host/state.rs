@@ -324,6 +324,12 @@ pub(crate) struct Stats {
     pub(crate) telemetry_failures_injected: u64,
     /// `PUT /vmAgentLog` uploads to HostGAPlugin.
     pub(crate) agent_log_uploads: u64,
+    /// Provisioning health reports (`POST /machine?comp=health`): `Ready`, `NotReady` (the
+    /// provisioning agent's failure signal), and reports for another container or role
+    /// instance, which the host refuses.
+    pub(crate) ready_reports: u64,
+    pub(crate) not_ready_reports: u64,
+    pub(crate) rejected_health_reports: u64,
 }
 
 /// One request as received on an endpoint listener, and what the fake made of it.
@@ -486,6 +492,9 @@ impl State {
             "telemetryUploads": self.stats.telemetry_uploads,
             "telemetryFailuresInjected": self.stats.telemetry_failures_injected,
             "agentLogUploads": self.stats.agent_log_uploads,
+            "readyReports": self.stats.ready_reports,
+            "notReadyReports": self.stats.not_ready_reports,
+            "rejectedHealthReports": self.stats.rejected_health_reports,
             "currentKeyGuid": self.current_key,
             "issuedKeys": self.keys.iter().map(|k| k.guid.as_str()).collect::<Vec<_>>(),
         })
