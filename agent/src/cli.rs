@@ -45,9 +45,9 @@ OPTIONS:
     -h, --help          print this help
 
 EXIT CODES (daemon):
-    0 stopped by SIGTERM/SIGINT, 64 usage error, 70 start failure (event loop, listener,
-    no cgroup v2), 78 configuration error. A redirector (eBPF) that fails to attach does not
-    stop the daemon: it is retried, and --status reports it (exit 2).
+    0 stopped by SIGTERM/SIGINT, 64 usage error, 70 start failure (event loop, no cgroup
+    v2), 78 configuration error. A redirector (eBPF) that fails to attach or a listener that
+    cannot be bound does not stop the daemon: it is retried, and --status reports it (exit 2).
 ";
 
 /// What to do.
