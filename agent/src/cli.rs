@@ -210,8 +210,28 @@ fn parse_explain(args: &[String]) -> Result<Command, UsageError> {
     Ok(Command::PolicyExplain(a))
 }
 
+/// The program name of the reference agent, which tools and cloud-init call.
+pub const REFERENCE_PROGRAM_NAME: &str = "azure-proxy-agent";
+
+/// What `--version` prints for a program invoked as `program` (its `argv[0]`): the bare
+/// version under the reference agent's name, as tools that call that name parse it, else
+/// `guest-proxy-agent <version>`.
+pub fn version_line(program: &str) -> String {
+    let invoked_as = program.rsplit('/').next().unwrap_or(program);
+    if invoked_as == REFERENCE_PROGRAM_NAME {
+        crate::VERSION.to_owned()
+    } else {
+        format!("guest-proxy-agent {}", crate::VERSION)
+    }
+}
+
 /// Parses the arguments after the program name.
 pub fn parse(args: &[String]) -> Result<Command, UsageError> {
+    // `--help` wherever it stands, also after a subcommand (`policy explain --help`): asking
+    // for help is never a usage error.
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        return Ok(Command::Help);
+    }
     // Two-word subcommands may follow `--config FILE`; their own options come after them.
     for (i, pair) in args.windows(2).enumerate() {
         let rest = || args[..i].iter().chain(&args[i + 2..]).cloned().collect::<Vec<_>>();
@@ -547,6 +567,31 @@ mod tests {
         // The existing forms are unchanged.
         assert_eq!(parse(&args(&["detach"])).unwrap(), Command::Detach { config: c() });
         assert_eq!(parse(&args(&["--status"])).unwrap(), Command::Status { config: c(), wait_secs: 0 });
+    }
+
+    #[test]
+    fn help_is_answered_after_every_subcommand() {
+        for line in [
+            &["--help"][..],
+            &["policy", "explain", "--help"],
+            &["policy", "explain", "--rules", "r.json", "-h"],
+            &["audit", "verify", "--help"],
+            &["detach", "--help"],
+            &["status", "--json", "--help"],
+            &["doctor", "-h"],
+            &["--status", "--wait", "5", "--help"],
+        ] {
+            assert_eq!(parse(&args(line)), Ok(Command::Help), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn the_version_is_bare_under_the_reference_name() {
+        let v = crate::VERSION;
+        assert_eq!(version_line("/usr/sbin/azure-proxy-agent"), v);
+        assert_eq!(version_line("azure-proxy-agent"), v);
+        assert_eq!(version_line("/usr/sbin/guest-proxy-agent"), format!("guest-proxy-agent {v}"));
+        assert_eq!(version_line("/tmp/azure-proxy-agent-old"), format!("guest-proxy-agent {v}"));
     }
 
     #[test]

@@ -121,7 +121,8 @@ fn run(args: &[String]) -> Result<ExitCode, MainError> {
             }
         }
         Command::Version => {
-            println!("guest-proxy-agent {}", gpa::VERSION);
+            let program = std::env::args().next().unwrap_or_default();
+            println!("{}", cli::version_line(&program));
             Ok(ExitCode::SUCCESS)
         }
         Command::Detach { config } => {
