@@ -148,6 +148,15 @@ fn status_cli(ns: &Netns, config: &Path, wait: Option<u64>) -> (Output, Duration
     (out, started.elapsed())
 }
 
+/// Waits until `<logDir>/status.json` shows `module` (e.g. `ebpfProgramStatus`) as `status`.
+fn status_file_showing(e: &Env, module: &str, status: &str, within: Duration) -> Value {
+    eventually(within, &format!("status.json to show {module} {status}"), || {
+        let text = fs::read_to_string(e.agent.log_dir.join("status.json")).ok()?;
+        let doc: Value = serde_json::from_str(&text).ok()?;
+        (doc["proxyAgentStatus"][module]["status"] == status).then_some(doc)
+    })
+}
+
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -689,11 +698,7 @@ fn a_listener_that_cannot_bind_is_reported_by_status_and_retried_until_it_binds(
     let agent = Agent::spawn(&ns, &cg, &extra);
     let e = Env { agent, host, cg, ns };
 
-    let doc: Value = eventually(Duration::from_secs(20), "status.json to show the listener failure", || {
-        let text = fs::read_to_string(e.agent.log_dir.join("status.json")).ok()?;
-        let doc: Value = serde_json::from_str(&text).ok()?;
-        (doc["proxyAgentStatus"]["proxyListenerStatus"]["status"] == "STOPPED").then_some(doc)
-    });
+    let doc = status_file_showing(&e, "proxyListenerStatus", "STOPPED", Duration::from_secs(20));
     let message = doc["proxyAgentStatus"]["proxyListenerStatus"]["message"].as_str().unwrap_or_default();
     assert!(message.starts_with("Failed to start proxy listener - cannot listen on 127.0.0.2:3080"), "{doc}");
     assert!(e.agent.log().contains("started, version"), "the daemon runs:\n{}", e.agent.log());
@@ -721,11 +726,7 @@ fn a_listener_that_cannot_bind_is_reported_by_status_and_retried_until_it_binds(
     assert!(e.agent.log().contains("eBPF redirector attached to"), "{}", e.agent.log());
     let (status, text) = e.root_curl("after-bind", &["-H", "Metadata: true", IMDS]);
     assert_redirected_and_signed(&e, "after-bind", status, &text);
-    let doc: Value = eventually(Duration::from_secs(5), "status.json to show the listener running", || {
-        let text = fs::read_to_string(e.agent.log_dir.join("status.json")).ok()?;
-        let doc: Value = serde_json::from_str(&text).ok()?;
-        (doc["proxyAgentStatus"]["proxyListenerStatus"]["status"] == "RUNNING").then_some(doc)
-    });
+    let doc = status_file_showing(&e, "proxyListenerStatus", "RUNNING", Duration::from_secs(5));
     assert_eq!(doc["proxyAgentStatus"]["ebpfProgramStatus"]["status"], "RUNNING", "{doc}");
 }
 
@@ -765,11 +766,7 @@ fn a_failed_redirector_start_is_reported_by_status_and_retried_until_it_attaches
     );
     // Not through the redirect: 403 (no claims); the status file says the same as --status.
     assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
-    let doc: Value = eventually(Duration::from_secs(5), "status.json to show the failure", || {
-        let text = fs::read_to_string(e.agent.log_dir.join("status.json")).ok()?;
-        let doc: Value = serde_json::from_str(&text).ok()?;
-        (doc["proxyAgentStatus"]["ebpfProgramStatus"]["status"] == "STOPPED").then_some(doc)
-    });
+    let doc = status_file_showing(&e, "ebpfProgramStatus", "STOPPED", Duration::from_secs(5));
     let message = doc["proxyAgentStatus"]["ebpfProgramStatus"]["message"].as_str().unwrap_or_default();
     assert!(message.starts_with("Failed to start redirector"), "{doc}");
 
