@@ -367,14 +367,20 @@ pub struct StatusFile<'a> {
 /// says so in its `status.json` (`proxyListenerStatus` `STOPPED`). Trusted only when the
 /// file is root's, writable by no one else, and fresh.
 fn listener_failure_from_status_file(file: StatusFile<'_>) -> Option<String> {
-    use std::os::unix::fs::MetadataExt as _;
-    let path = file.log_dir.join(crate::status::writer::STATUS_FILE_NAME);
-    let meta = std::fs::symlink_metadata(&path).ok()?;
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    // The checks are on the file that is read: opened once, never through a link, and
+    // without blocking on a FIFO.
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(file.log_dir.join(crate::status::writer::STATUS_FILE_NAME))
+        .ok()?;
+    let meta = opened.metadata().ok()?;
     let fresh = meta.modified().ok()?.elapsed().is_ok_and(|age| age <= file.max_age);
     if !meta.is_file() || meta.uid() != 0 || meta.mode() & 0o022 != 0 || !fresh {
         return None;
     }
-    let view = crate::status::view::parse(&crate::status::view::read_file(&path).ok()?).ok()?;
+    let view = crate::status::view::parse(&crate::status::view::read_open(opened).ok()?).ok()?;
     let listener = &view.proxy_agent_status.proxy_listener_status;
     (listener.status == "STOPPED").then(|| format!("proxyListenerStatus - {}", listener.message))
 }
@@ -434,31 +440,11 @@ pub fn status(candidates: &[SocketAddrV4], status_file: StatusFile<'_>, wait_sec
 mod tests {
     use super::*;
 
-    /// A rendered status document with `listener` as `proxyListenerStatus`.
-    fn status_document(listener: crate::status::document::ModuleStatus<'_>) -> Vec<u8> {
-        use crate::status::document::{ModuleStatus, StatusInputs, new_buffer, render};
-        let summaries = crate::status::summary::Summaries::new();
-        let inputs = StatusInputs {
-            timestamp_unix_ms: 1_784_715_072_345,
-            version: "0.1.0",
-            monitor: ModuleStatus::running("Proxy agent status is running."),
-            key_latch: ModuleStatus::running("Key latch is waiting"),
-            key_latch_states: None,
-            ebpf_program: ModuleStatus::running("eBPF redirector waits for the proxy listener"),
-            proxy_listener: listener,
-            telemetry_logger: ModuleStatus::TELEMETRY_NOT_CONFIGURED,
-            proxy_connections_count: 0,
-            summaries: &summaries,
-        };
-        let mut buf = new_buffer();
-        render(&inputs, &mut buf).unwrap().json.to_vec()
-    }
-
     /// `--status` takes a listener failure from `status.json` only when the file could only
     /// have been written by the agent: root's, not group- or world-writable, and fresh.
     #[test]
     fn a_listener_failure_is_read_from_status_json_only_when_it_is_roots_fresh_and_private() {
-        use crate::status::document::ModuleStatus;
+        use crate::status::document::{ModuleStatus, sample_json};
         use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
         let dir = std::env::temp_dir().join(format!("gpa-cli-status-file-{}", std::process::id()));
         drop(std::fs::remove_dir_all(&dir));
@@ -466,7 +452,7 @@ mod tests {
         let path = dir.join("status.json");
         let failed =
             "Failed to start proxy listener - cannot listen on 127.0.0.2:3080: Cannot assign requested address";
-        std::fs::write(&path, status_document(ModuleStatus::stopped(failed))).unwrap();
+        std::fs::write(&path, sample_json(ModuleStatus::stopped(failed), 0, None)).unwrap();
         let set_mode = |mode| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
         set_mode(0o644);
         let file = StatusFile { log_dir: &dir, max_age: Duration::from_secs(60) };
@@ -481,7 +467,7 @@ mod tests {
         let an_hour_ago = std::time::UNIX_EPOCH + crate::clock::wall_now() - Duration::from_secs(3600);
         std::fs::File::options().write(true).open(&path).unwrap().set_modified(an_hour_ago).unwrap();
         assert_eq!(listener_failure_from_status_file(file), None, "a dead agent's file");
-        std::fs::write(&path, status_document(ModuleStatus::running("Started proxy listener"))).unwrap();
+        std::fs::write(&path, sample_json(ModuleStatus::running("Started proxy listener"), 0, None)).unwrap();
         assert_eq!(listener_failure_from_status_file(file), None, "a running listener");
         drop(std::fs::remove_dir_all(&dir));
     }

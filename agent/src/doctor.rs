@@ -680,8 +680,7 @@ mod tests {
 
     use super::*;
     use crate::listener::proc_net_addr;
-    use crate::status::document::{KeyLatchStates, ModuleStatus, StatusInputs, new_buffer, render};
-    use crate::status::summary::Summaries;
+    use crate::status::document::{ModuleStatus, sample_json};
 
     const NOW_MS: u64 = 1_784_715_072_345;
 
@@ -760,33 +759,6 @@ mod tests {
         t
     }
 
-    fn status_json(listener: ModuleStatus<'_>, ts_ms: u64, skew: Option<i64>) -> Vec<u8> {
-        let summaries = Summaries::new();
-        let inputs = StatusInputs {
-            timestamp_unix_ms: ts_ms,
-            version: "0.1.0",
-            monitor: ModuleStatus::running("Proxy agent status is running."),
-            key_latch: ModuleStatus::running("Successfully attest the key and ready to use. - 12"),
-            key_latch_states: Some(KeyLatchStates {
-                secure_channel_state: "WireServer Enforce - IMDS Enforce - HostGA Enforce",
-                key_guid: Some("g"),
-                wire_server_rule_id: "",
-                imds_rule_id: "",
-                host_ga_rule_id: "",
-                key_incarnation_id: None,
-                host_clock_skew_secs: skew,
-                rules_refused: [false; 3],
-            }),
-            ebpf_program: ModuleStatus::running("Started Redirector with eBPF maps - 8"),
-            proxy_listener: listener,
-            telemetry_logger: ModuleStatus::TELEMETRY_NOT_CONFIGURED,
-            proxy_connections_count: 0,
-            summaries: &summaries,
-        };
-        let mut buf = new_buffer();
-        render(&inputs, &mut buf).unwrap().json.to_vec()
-    }
-
     /// A healthy system: every check passes.
     fn healthy(f: &Fixture) {
         let bpf = f.path("bpf");
@@ -822,7 +794,7 @@ mod tests {
         f.dir("log", 0o755);
         crate::status::writer::write_atomic(
             &f.path("log"),
-            &status_json(ModuleStatus::running("ok"), NOW_MS - 30_000, None),
+            &sample_json(ModuleStatus::running("ok"), NOW_MS - 30_000, None),
         )
         .unwrap();
     }
@@ -992,7 +964,7 @@ mod tests {
         assert!(c.detail.ends_with("written 30 s ago"), "{}", c.detail);
         assert!(doc.is_some());
         // Stale: older than 3 × 60 s.
-        crate::status::writer::write_atomic(&log, &status_json(ModuleStatus::running("ok"), NOW_MS - 181_000, None))
+        crate::status::writer::write_atomic(&log, &sample_json(ModuleStatus::running("ok"), NOW_MS - 181_000, None))
             .unwrap();
         let (c, _) = check_status_file(&log, 60, &env);
         assert!(c.outcome == Outcome::Fail && c.detail.contains("stale: written 181 s ago"), "{c:?}");
@@ -1018,11 +990,11 @@ mod tests {
 
     #[test]
     fn agent_status_fails_on_error_and_names_the_component() {
-        let ok = view::parse(&status_json(ModuleStatus::running("ok"), NOW_MS, None)).unwrap();
+        let ok = view::parse(&sample_json(ModuleStatus::running("ok"), NOW_MS, None)).unwrap();
         let c = check_agent_status(Some(&ok));
         assert_eq!(c.outcome, Outcome::Pass);
         assert!(c.detail.contains("WireServer Enforce"));
-        let bad = view::parse(&status_json(
+        let bad = view::parse(&sample_json(
             ModuleStatus::stopped("cannot listen on 127.0.0.1:3080: address in use"),
             NOW_MS,
             None,
@@ -1035,13 +1007,13 @@ mod tests {
 
     #[test]
     fn clock_skew_is_reported_when_recorded() {
-        let none = view::parse(&status_json(ModuleStatus::running("ok"), NOW_MS, None)).unwrap();
+        let none = view::parse(&sample_json(ModuleStatus::running("ok"), NOW_MS, None)).unwrap();
         let c = check_clock_skew(Some(&none));
         assert!(c.outcome == Outcome::Pass && c.detail.starts_with("not measured"));
-        let small = view::parse(&status_json(ModuleStatus::running("ok"), NOW_MS, Some(-2))).unwrap();
+        let small = view::parse(&sample_json(ModuleStatus::running("ok"), NOW_MS, Some(-2))).unwrap();
         let c = check_clock_skew(Some(&small));
         assert_eq!((c.outcome, c.detail.as_str()), (Outcome::Pass, "host clock - local clock = -2 s"));
-        let big = view::parse(&status_json(ModuleStatus::running("ok"), NOW_MS, Some(300))).unwrap();
+        let big = view::parse(&sample_json(ModuleStatus::running("ok"), NOW_MS, Some(300))).unwrap();
         assert_eq!(check_clock_skew(Some(&big)).outcome, Outcome::Warn);
     }
 

@@ -413,10 +413,8 @@ pub const NO_EXTRA: &[&str] = &[];
 impl Agent {
     /// Starts the agent in `ns`, attached to `cg`, with a fresh state directory.
     pub fn start(ns: &Netns, cg: &Cgroup, extra: &[&str]) -> Self {
-        let base = std::env::temp_dir().join(unique("agent"));
-        fs::create_dir_all(&base).expect("temp dir");
-        let mut agent = Self::start_in(ns, cg, &base, extra);
-        agent.owned_base = Some(base);
+        let agent = Self::spawn(ns, cg, extra);
+        agent.wait_listening(ns);
         agent
     }
 

@@ -100,7 +100,7 @@ impl Shared {
         // A component that failed to start finishes provisioning at once, with its error:
         // waiting would only turn the cause into a timeout (issue 14). It is retried, and
         // the answer follows it.
-        let finished = self.ebpf_failed || finished_ns != 0 && (finished_ns >= tick || latched);
+        let finished = self.ebpf.failed || finished_ns != 0 && (finished_ns >= tick || latched);
         if !finished && head.header(req, b"x-ms-azure-notify").is_some() {
             if !latched {
                 // §2.7: provisioning restarts; it finishes again when the keeper is ready.
@@ -109,8 +109,8 @@ impl Shared {
             self.keeper.notify(now);
         }
         let mut error = String::new();
-        if self.ebpf_failed {
-            write!(error, "ebpfProgramStatus - {}\r\n", self.ebpf_message).ok();
+        if self.ebpf.failed {
+            write!(error, "ebpfProgramStatus - {}\r\n", self.ebpf.message).ok();
         }
         if !keeper_ready {
             // §6.5: one line per readiness bit still missing.

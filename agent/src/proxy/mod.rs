@@ -59,10 +59,10 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// How long a taking agent waits for its key latch before it tells the early agent to stop
 /// anyway (the early agent faces the same host, so waiting longer gains nothing).
 const TAKEOVER_READY_WAIT: Duration = Duration::from_secs(10);
-/// First wait before the redirector is tried again after a failed attach, and the longest.
-/// The same backoff serves a listener that could not be bound.
-const REDIRECT_RETRY_FIRST_MS: u64 = 1_000;
-const REDIRECT_RETRY_MAX_MS: u64 = 30_000;
+/// First wait before a failed start step (the listener's bind, the redirector's attach) is
+/// tried again, and the longest.
+const START_RETRY_FIRST_MS: u64 = 1_000;
+const START_RETRY_MAX_MS: u64 = 30_000;
 /// Binds tried at start (500 ms apart, MSP §5.1) before the listener counts as failed.
 const BIND_ATTEMPTS_AT_START: u32 = 6;
 
@@ -195,21 +195,53 @@ pub struct Shared {
     pub(crate) status_buf: Box<[u8]>,
     /// Status and snapshot directory.
     pub(crate) log_dir: PathBuf,
-    /// `ebpfProgramStatus` message.
-    pub(crate) ebpf_message: String,
-    /// The redirector failed to load or attach and is being retried: `ebpfProgramStatus` is
-    /// `STOPPED` and `/provision` finishes with that error (issue 14).
-    pub(crate) ebpf_failed: bool,
-    /// `proxyListenerStatus` message.
-    pub(crate) listener_message: String,
-    /// The listener could not be bound and is being retried: `proxyListenerStatus` is
-    /// `STOPPED`, nothing is redirected meanwhile (the redirect needs the socket), and
-    /// `--status` reads the cause from `status.json` (issue 14).
-    pub(crate) listener_failed: bool,
+    /// `ebpfProgramStatus`. Failed: `/provision` finishes with that error (issue 14).
+    pub(crate) ebpf: StartStep,
+    /// `proxyListenerStatus`. Failed: nothing is redirected meanwhile (the redirect needs the
+    /// socket), and `--status` reads the cause from `status.json` (issue 14).
+    pub(crate) listener: StartStep,
     /// Handing over to another agent: finish each exchange, keep no connection alive.
     pub(crate) draining: bool,
     /// The telemetry uploader (`telemetryLoggerStatus`); `None`: not configured.
     pub(crate) telemetry: Option<Uploader>,
+}
+
+/// A start step that may fail and is then retried (the listener's bind, the redirector's
+/// attach), as `status.json` and `/provision` report it.
+#[derive(Debug)]
+pub(crate) struct StartStep {
+    /// The module's status message.
+    pub(crate) message: String,
+    /// The last try failed: the module is `STOPPED`.
+    pub(crate) failed: bool,
+}
+
+impl StartStep {
+    fn starting(message: &str) -> Self {
+        Self { message: message.to_owned(), failed: false }
+    }
+
+    fn module_status(&self) -> ModuleStatus<'_> {
+        if self.failed { ModuleStatus::stopped(&self.message) } else { ModuleStatus::running(&self.message) }
+    }
+
+    fn succeeded(&mut self, message: String) {
+        self.message = message;
+        self.failed = false;
+    }
+
+    /// Records a failure; `true` for the first one since the step last succeeded.
+    fn record_failure(&mut self, message: String) -> bool {
+        self.message = message;
+        !std::mem::replace(&mut self.failed, true)
+    }
+}
+
+/// Which start step failed (for [`EventLoop::start_step_failed`]).
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Listener,
+    Redirector,
 }
 
 impl Shared {
@@ -317,16 +349,8 @@ impl Shared {
             monitor: self.status_writer.monitor(),
             key_latch: ModuleStatus::running(self.keeper.message()),
             key_latch_states: Some(KeyLatchStates::from_keeper(&self.keeper)),
-            ebpf_program: if self.ebpf_failed {
-                ModuleStatus::stopped(&self.ebpf_message)
-            } else {
-                ModuleStatus::running(&self.ebpf_message)
-            },
-            proxy_listener: if self.listener_failed {
-                ModuleStatus::stopped(&self.listener_message)
-            } else {
-                ModuleStatus::running(&self.listener_message)
-            },
+            ebpf_program: self.ebpf.module_status(),
+            proxy_listener: self.listener.module_status(),
             telemetry_logger: self
                 .telemetry
                 .as_ref()
@@ -508,7 +532,7 @@ pub struct EventLoop {
     keep_records: bool,
     /// When the failed start step is tried again (the listener's bind, then the
     /// redirector's attach), and the wait after that one.
-    redirect_retry: Option<(Instant, u64)>,
+    start_retry: Option<(Instant, u64)>,
     /// Capabilities and seccomp wait for the redirector: the retries need `bpf()`.
     harden_pending: bool,
     resolver: Resolver,
@@ -638,10 +662,8 @@ impl EventLoop {
                 status_writer: StatusWriter::new(&config.log_dir),
                 status_buf: crate::status::new_buffer(),
                 log_dir: config.log_dir.clone(),
-                ebpf_message: "eBPF redirector is starting".to_owned(),
-                ebpf_failed: false,
-                listener_message: "Proxy listener is starting".to_owned(),
-                listener_failed: false,
+                ebpf: StartStep::starting("eBPF redirector is starting"),
+                listener: StartStep::starting("Proxy listener is starting"),
                 draining: false,
                 telemetry,
                 shares: shares::Shares::new(caps),
@@ -656,7 +678,7 @@ impl EventLoop {
             redirector: None,
             cgroup,
             keep_records: shared_listener,
-            redirect_retry: None,
+            start_retry: None,
             harden_pending: false,
             resolver: Resolver::new(),
             config,
@@ -710,33 +732,42 @@ impl EventLoop {
             self.listen,
             if shared { " (shared by the early agent)" } else { "" }
         ));
-        self.shared.listener_message = format!(
+        self.shared.listener.succeeded(format!(
             "Started proxy listener, ready to accept request - {}",
             clock::now().saturating_duration_since(started).as_millis()
-        );
-        self.shared.listener_failed = false;
+        ));
         self.next_status = clock::now();
-        telemetry::module_status("ProxyServer", &self.shared.listener_message);
+        telemetry::module_status("ProxyServer", &self.shared.listener.message);
         self.listener = Some(listener);
         Ok(())
     }
 
     /// The listener could not be bound: report it (`proxyListenerStatus` `STOPPED`, read by
-    /// `--status` from `status.json`, since no socket answers `/provision`) and retry with
-    /// the redirector's backoff. The redirector waits: its redirect needs this socket.
+    /// `--status` from `status.json`, since no socket answers `/provision`) and retry. The
+    /// redirector waits: its redirect needs this socket.
     fn listener_unavailable(&mut self, why: &str, now: Instant) {
-        let wait_ms = self.redirect_retry.map_or(REDIRECT_RETRY_FIRST_MS, |(_, wait)| wait);
-        self.shared.listener_message = format!("Failed to start proxy listener - {why}");
-        self.shared.ebpf_message = "eBPF redirector waits for the proxy listener".to_owned();
-        if self.shared.listener_failed {
-            log::warn!(target: "gpa::loop", "{}; next try in {wait_ms} ms", self.shared.listener_message);
-        } else {
-            logger::milestone(&format!("{}; retrying, nothing is redirected meanwhile", self.shared.listener_message));
-            telemetry::module_status("ProxyServer", &self.shared.listener_message);
-            self.shared.listener_failed = true;
+        self.shared.ebpf.message = "eBPF redirector waits for the proxy listener".to_owned();
+        self.start_step_failed(Step::Listener, format!("Failed to start proxy listener - {why}"), now);
+    }
+
+    /// A start step failed: said once (milestone, telemetry, status written now) until it
+    /// succeeds, logged at each retry; the next try follows the backoff, 1 s doubling to
+    /// [`START_RETRY_MAX_MS`]. A process that exits instead loses the cause, and systemd
+    /// gives up on it after a few restarts.
+    fn start_step_failed(&mut self, step: Step, message: String, now: Instant) {
+        let wait_ms = self.start_retry.map_or(START_RETRY_FIRST_MS, |(_, wait)| wait);
+        let (state, module) = match step {
+            Step::Listener => (&mut self.shared.listener, "ProxyServer"),
+            Step::Redirector => (&mut self.shared.ebpf, "Redirector"),
+        };
+        if state.record_failure(message) {
+            logger::milestone(&format!("{}; retrying, nothing is redirected meanwhile", state.message));
+            telemetry::module_status(module, &state.message);
             self.next_status = now;
+        } else {
+            log::warn!(target: "gpa::loop", "{}; next try in {wait_ms} ms", state.message);
         }
-        self.redirect_retry = Some((clock::after(now, wait_ms), (wait_ms * 2).min(REDIRECT_RETRY_MAX_MS)));
+        self.start_retry = Some((clock::after(now, wait_ms), (wait_ms * 2).min(START_RETRY_MAX_MS)));
     }
 
     /// The retry timer fired: bind the listener if it is still missing (one attempt, the
@@ -749,7 +780,7 @@ impl EventLoop {
                         self.listener_unavailable(&format!("cannot watch the listener: {e}"), now);
                         return;
                     }
-                    self.redirect_retry = None;
+                    self.start_retry = None;
                 }
                 Err(e) => {
                     self.listener_unavailable(&e.to_string(), now);
@@ -761,9 +792,8 @@ impl EventLoop {
     }
 
     /// Loads and attaches the redirector. A failure does not stop the agent: it is reported
-    /// (`ebpfProgramStatus`, `/provision`, `--status`) and retried with backoff, 1 s doubling
-    /// to [`REDIRECT_RETRY_MAX_MS`]. A process that exits instead loses the cause, and systemd
-    /// gives up on it after a few restarts.
+    /// (`ebpfProgramStatus`, `/provision`, `--status`) and retried
+    /// ([`Self::start_step_failed`]).
     fn attach_redirector(&mut self, started: Instant) {
         let Some(listener) = self.listener.as_ref() else { return };
         let attached = Redirector::attach(
@@ -782,20 +812,7 @@ impl EventLoop {
         let redirector = match attached {
             Ok(r) => r,
             Err(e) => {
-                let wait_ms = self.redirect_retry.map_or(REDIRECT_RETRY_FIRST_MS, |(_, wait)| wait);
-                self.shared.ebpf_message = format!("Failed to start redirector: {e}");
-                if !self.shared.ebpf_failed {
-                    logger::milestone(&format!(
-                        "{}; retrying, nothing is redirected meanwhile",
-                        self.shared.ebpf_message
-                    ));
-                    telemetry::module_status("Redirector", &self.shared.ebpf_message);
-                    self.shared.ebpf_failed = true;
-                    self.next_status = now;
-                } else {
-                    log::warn!(target: "gpa::loop", "{}; next try in {wait_ms} ms", self.shared.ebpf_message);
-                }
-                self.redirect_retry = Some((clock::after(now, wait_ms), (wait_ms * 2).min(REDIRECT_RETRY_MAX_MS)));
+                self.start_step_failed(Step::Redirector, format!("Failed to start redirector: {e}"), now);
                 return;
             }
         };
@@ -808,11 +825,10 @@ impl EventLoop {
             "eBPF redirector attached to {} in {attach_ms} ms; {identity}",
             self.cgroup.display()
         ));
-        self.shared.ebpf_message = format!("Started Redirector with eBPF maps - {attach_ms}; {identity}");
-        self.shared.ebpf_failed = false;
-        self.redirect_retry = None;
+        self.shared.ebpf.succeeded(format!("Started Redirector with eBPF maps - {attach_ms}; {identity}"));
+        self.start_retry = None;
         self.next_status = now;
-        telemetry::module_status("Redirector", &self.shared.ebpf_message);
+        telemetry::module_status("Redirector", &self.shared.ebpf.message);
         // Adopted pinned state keeps the previous agent's routes until the key latch decides.
         for (i, destination) in
             [self.config.wire_server, self.config.imds, self.config.host_ga_plugin].into_iter().enumerate()
@@ -888,7 +904,7 @@ impl EventLoop {
                 }
             }
             self.expire(now);
-            if self.redirect_retry.is_some_and(|(at, _)| now >= at) {
+            if self.start_retry.is_some_and(|(at, _)| now >= at) {
                 self.retry_start(now);
             }
             if let Some(audit) = self.shared.audit.as_mut()
@@ -1022,7 +1038,7 @@ impl EventLoop {
         if let Some(retry) = self.accept_retry {
             next = next.min(retry);
         }
-        if let Some((retry, _)) = self.redirect_retry {
+        if let Some((retry, _)) = self.start_retry {
             next = next.min(retry);
         }
         if !self.redrive.is_empty() {

@@ -430,6 +430,36 @@ impl<T: fmt::Display> Serialize for Collected<T> {
     }
 }
 
+/// Test fixture: a rendered document of a healthy agent (key latched, redirector attached)
+/// with `listener` as `proxyListenerStatus`, made at `ts_ms` with host clock skew `skew`.
+#[cfg(test)]
+pub(crate) fn sample_json(listener: ModuleStatus<'_>, ts_ms: u64, skew: Option<i64>) -> Vec<u8> {
+    let summaries = Summaries::new();
+    let inputs = StatusInputs {
+        timestamp_unix_ms: ts_ms,
+        version: "0.1.0",
+        monitor: ModuleStatus::running("Proxy agent status is running."),
+        key_latch: ModuleStatus::running("Successfully attest the key and ready to use. - 12"),
+        key_latch_states: Some(KeyLatchStates {
+            secure_channel_state: "WireServer Enforce - IMDS Enforce - HostGA Enforce",
+            key_guid: Some("g"),
+            wire_server_rule_id: "",
+            imds_rule_id: "",
+            host_ga_rule_id: "",
+            key_incarnation_id: None,
+            host_clock_skew_secs: skew,
+            rules_refused: [false; 3],
+        }),
+        ebpf_program: ModuleStatus::running("Started Redirector with eBPF maps - 8"),
+        proxy_listener: listener,
+        telemetry_logger: ModuleStatus::TELEMETRY_NOT_CONFIGURED,
+        proxy_connections_count: 0,
+        summaries: &summaries,
+    };
+    let mut buf = new_buffer();
+    render(&inputs, &mut buf).unwrap().json.to_vec()
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;

@@ -179,7 +179,11 @@ impl std::error::Error for ViewError {}
 
 /// Reads a status file (at most [`STATUS_JSON_MAX_BYTES`]); returns its bytes.
 pub fn read_file(path: &Path) -> Result<std::vec::Vec<u8>, ViewError> {
-    let file = std::fs::File::open(path).map_err(ViewError::Read)?;
+    read_open(std::fs::File::open(path).map_err(ViewError::Read)?)
+}
+
+/// Reads a status file already open (at most [`STATUS_JSON_MAX_BYTES`]).
+pub fn read_open(file: std::fs::File) -> Result<std::vec::Vec<u8>, ViewError> {
     let mut bytes = std::vec::Vec::new();
     file.take(u64::try_from(STATUS_JSON_MAX_BYTES).unwrap_or(u64::MAX) + 1)
         .read_to_end(&mut bytes)
