@@ -17,7 +17,7 @@ use gpa::{logger, sys};
 enum MainError {
     Usage(cli::UsageError),
     Config(gpa::config::ConfigError),
-    Start(gpa::proxy::StartError),
+    Start(gpa::proxy::startup::StartError),
     Run(std::io::Error),
 }
 

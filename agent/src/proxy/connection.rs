@@ -20,22 +20,20 @@
 //! Each request's checks run in the order of MSP §5.4; every wait has a deadline.
 
 use std::io::{self, IoSlice, Read, Write};
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::time::Instant;
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use super::Verdict;
-use super::shares::Resource;
+use super::gate::{Decision, Endorse, Exchange, Gate, Route, Verdict};
 use super::upstream::{self, Endorsement, RequestBody};
-use super::{CloseReason, Endorse, Shared};
 use crate::clock;
 use crate::http::{BodyFraming, ChunkedDecoder, HeadError, RequestHead, ResponseFraming, ResponseHead};
 use crate::identity::Caller;
 use crate::limits::{
     CLIENT_BODY_TIMEOUT_MS, CLIENT_HEAD_TIMEOUT_MS, CLIENT_WRITE_TIMEOUT_MS, CONNECTION_BUFFER_BYTES, IDLE_TIMEOUT_MS,
-    KEY_LATCH_HOLD_MS, KEY_LATCH_HOLD_POLL_MS, REQUEST_BODY_MAX_BYTES, REQUEST_HEAD_MAX_BYTES,
+    KEY_LATCH_HOLD_MS, NO_IDENTITY_HEAD_TIMEOUT_MS, REQUEST_BODY_MAX_BYTES, REQUEST_HEAD_MAX_BYTES,
     SKIP_LIST_BODY_MAX_BYTES, STREAMED_BODY_IDLE_TIMEOUT_MS, UPSTREAM_CONNECT_TIMEOUT_MS, UPSTREAM_HEAD_MAX_BYTES,
 };
 
@@ -46,10 +44,29 @@ const MARKER: &[u8] = b"x-ms-azure-host-authorization: value\r\n";
 /// client that reads only the first `Connection` header sees `close`.
 const MARKER_CLOSING: &[u8] = b"x-ms-azure-host-authorization: value\r\nconnection: close\r\n";
 
+/// Why a connection ended (for logs and metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The exchange completed and the connection was not to be kept.
+    Done,
+    /// The client closed.
+    ClientClosed,
+    /// Reading from or writing to the client failed.
+    ClientError,
+    /// The upstream closed mid-response.
+    UpstreamClosed,
+    /// Keep-alive idle timeout.
+    Idle,
+    /// A deadline passed while relaying or writing.
+    Timeout,
+    /// A state that should not happen (logged).
+    Internal,
+}
+
 /// The fixed buffers of one connection slot: a slice of one arena allocated at start-up for
 /// the whole table (see [`Buffers::arena`]) and reused by every connection in that slot.
 #[derive(Debug)]
-pub(crate) struct Buffers {
+pub struct Buffers {
     /// Client bytes: the request head, then body bytes or a pipelined next request.
     req: &'static mut [u8],
     /// The serialised upstream request head.
@@ -63,7 +80,7 @@ impl Buffers {
     /// (`slots` × [`CONNECTION_BUFFER_BYTES`]), so the allocator takes it straight from
     /// `mmap`: pages cost memory only once a connection touches them. It lives as long as
     /// the process (leaked on purpose: the table is never freed).
-    pub(crate) fn arena(slots: usize) -> Vec<Self> {
+    pub fn arena(slots: usize) -> Vec<Self> {
         let arena: &'static mut [u8] = Box::leak(vec![0u8; slots * CONNECTION_BUFFER_BYTES].into_boxed_slice());
         arena
             .chunks_exact_mut(CONNECTION_BUFFER_BYTES)
@@ -76,26 +93,136 @@ impl Buffers {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A request body read whole into a pool buffer before it goes up (the signature covers it).
+#[derive(Debug)]
+struct BufferedBody {
+    buf: Box<[u8]>,
+    len: usize,
+    framing: BodyFraming,
+    decoder: ChunkedDecoder,
+    /// Whose share the buffer is counted in.
+    route: Route,
+}
+
+impl BufferedBody {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// Moves body bytes from `input` (the request buffer after the head) into the buffer.
+    /// Returns the bytes consumed and whether the body is complete, or the status to answer.
+    fn absorb(&mut self, input: &[u8]) -> Result<(usize, bool), u16> {
+        match self.framing {
+            BodyFraming::Length(total) => {
+                let want = usize::try_from(total).unwrap_or(usize::MAX) - self.len;
+                let take = want.min(input.len());
+                self.buf[self.len..self.len + take].copy_from_slice(&input[..take]);
+                self.len += take;
+                Ok((take, self.len as u64 == total))
+            }
+            BodyFraming::Chunked => {
+                let mut overflow = false;
+                let (buf, len) = (&mut self.buf, &mut self.len);
+                let consumed = self
+                    .decoder
+                    .feed(input, |data| {
+                        if *len + data.len() > REQUEST_BODY_MAX_BYTES {
+                            overflow = true;
+                        } else {
+                            buf[*len..*len + data.len()].copy_from_slice(data);
+                            *len += data.len();
+                        }
+                    })
+                    .map_err(|_malformed| 400u16)?;
+                if overflow {
+                    return Err(413);
+                }
+                Ok((consumed, self.decoder.is_done()))
+            }
+            BodyFraming::None => Ok((0, true)),
+        }
+    }
+}
+
+/// What follows the request head upstream.
+#[derive(Debug)]
+enum Outgoing {
+    /// No body.
+    Nothing,
+    /// Read whole, de-chunked and signed with the head.
+    Buffered(BufferedBody),
+    /// A skip-listed body relayed as it arrives (never signed, MSP §3.7).
+    Streamed(Streamed),
+}
+
+impl Outgoing {
+    fn give_back<G: Gate>(self, gate: &mut G) {
+        if let Self::Buffered(body) = self {
+            gate.give_back_body(&body.route, body.buf);
+        }
+    }
+}
+
+/// An upstream connection and the caller whose share it is counted in.
+#[derive(Debug)]
+struct Upstream {
+    stream: TcpStream,
+    route: Route,
+    /// Kept alive from an earlier request (the host may have closed it meanwhile).
+    reused: bool,
+}
+
+/// The serialised request on its way up: the head in the slot's `up` buffer, then the body.
+#[derive(Debug)]
+struct Sending {
+    up_len: usize,
+    up_sent: usize,
+    body: Outgoing,
+    body_sent: usize,
+}
+
+/// Where a connection is, with exactly the data that step needs: a state that would need an
+/// upstream, a body buffer or a parsed head has it, so none can be missing.
+#[derive(Debug)]
 enum State {
     /// Waiting for a complete request head (first request or keep-alive).
     ReadingHead,
     /// Reading a body into a pool buffer (it must be complete before it can be signed).
-    ReadingBody,
-    /// Non-blocking connect to the original destination in flight.
-    Connecting,
-    /// Writing the serialised head (and a buffered body) upstream.
-    SendingRequest,
-    /// Relaying a skip-listed body from the client to the upstream as it arrives.
-    StreamingBody,
+    ReadingBody { head: RequestHead, body: BufferedBody },
     /// Authorized, waiting for the key latch before it can be signed (bounded).
-    HeldForKey,
-    /// Waiting for the upstream response head.
-    AwaitingResponse,
+    HeldForKey { head: RequestHead, route: Route, body: Outgoing },
+    /// Non-blocking connect to the original destination in flight.
+    Connecting { up: Upstream, send: Sending },
+    /// Writing the serialised head (and a buffered body) upstream.
+    SendingRequest { up: Upstream, send: Sending },
+    /// Relaying a skip-listed body from the client to the upstream as it arrives.
+    StreamingBody { up: Upstream, streamed: Streamed },
+    /// Waiting for the upstream response head. `replay`: the request as sent on a kept-alive
+    /// upstream, to send again once on a fresh one if the host had closed it.
+    AwaitingResponse { up: Upstream, replay: Option<Sending> },
     /// Streaming the response to the client.
-    Relaying,
+    Relaying { up: Upstream, remaining: Remaining, keep_alive: bool },
     /// Writing a response the proxy generated itself.
     WritingLocal { close: bool },
+    /// Between two steps: the state is out being worked on, or the connection has ended.
+    Closed,
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::ReadingHead => "ReadingHead",
+            Self::ReadingBody { .. } => "ReadingBody",
+            Self::HeldForKey { .. } => "HeldForKey",
+            Self::Connecting { .. } => "Connecting",
+            Self::SendingRequest { .. } => "SendingRequest",
+            Self::StreamingBody { .. } => "StreamingBody",
+            Self::AwaitingResponse { .. } => "AwaitingResponse",
+            Self::Relaying { .. } => "Relaying",
+            Self::WritingLocal { .. } => "WritingLocal",
+            Self::Closed => "Closed",
+        }
+    }
 }
 
 /// Where the response being relayed ends.
@@ -174,7 +301,7 @@ enum Step {
 
 /// What the event loop should do next with a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Next {
+pub enum Next {
     /// Keep it; wake it at the deadline.
     Continue(Instant),
     /// Keep it and drive it again on the loop's next turn (its step budget ran out).
@@ -183,138 +310,123 @@ pub(crate) enum Next {
     Close(CloseReason),
 }
 
-/// Per-request facts kept after the head bytes are gone (for the response and the audit
-/// record).
-#[derive(Clone, Debug)]
-pub(crate) struct Exchange {
-    pub(crate) started: Instant,
-    is_head: bool,
-    close: bool,
-    pub(crate) status: u16,
-    pub(crate) method: heapless::Vec<u8, 16>,
-    /// Path without the query (queries can carry secrets), cut to fit.
-    pub(crate) path: heapless::Vec<u8, 256>,
-    /// What the checks decided: `allow`, `audit-deny`, `deny`, `no-identity`, `local`,
-    /// `refused` (method, traversal, framing, limits) or `error`.
-    pub(crate) decision: &'static str,
+/// What a deadline calls for, by state.
+enum Expiry {
+    Close(CloseReason),
+    Answer(u16),
+    RetryLater,
 }
 
 /// One proxied client connection.
 #[derive(Debug)]
-pub(crate) struct Connection {
+pub struct Connection {
     client: TcpStream,
     peer: SocketAddrV4,
     caller: Option<Caller>,
-    upstream: Option<TcpStream>,
-    /// The upstream connection was reused from an earlier request (may have gone stale).
-    upstream_reused: bool,
     state: State,
     deadline: Instant,
     bufs: Buffers,
+    /// Client bytes in `bufs.req`.
     req_len: usize,
+    /// `req_len` when the head was last parsed (no new bytes: no new parse).
     parsed_len: usize,
-    head: Option<RequestHead>,
-    body: Option<Box<[u8]>>,
-    body_len: usize,
-    body_want: BodyFraming,
-    body_decoder: ChunkedDecoder,
-    up_len: usize,
-    up_sent: usize,
-    body_sent: usize,
-    /// A skip-listed body being relayed (MSP §3.7); `None` for every other request.
-    streamed: Option<Streamed>,
+    /// Response bytes in `bufs.resp` not yet written to the client: `resp_start..resp_len`.
     resp_start: usize,
     resp_len: usize,
-    remaining: Remaining,
-    upstream_keep_alive: bool,
+    /// A kept-alive upstream while no request uses it.
+    parked: Option<Upstream>,
+    /// The request being served, from its head until it is recorded.
     exchange: Option<Exchange>,
 }
 
 /// What the event loop lends a connection for one drive.
-pub(crate) struct Ctx<'a> {
-    pub(crate) shared: &'a mut Shared,
-    pub(crate) registry: &'a Registry,
+#[derive(Debug)]
+pub struct Ctx<'a, G> {
+    /// Decisions and resources.
+    pub gate: &'a mut G,
+    /// Where the upstream socket is registered.
+    pub registry: &'a Registry,
     /// Token of the upstream socket of this slot.
-    pub(crate) upstream_token: Token,
-    pub(crate) now: Instant,
+    pub upstream_token: Token,
+    /// The loop's time for this turn.
+    pub now: Instant,
 }
 
 impl Connection {
-    pub(crate) fn new(
-        client: TcpStream,
-        peer: SocketAddrV4,
-        caller: Option<Caller>,
-        bufs: Buffers,
-        now: Instant,
-    ) -> Self {
+    /// A connection accepted from `peer`; `caller` is who the kernel says made it, `None` for
+    /// a direct connect (which can only ask a local endpoint).
+    pub fn new(client: TcpStream, peer: SocketAddrV4, caller: Option<Caller>, bufs: Buffers, now: Instant) -> Self {
+        // Without identity only a local endpoint can be asked: one short request.
+        let head_ms = if caller.is_some() { CLIENT_HEAD_TIMEOUT_MS } else { NO_IDENTITY_HEAD_TIMEOUT_MS };
         Self {
             client,
             peer,
-            upstream: None,
-            upstream_reused: false,
+            caller,
             state: State::ReadingHead,
-            // Without identity only a local endpoint can be asked: one short request.
-            deadline: clock::after(
-                now,
-                if caller.is_some() { CLIENT_HEAD_TIMEOUT_MS } else { crate::limits::NO_IDENTITY_HEAD_TIMEOUT_MS },
-            ),
+            deadline: clock::after(now, head_ms),
             bufs,
             req_len: 0,
             parsed_len: usize::MAX,
-            head: None,
-            body: None,
-            body_len: 0,
-            body_want: BodyFraming::None,
-            body_decoder: ChunkedDecoder::new(),
-            up_len: 0,
-            up_sent: 0,
-            body_sent: 0,
-            streamed: None,
             resp_start: 0,
             resp_len: 0,
-            remaining: Remaining::Done,
-            upstream_keep_alive: false,
+            parked: None,
             exchange: None,
-            caller,
         }
     }
 
-    /// Hands back the slot's buffers and the pool buffer, if any, when the connection ends,
-    /// and whether it still held an upstream (both counted in the caller's shares).
-    pub(crate) fn into_parts(mut self, registry: &Registry) -> (Buffers, Option<Box<[u8]>>, bool) {
+    /// Ends the connection: every body buffer and upstream it holds goes back through the
+    /// gate, and the slot's buffers come back for the next connection.
+    pub fn close<G: Gate>(mut self, gate: &mut G, registry: &Registry) -> Buffers {
         drop(registry.deregister(&mut self.client));
-        let had_upstream = self.upstream.is_some();
-        if let Some(mut up) = self.upstream.take() {
-            drop(registry.deregister(&mut up));
+        let state = std::mem::replace(&mut self.state, State::Closed);
+        release(gate, registry, state);
+        if let Some(up) = self.parked.take() {
+            drop_upstream(gate, registry, up);
         }
-        (self.bufs, self.body.take(), had_upstream)
+        self.bufs
     }
 
-    pub(crate) fn deadline(&self) -> Instant {
+    /// When the loop must wake this connection ([`Connection::on_timeout`]).
+    pub fn deadline(&self) -> Instant {
         self.deadline
     }
 
+    /// Waiting for the key latch: the loop drives it again when the keeper's state changes.
+    pub fn is_held_for_key(&self) -> bool {
+        matches!(self.state, State::HeldForKey { .. })
+    }
+
+    /// The caller's uid and cgroup, under which its connection is counted.
+    pub fn owner(&self) -> Option<(u32, u64)> {
+        self.caller.as_ref().map(|c| (c.uid(), c.record.cgroup_id))
+    }
+
     fn set_state(&mut self, state: State, timeout_ms: u64, now: Instant) {
-        log::trace!(target: "gpa::proxy", "state={:?}=>{:?} peer={}", self.state, state, self.peer);
+        log::trace!(target: "gpa::proxy", "state=>{} peer={}", state.name(), self.peer);
         self.state = state;
         self.deadline = clock::after(now, timeout_ms);
     }
 
     /// Runs the state machine until it would block.
-    pub(crate) fn drive(&mut self, ctx: &mut Ctx<'_>) -> Next {
+    pub fn drive<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>) -> Next {
         // Bounded: each Progress consumes bytes or changes state; the cap only guards against
         // a logic error spinning the single thread.
         for _ in 0..1024 {
-            let step = match self.state {
+            // Each step takes its state's data and leaves the next state behind.
+            let step = match std::mem::replace(&mut self.state, State::Closed) {
                 State::ReadingHead => self.read_head(ctx),
-                State::ReadingBody => self.read_body(ctx),
-                State::Connecting => self.connecting(ctx),
-                State::SendingRequest => self.send_request(ctx),
-                State::StreamingBody => self.stream_body(ctx),
-                State::HeldForKey => self.prepare_upstream(ctx),
-                State::AwaitingResponse => self.await_response(ctx),
-                State::Relaying => self.relay(ctx),
+                State::ReadingBody { head, body } => self.read_body(ctx, head, body),
+                State::HeldForKey { head, route, body } => self.prepare_upstream(ctx, head, route, body, true),
+                State::Connecting { up, send } => self.connecting(ctx, up, send),
+                State::SendingRequest { up, send } => self.send_request(ctx, up, send),
+                State::StreamingBody { up, streamed } => self.stream_body(ctx, up, streamed),
+                State::AwaitingResponse { up, replay } => self.await_response(ctx, up, replay),
+                State::Relaying { up, remaining, keep_alive } => self.relay(ctx, up, remaining, keep_alive),
                 State::WritingLocal { close } => self.write_local(ctx, close),
+                State::Closed => {
+                    log::error!(target: "gpa::proxy", "connection driven after it ended: peer={}", self.peer);
+                    Step::Close(CloseReason::Internal)
+                }
             };
             match step {
                 Step::Progress => {}
@@ -332,64 +444,52 @@ impl Connection {
 
     /// A request whose head was read but that was never answered (the client went away
     /// mid-body, say) still leaves an audit record: abandoned requests are evidence too.
-    fn audit_abandoned(&mut self, ctx: &mut Ctx<'_>) {
+    fn audit_abandoned<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>) {
         if let Some(mut e) = self.exchange.take() {
             e.status = 0;
-            e.decision = "abandoned";
-            ctx.shared.record(self.caller.as_ref(), self.peer, &e, ctx.now);
+            e.decision = Decision::Abandoned;
+            ctx.gate.record(self.caller.as_ref(), self.peer, &e, ctx.now);
         }
     }
 
-    /// Waiting for the key latch: the loop drives it again when the keeper's state changes.
-    pub(crate) fn is_held_for_key(&self) -> bool {
-        self.state == State::HeldForKey
-    }
-
-    /// The caller's uid and cgroup, under which its shares are counted.
-    pub(crate) fn owner(&self) -> Option<(u32, u64)> {
-        self.caller.as_ref().map(|c| (c.uid(), c.record.cgroup_id))
-    }
-
     /// A deadline passed: answer what the state calls for.
-    pub(crate) fn on_timeout(&mut self, ctx: &mut Ctx<'_>) -> Next {
-        match self.state {
-            State::ReadingHead if self.req_len == 0 => return Next::Close(CloseReason::Idle),
-            State::ReadingHead | State::ReadingBody => self.respond(ctx, 408, &[], b"", true),
+    pub fn on_timeout<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>) -> Next {
+        let expiry = match &self.state {
+            State::ReadingHead if self.req_len == 0 => Expiry::Close(CloseReason::Idle),
+            State::ReadingHead | State::ReadingBody { .. } => Expiry::Answer(408),
             // Still no key: a status every provisioning client retries, with when (issue 14).
-            State::HeldForKey => self.respond(ctx, 429, &[b"retry-after: 1\r\n"], b"", true),
-            State::Connecting => self.respond(ctx, 502, &[], b"", true),
+            State::HeldForKey { .. } => Expiry::RetryLater,
+            State::Connecting { .. } => Expiry::Answer(502),
             // Silence from the client mid-body is the client's; a full upstream is the host's.
-            State::StreamingBody if self.streamed.is_some_and(|s| s.ready == 0) => {
-                self.respond(ctx, 408, &[], b"", true)
+            State::StreamingBody { streamed, .. } if streamed.ready == 0 => Expiry::Answer(408),
+            State::SendingRequest { .. } | State::StreamingBody { .. } | State::AwaitingResponse { .. } => {
+                Expiry::Answer(504)
             }
-            State::SendingRequest | State::StreamingBody | State::AwaitingResponse => {
-                self.respond(ctx, 504, &[], b"", true)
-            }
-            State::Relaying | State::WritingLocal { .. } => return Next::Close(CloseReason::Timeout),
+            State::Relaying { .. } | State::WritingLocal { .. } | State::Closed => Expiry::Close(CloseReason::Timeout),
+        };
+        match expiry {
+            Expiry::Close(reason) => return Next::Close(reason),
+            Expiry::Answer(status) => self.respond_empty(ctx, status),
+            Expiry::RetryLater => self.respond(ctx, 429, &[b"retry-after: 1\r\n"], b"", true),
         }
         self.drive(ctx)
     }
 
     // ---- client side: request head and body -------------------------------------------------
 
-    fn read_head(&mut self, ctx: &mut Ctx<'_>) -> Step {
+    fn read_head<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>) -> Step {
+        self.state = State::ReadingHead;
         if self.req_len != self.parsed_len && self.req_len > 0 {
             self.parsed_len = self.req_len;
             match RequestHead::parse(&self.bufs.req[..self.req_len]) {
                 Ok(Some(head)) => return self.on_head(ctx, head),
-                Ok(None) if self.req_len == self.bufs.req.len() => {
-                    self.respond(ctx, 431, &[], b"", true);
-                    return Step::Progress;
-                }
+                Ok(None) if self.req_len == self.bufs.req.len() => return self.fail(ctx, 431),
                 Ok(None) => {}
                 Err(HeadError::MethodNotAllowed) => {
                     self.respond_method_not_allowed(ctx);
                     return Step::Progress;
                 }
-                Err(e) => {
-                    self.respond(ctx, e.status(), &[], b"", true);
-                    return Step::Progress;
-                }
+                Err(e) => return self.fail(ctx, e.status()),
             }
         }
         if self.req_len == self.bufs.req.len() {
@@ -422,9 +522,15 @@ impl Connection {
         }
     }
 
-    /// MSP §5.4, in order: method, traversal, local endpoints, identity, body limit,
-    /// authorization; then the body or the upstream.
-    fn on_head(&mut self, ctx: &mut Ctx<'_>, head: RequestHead) -> Step {
+    fn decide(&mut self, decision: Decision) {
+        if let Some(e) = self.exchange.as_mut() {
+            e.decision = decision;
+        }
+    }
+
+    /// MSP §5.4, in order: method (refused by the parser), traversal, local endpoints,
+    /// identity, body limit, authorization; then the body or the upstream.
+    fn on_head<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>, head: RequestHead) -> Step {
         let req = &self.bufs.req[..self.req_len];
         let method = head.method(req);
         let target = head.target(req);
@@ -436,27 +542,21 @@ impl Connection {
             status: 0,
             method: heapless::Vec::from_slice(&method[..method.len().min(16)]).unwrap_or_default(),
             path: heapless::Vec::from_slice(&path[..path.len().min(256)]).unwrap_or_default(),
-            decision: "refused",
+            decision: Decision::Refused,
         });
-        ctx.shared.stats.requests += 1;
+        ctx.gate.count_request();
 
-        if !crate::policy::canonical::method_allowed(method) {
-            self.respond_method_not_allowed(ctx);
-            return Step::Progress;
-        }
         // Before local endpoints, identity and authorization: a target the allowlist and the
         // upstream could read differently is refused whoever sends it (issue 12).
         if let Err(why) = crate::policy::canonical::ambiguous_target(target) {
-            self.set_decision(why.as_str());
-            self.respond(ctx, 400, &[], b"", true);
-            return Step::Progress;
+            self.decide(Decision::Ambiguous(why));
+            return self.fail(ctx, 400);
         }
-        if crate::policy::canonical::traversal_guard(head.path(req)).is_err() {
-            self.respond(ctx, 403, &[], b"", true);
-            return Step::Progress;
+        if crate::policy::canonical::traversal_guard(path).is_err() {
+            return self.fail(ctx, 403);
         }
-        if let Some(local) = ctx.shared.local_endpoint(&head, req, self.caller.as_ref(), ctx.now) {
-            self.set_decision("local");
+        if let Some(local) = ctx.gate.local_endpoint(&head, req, self.caller.as_ref(), ctx.now) {
+            self.decide(Decision::Local);
             let close = local.close || head.framing != BodyFraming::None || head.close;
             self.respond(ctx, local.status, &[local.content_type], local.body.as_bytes(), close);
             if !close {
@@ -466,56 +566,39 @@ impl Connection {
         }
         let Some(caller) = self.caller.as_ref() else {
             // A direct connect to the listener, or an identity that could not be recovered.
-            self.set_decision("no-identity");
-            self.respond(ctx, 421, &[], b"", true);
-            return Step::Progress;
+            self.decide(Decision::NoIdentity);
+            return self.fail(ctx, 421);
         };
+        let route = Route::of(caller);
         // A skip-listed body is never signed, so it is streamed, with its own limit (§3.7).
         let streamed = head.framing != BodyFraming::None && crate::msp::signing::is_skip_listed(method, target);
         let body_max = if streamed { SKIP_LIST_BODY_MAX_BYTES } else { REQUEST_BODY_MAX_BYTES as u64 };
         if let BodyFraming::Length(n) = head.framing
             && n > body_max
         {
-            self.respond(ctx, 413, &[], b"", true);
-            return Step::Progress;
+            return self.fail(ctx, 413);
         }
-        let verdict = ctx.shared.authorize(caller, method, target);
-        match verdict {
-            Verdict::Allow => self.set_decision("allow"),
-            Verdict::AllowWithAudit => self.set_decision("audit-deny"),
+        match ctx.gate.authorize(caller, method, target) {
+            Verdict::Allow => self.decide(Decision::Allow),
+            Verdict::AllowWithAudit => self.decide(Decision::AuditDeny),
             Verdict::Forbidden => {
-                self.set_decision("deny");
-                self.respond(ctx, 403, &[], b"", true);
-                return Step::Progress;
+                self.decide(Decision::Deny);
+                return self.fail(ctx, 403);
             }
         }
-        self.head = Some(head);
         if head.framing == BodyFraming::None {
-            return self.prepare_upstream(ctx);
+            return self.prepare_upstream(ctx, head, route, Outgoing::Nothing, false);
         }
         if streamed {
-            self.streamed = Some(Streamed::new(head.framing));
             self.send_continue(&head);
-            return self.prepare_upstream(ctx);
+            return self.prepare_upstream(ctx, head, route, Outgoing::Streamed(Streamed::new(head.framing)), false);
         }
-        let Some((uid, cgroup)) = self.owner() else { return Step::Close(CloseReason::Internal) };
-        // A uid's share of the body buffers, then the pool itself (its last buffers are root's).
-        if !ctx.shared.shares.take(uid, cgroup, Resource::Body) {
-            self.respond(ctx, 503, &[], b"", true);
-            return Step::Progress;
-        }
-        let Some(body) = ctx.shared.pool.take(uid == 0) else {
-            // Every body buffer is in use: degrade predictably rather than queue.
-            ctx.shared.shares.give_back(uid, cgroup, Resource::Body);
-            self.respond(ctx, 503, &[], b"", true);
-            return Step::Progress;
-        };
-        self.body = Some(body);
-        self.body_len = 0;
-        self.body_want = head.framing;
-        self.body_decoder = ChunkedDecoder::new();
+        // The caller's share of the body buffers, then the pool itself (its last buffers are
+        // root's): when every buffer is in use, degrade predictably rather than queue.
+        let Some(buf) = ctx.gate.take_body(&route) else { return self.fail(ctx, 503) };
+        let body = BufferedBody { buf, len: 0, framing: head.framing, decoder: ChunkedDecoder::new(), route };
         self.send_continue(&head);
-        self.set_state(State::ReadingBody, CLIENT_BODY_TIMEOUT_MS, ctx.now);
+        self.set_state(State::ReadingBody { head, body }, CLIENT_BODY_TIMEOUT_MS, ctx.now);
         Step::Progress
     }
 
@@ -527,246 +610,221 @@ impl Connection {
         }
     }
 
-    fn read_body(&mut self, ctx: &mut Ctx<'_>) -> Step {
-        let Some(head) = self.head else { return Step::Close(CloseReason::Internal) };
+    fn read_body<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>, head: RequestHead, mut body: BufferedBody) -> Step {
         let start = head.head_len;
         if self.req_len > start {
-            let (consumed, complete) = match self.absorb_body(start) {
+            let (consumed, complete) = match body.absorb(&self.bufs.req[start..self.req_len]) {
                 Ok(r) => r,
                 Err(status) => {
-                    self.respond(ctx, status, &[], b"", true);
-                    return Step::Progress;
+                    self.state = State::ReadingBody { head, body };
+                    return self.fail(ctx, status);
                 }
             };
             self.bufs.req.copy_within(start + consumed..self.req_len, start);
             self.req_len -= consumed;
             if complete {
-                return self.prepare_upstream(ctx);
+                let route = body.route;
+                return self.prepare_upstream(ctx, head, route, Outgoing::Buffered(body), false);
             }
         }
+        self.state = State::ReadingBody { head, body };
         // The body deadline is absolute (set when the body started): a byte every few seconds
         // must not hold a body buffer for ever (issue 13).
         self.read_client().map_or_else(|step| step, |_| Step::Progress)
     }
 
-    /// Moves body bytes from the request buffer into the body buffer. Returns the bytes
-    /// consumed and whether the body is complete, or the status to answer.
-    fn absorb_body(&mut self, start: usize) -> Result<(usize, bool), u16> {
-        let Some(body) = self.body.as_mut() else { return Err(500) };
-        let input = &self.bufs.req[start..self.req_len];
-        match self.body_want {
-            BodyFraming::Length(total) => {
-                let want = usize::try_from(total).unwrap_or(usize::MAX) - self.body_len;
-                let take = want.min(input.len());
-                body[self.body_len..self.body_len + take].copy_from_slice(&input[..take]);
-                self.body_len += take;
-                Ok((take, self.body_len as u64 == total))
-            }
-            BodyFraming::Chunked => {
-                let mut overflow = false;
-                let len = &mut self.body_len;
-                let consumed = self
-                    .body_decoder
-                    .feed(input, |data| {
-                        if *len + data.len() > REQUEST_BODY_MAX_BYTES {
-                            overflow = true;
-                        } else {
-                            body[*len..*len + data.len()].copy_from_slice(data);
-                            *len += data.len();
-                        }
-                    })
-                    .map_err(|_malformed| 400u16)?;
-                if overflow {
-                    return Err(413);
-                }
-                Ok((consumed, self.body_decoder.is_done()))
-            }
-            BodyFraming::None => Ok((0, true)),
-        }
-    }
-
     // ---- upstream side ----------------------------------------------------------------------
 
-    fn prepare_upstream(&mut self, ctx: &mut Ctx<'_>) -> Step {
-        let (Some(head), Some(caller)) = (self.head, self.caller.as_ref()) else {
-            return Step::Close(CloseReason::Internal);
-        };
+    /// Serialises (and signs) the request head, then sends it on the parked upstream or a new
+    /// one. Without a key yet, holds the request for the latch (`held`: it already waits).
+    fn prepare_upstream<G: Gate>(
+        &mut self,
+        ctx: &mut Ctx<'_, G>,
+        head: RequestHead,
+        route: Route,
+        body: Outgoing,
+        held: bool,
+    ) -> Step {
         let req = &self.bufs.req[..self.req_len];
-        let body = match (self.streamed, self.body.as_deref()) {
-            (Some(_), _) => RequestBody::Streamed,
-            (None, body) => RequestBody::Buffered(body.map_or(&[][..], |b| &b[..self.body_len])),
+        let request_body = match &body {
+            Outgoing::Nothing => RequestBody::Buffered(&[]),
+            Outgoing::Buffered(b) => RequestBody::Buffered(b.bytes()),
+            Outgoing::Streamed(_) => RequestBody::Streamed,
         };
-        let key = match ctx.shared.endorsement_for(caller, head.method(req), head.target(req)) {
+        let key = match ctx.gate.endorsement(&route, head.method(req), head.target(req)) {
             Endorse::Sign(key) => Some(key),
             Endorse::Unsigned => None,
             Endorse::NotReady => {
                 // Before the first status document or the key latch: hold the request, with
                 // the keeper told to poll now, instead of a `503` no provisioning agent retries.
                 // The loop drives it again when the keeper's state changes.
-                ctx.shared.keeper.poll_within(ctx.now, std::time::Duration::from_millis(KEY_LATCH_HOLD_POLL_MS));
-                if self.state != State::HeldForKey {
+                ctx.gate.hold_for_key(ctx.now);
+                let state = State::HeldForKey { head, route, body };
+                if held {
+                    self.state = state;
+                } else {
                     log::debug!(target: "gpa::proxy", "request held for the key latch: peer={}", self.peer);
-                    self.set_state(State::HeldForKey, KEY_LATCH_HOLD_MS, ctx.now);
+                    self.set_state(state, KEY_LATCH_HOLD_MS, ctx.now);
                 }
                 return Step::Blocked;
             }
         };
-        let date = ctx.shared.host_date();
-        let endorsement = Endorsement { key, is_root: caller.is_root(), date: &date };
-        match upstream::write_request_head(&head, req, body, &endorsement, self.bufs.up) {
-            Ok(n) => self.up_len = n,
+        let date = ctx.gate.host_date();
+        let endorsement = Endorsement { key, is_root: route.is_root, date: &date };
+        let written = upstream::write_request_head(&head, req, request_body, &endorsement, self.bufs.up);
+        let signed = key.is_some();
+        let up_len = match written {
+            Ok(n) => n,
             Err(e) => {
                 log::warn!(target: "gpa::proxy", "cannot build upstream request: peer={} error={e:?}", self.peer);
-                self.respond(ctx, 502, &[], b"", true);
-                return Step::Progress;
+                self.state = State::HeldForKey { head, route, body };
+                return self.fail(ctx, 502);
             }
+        };
+        if signed {
+            ctx.gate.count_signed();
         }
-        ctx.shared.stats.signed += u64::from(key.is_some());
-        self.up_sent = 0;
-        self.body_sent = 0;
         // The head is serialised; what follows it in the buffer is the next pipelined request.
         self.consume_head(head.head_len);
-        self.head = None;
-        if self.streamed.is_some() {
+        let streamed = matches!(body, Outgoing::Streamed(_));
+        let send = Sending { up_len, up_sent: 0, body, body_sent: 0 };
+        match self.parked.take() {
             // A streamed body cannot be replayed, so a kept-alive upstream the host may have
             // closed meanwhile is not risked: it goes up on a fresh connection.
-            self.drop_upstream(ctx);
+            Some(up) if streamed => {
+                drop_upstream(ctx.gate, ctx.registry, up);
+                self.connect_upstream(ctx, route, send)
+            }
+            Some(mut up) => {
+                up.reused = true;
+                self.set_state(State::SendingRequest { up, send }, ctx.gate.upstream_timeout_ms(), ctx.now);
+                Step::Progress
+            }
+            None => self.connect_upstream(ctx, route, send),
         }
-        if self.upstream.is_some() {
-            self.upstream_reused = true;
-            self.set_state(State::SendingRequest, ctx.shared.upstream_timeout_ms, ctx.now);
-            return Step::Progress;
-        }
-        self.connect_upstream(ctx)
     }
 
-    fn connect_upstream(&mut self, ctx: &mut Ctx<'_>) -> Step {
-        let (Some(destination), Some((uid, cgroup))) =
-            (self.caller.as_ref().map(|c| c.record.original_destination()), self.owner())
-        else {
-            return Step::Close(CloseReason::Internal);
-        };
+    fn connect_upstream<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>, route: Route, send: Sending) -> Step {
         // One uid's requests in flight to the hosts are bounded: its slow upstreams cannot
         // hold every descriptor and connection the others need.
-        if !ctx.shared.shares.take(uid, cgroup, Resource::Upstream) {
-            self.respond(ctx, 503, &[], b"", true);
-            return Step::Progress;
+        if !ctx.gate.take_upstream(&route) {
+            send.body.give_back(ctx.gate);
+            return self.fail(ctx, 503);
         }
-        let stream = match crate::sys::connect_marked(destination, ctx.shared.agent_mark) {
+        let mut stream = match ctx.gate.connect(&route) {
             Ok(s) => TcpStream::from_std(s),
             Err(e) => {
-                ctx.shared.shares.give_back(uid, cgroup, Resource::Upstream);
-                log::warn!(target: "gpa::proxy", "upstream connect failed: destination={destination} error={e}");
-                self.respond(ctx, 502, &[], b"", true);
-                return Step::Progress;
+                ctx.gate.give_back_upstream(&route);
+                log::warn!(target: "gpa::proxy", "upstream connect failed: destination={} error={e}", route.destination);
+                send.body.give_back(ctx.gate);
+                return self.fail(ctx, 502);
             }
         };
-        let mut stream = stream;
         if let Err(e) = stream.set_nodelay(true) {
             log::debug!(target: "gpa::proxy", "TCP_NODELAY not set upstream: {e}");
         }
         if ctx.registry.register(&mut stream, ctx.upstream_token, Interest::READABLE | Interest::WRITABLE).is_err() {
-            ctx.shared.shares.give_back(uid, cgroup, Resource::Upstream);
-            self.respond(ctx, 502, &[], b"", true);
-            return Step::Progress;
+            ctx.gate.give_back_upstream(&route);
+            send.body.give_back(ctx.gate);
+            return self.fail(ctx, 502);
         }
-        self.upstream = Some(stream);
-        self.upstream_reused = false;
-        self.set_state(State::Connecting, UPSTREAM_CONNECT_TIMEOUT_MS, ctx.now);
+        let up = Upstream { stream, route, reused: false };
+        self.set_state(State::Connecting { up, send }, UPSTREAM_CONNECT_TIMEOUT_MS, ctx.now);
         Step::Progress
     }
 
-    fn drop_upstream(&mut self, ctx: &mut Ctx<'_>) {
-        if let Some(mut up) = self.upstream.take() {
-            drop(ctx.registry.deregister(&mut up));
-            if let Some((uid, cgroup)) = self.owner() {
-                ctx.shared.shares.give_back(uid, cgroup, Resource::Upstream);
+    fn connecting<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>, up: Upstream, send: Sending) -> Step {
+        let failed = matches!(up.stream.take_error(), Ok(Some(_)) | Err(_));
+        let connected = match up.stream.peer_addr() {
+            _ if failed => Err(()),
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected || e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(_) => Err(()),
+        };
+        match connected {
+            Ok(true) => {
+                self.set_state(State::SendingRequest { up, send }, ctx.gate.upstream_timeout_ms(), ctx.now);
+                Step::Progress
+            }
+            Ok(false) => {
+                self.state = State::Connecting { up, send };
+                Step::Blocked
+            }
+            Err(()) => {
+                self.state = State::Connecting { up, send };
+                self.fail(ctx, 502)
             }
         }
     }
 
-    fn connecting(&mut self, ctx: &mut Ctx<'_>) -> Step {
-        let Some(up) = self.upstream.as_ref() else { return Step::Close(CloseReason::Internal) };
-        if let Ok(Some(_)) | Err(_) = up.take_error() {
-            self.drop_upstream(ctx);
-            self.respond(ctx, 502, &[], b"", true);
-            return Step::Progress;
-        }
-        match up.peer_addr() {
-            Ok(_) => {
-                self.set_state(State::SendingRequest, ctx.shared.upstream_timeout_ms, ctx.now);
-                Step::Progress
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotConnected || e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
-            Err(_) => {
-                self.drop_upstream(ctx);
-                self.respond(ctx, 502, &[], b"", true);
-                Step::Progress
-            }
-        }
-    }
-
-    fn send_request(&mut self, ctx: &mut Ctx<'_>) -> Step {
-        let Some(up) = self.upstream.as_mut() else { return Step::Close(CloseReason::Internal) };
-        let body = self.body.as_deref().map_or(&[][..], |b| &b[..self.body_len]);
-        if self.up_sent == self.up_len && self.body_sent == body.len() {
-            if self.streamed.is_some() {
-                self.set_state(State::StreamingBody, STREAMED_BODY_IDLE_TIMEOUT_MS, ctx.now);
+    fn send_request<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>, mut up: Upstream, mut send: Sending) -> Step {
+        let body: &[u8] = if let Outgoing::Buffered(b) = &send.body { b.bytes() } else { &[] };
+        if send.up_sent == send.up_len && send.body_sent == body.len() {
+            if let Outgoing::Streamed(streamed) = send.body {
+                self.set_state(State::StreamingBody { up, streamed }, STREAMED_BODY_IDLE_TIMEOUT_MS, ctx.now);
                 return Step::Progress;
             }
-            if let Some(buf) = self.body.take() {
-                ctx.shared.pool.give_back(buf);
-                if let Some((uid, cgroup)) = self.owner() {
-                    ctx.shared.shares.give_back(uid, cgroup, Resource::Body);
-                }
-            }
+            // Sent whole. On a kept-alive upstream the request is kept for one replay; else
+            // the body buffer goes back now.
+            let replay = if up.reused {
+                Some(send)
+            } else {
+                send.body.give_back(ctx.gate);
+                None
+            };
             self.resp_start = 0;
             self.resp_len = 0;
-            self.set_state(State::AwaitingResponse, ctx.shared.upstream_timeout_ms, ctx.now);
+            self.set_state(State::AwaitingResponse { up, replay }, ctx.gate.upstream_timeout_ms(), ctx.now);
             return Step::Progress;
         }
-        let slices = [IoSlice::new(&self.bufs.up[self.up_sent..self.up_len]), IoSlice::new(&body[self.body_sent..])];
-        match up.write_vectored(&slices) {
-            Ok(0) => self.upstream_failed(ctx),
+        let slices = [IoSlice::new(&self.bufs.up[send.up_sent..send.up_len]), IoSlice::new(&body[send.body_sent..])];
+        match up.stream.write_vectored(&slices) {
+            Ok(0) => self.upstream_failed(ctx, up, Some(send)),
             Ok(mut n) => {
-                let head_part = n.min(self.up_len - self.up_sent);
-                self.up_sent += head_part;
+                let head_part = n.min(send.up_len - send.up_sent);
+                send.up_sent += head_part;
                 n -= head_part;
-                self.body_sent += n;
+                send.body_sent += n;
+                self.state = State::SendingRequest { up, send };
                 Step::Progress
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Step::Progress,
-            Err(_) => self.upstream_failed(ctx),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.state = State::SendingRequest { up, send };
+                Step::Blocked
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                self.state = State::SendingRequest { up, send };
+                Step::Progress
+            }
+            Err(_) => self.upstream_failed(ctx, up, Some(send)),
         }
     }
 
     /// Relays a skip-listed body: checks what the client sent against its framing, writes the
     /// checked bytes upstream, reads more; then waits for the response. The bytes after the
     /// body's end stay in the buffer (a pipelined request).
-    fn stream_body(&mut self, ctx: &mut Ctx<'_>) -> Step {
-        let Some(mut streamed) = self.streamed else { return Step::Close(CloseReason::Internal) };
+    fn stream_body<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>, mut up: Upstream, mut streamed: Streamed) -> Step {
         if streamed.ready == 0 {
             if streamed.done {
-                self.streamed = None;
                 self.resp_start = 0;
                 self.resp_len = 0;
-                self.set_state(State::AwaitingResponse, ctx.shared.upstream_timeout_ms, ctx.now);
+                let upstream_ms = ctx.gate.upstream_timeout_ms();
+                self.set_state(State::AwaitingResponse { up, replay: None }, upstream_ms, ctx.now);
                 return Step::Progress;
             }
             if self.req_len > 0 {
-                if let Err(status) = streamed.check(&self.bufs.req[..self.req_len]) {
+                let checked = streamed.check(&self.bufs.req[..self.req_len]);
+                self.state = State::StreamingBody { up, streamed };
+                if let Err(status) = checked {
                     // The host has part of a request it will never see end: that upstream goes.
-                    self.streamed = None;
-                    self.drop_upstream(ctx);
-                    self.respond(ctx, status, &[], b"", true);
-                    return Step::Progress;
+                    return self.fail(ctx, status);
                 }
-                self.streamed = Some(streamed);
                 if streamed.ready > 0 || streamed.done {
                     return Step::Progress;
                 }
                 // Nothing was body yet (the decoder holds a partial chunk-size line): read on.
+            } else {
+                self.state = State::StreamingBody { up, streamed };
             }
             return match self.read_client() {
                 Ok(_) => {
@@ -776,151 +834,181 @@ impl Connection {
                 Err(step) => step,
             };
         }
-        let Some(up) = self.upstream.as_mut() else { return Step::Close(CloseReason::Internal) };
-        match up.write(&self.bufs.req[..streamed.ready]) {
-            Ok(0) => self.stream_failed(ctx),
-            Ok(n) => {
+        let written = up.stream.write(&self.bufs.req[..streamed.ready]);
+        match written {
+            Ok(n) if n > 0 => {
                 self.bufs.req.copy_within(n..self.req_len, 0);
                 self.req_len -= n;
                 streamed.ready -= n;
-                self.streamed = Some(streamed);
+                self.state = State::StreamingBody { up, streamed };
                 self.deadline = clock::after(ctx.now, STREAMED_BODY_IDLE_TIMEOUT_MS);
                 Step::Progress
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Step::Progress,
-            Err(_) => self.stream_failed(ctx),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.state = State::StreamingBody { up, streamed };
+                Step::Blocked
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                self.state = State::StreamingBody { up, streamed };
+                Step::Progress
+            }
+            // The upstream went away mid-body: the body cannot be replayed, so no retry.
+            Ok(_) | Err(_) => {
+                self.state = State::StreamingBody { up, streamed };
+                self.fail(ctx, 502)
+            }
         }
-    }
-
-    /// The upstream went away mid-body: the body cannot be replayed, so no retry.
-    fn stream_failed(&mut self, ctx: &mut Ctx<'_>) -> Step {
-        self.streamed = None;
-        self.drop_upstream(ctx);
-        self.respond(ctx, 502, &[], b"", true);
-        Step::Progress
     }
 
     /// The upstream failed before any response byte. A kept-alive connection the host closed
-    /// meanwhile is retried once on a fresh connection (nothing was processed upstream);
-    /// otherwise the client gets `502`.
-    fn upstream_failed(&mut self, ctx: &mut Ctx<'_>) -> Step {
-        self.drop_upstream(ctx);
-        if self.upstream_reused && self.resp_len == 0 {
-            self.upstream_reused = false;
-            self.up_sent = 0;
-            self.body_sent = 0;
-            return self.connect_upstream(ctx);
+    /// meanwhile is retried once on a fresh connection with the request as sent (`replay`:
+    /// nothing was processed upstream); otherwise the client gets `502`.
+    fn upstream_failed<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>, up: Upstream, replay: Option<Sending>) -> Step {
+        let (route, reused) = (up.route, up.reused);
+        drop_upstream(ctx.gate, ctx.registry, up);
+        match replay {
+            Some(mut send) if reused && self.resp_len == 0 => {
+                send.up_sent = 0;
+                send.body_sent = 0;
+                self.connect_upstream(ctx, route, send)
+            }
+            Some(send) => {
+                send.body.give_back(ctx.gate);
+                self.fail(ctx, 502)
+            }
+            None => self.fail(ctx, 502),
         }
-        self.respond(ctx, 502, &[], b"", true);
-        Step::Progress
     }
 
-    fn await_response(&mut self, ctx: &mut Ctx<'_>) -> Step {
-        let Some(up) = self.upstream.as_mut() else { return Step::Close(CloseReason::Internal) };
+    fn await_response<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>, mut up: Upstream, replay: Option<Sending>) -> Step {
         // Keep room to insert the marker header (and `connection: close`) into the head in place.
         let limit = self.bufs.resp.len() - MARKER_CLOSING.len();
         if self.resp_len == limit {
-            self.drop_upstream(ctx);
-            self.respond(ctx, 502, &[], b"", true);
-            return Step::Progress;
+            self.state = State::AwaitingResponse { up, replay };
+            return self.fail(ctx, 502);
         }
-        match read_some(up, &mut self.bufs.resp[self.resp_len..limit]) {
-            Ok(0) => self.upstream_failed(ctx),
+        match read_some(&mut up.stream, &mut self.bufs.resp[self.resp_len..limit]) {
+            Ok(0) => self.upstream_failed(ctx, up, replay),
             Ok(n) => {
                 self.resp_len += n;
-                self.deadline = clock::after(ctx.now, ctx.shared.upstream_timeout_ms);
+                self.deadline = clock::after(ctx.now, ctx.gate.upstream_timeout_ms());
                 let is_head = self.exchange.as_ref().is_some_and(|e| e.is_head);
-                match ResponseHead::parse(&self.bufs.resp[..self.resp_len], is_head) {
-                    Ok(Some(head)) => self.on_response_head(ctx, head),
-                    Ok(None) => Step::Progress,
-                    Err(_) => {
-                        self.drop_upstream(ctx);
-                        self.respond(ctx, 502, &[], b"", true);
+                let parsed = ResponseHead::parse(&self.bufs.resp[..self.resp_len], is_head);
+                match parsed {
+                    Ok(Some(head)) => self.on_response_head(ctx, up, replay, head),
+                    Ok(None) => {
+                        self.state = State::AwaitingResponse { up, replay };
                         Step::Progress
+                    }
+                    Err(_) => {
+                        self.state = State::AwaitingResponse { up, replay };
+                        self.fail(ctx, 502)
                     }
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Step::Progress,
-            Err(_) => self.upstream_failed(ctx),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.state = State::AwaitingResponse { up, replay };
+                Step::Blocked
+            }
+            Err(_) => self.upstream_failed(ctx, up, replay),
         }
     }
 
-    fn on_response_head(&mut self, ctx: &mut Ctx<'_>, head: ResponseHead) -> Step {
+    fn on_response_head<G: Gate>(
+        &mut self,
+        ctx: &mut Ctx<'_, G>,
+        up: Upstream,
+        replay: Option<Sending>,
+        head: ResponseHead,
+    ) -> Step {
         if head.status == 100 {
             // Interim response to a body we already sent whole: drop it, read the final one.
             self.bufs.resp.copy_within(head.head_len..self.resp_len, 0);
             self.resp_len -= head.head_len;
+            self.state = State::AwaitingResponse { up, replay };
             return Step::Progress;
         }
+        // The response has begun: the request will not be sent again.
+        if let Some(send) = replay {
+            send.body.give_back(ctx.gate);
+        }
         // Insert the marker after the status line.
-        let marker = if ctx.shared.draining { MARKER_CLOSING } else { MARKER };
+        let draining = ctx.gate.draining();
+        let marker = if draining { MARKER_CLOSING } else { MARKER };
         let at = head.status_line_len;
         self.bufs.resp.copy_within(at..self.resp_len, at + marker.len());
         self.bufs.resp[at..at + marker.len()].copy_from_slice(marker);
         self.resp_len += marker.len();
         let body_start = head.head_len + marker.len();
-        self.remaining = match head.framing {
+        let mut remaining = match head.framing {
             ResponseFraming::None => Remaining::Done,
             ResponseFraming::Length(n) => Remaining::Bytes(n),
             ResponseFraming::Chunked => Remaining::Chunked(ChunkedDecoder::new()),
             ResponseFraming::UntilClose => Remaining::UntilClose,
         };
-        self.upstream_keep_alive = head.keep_alive;
+        let mut keep_alive = head.keep_alive;
         if let Some(e) = self.exchange.as_mut() {
             e.status = head.status;
-            e.close |= !head.keep_alive || ctx.shared.draining;
+            e.close |= !head.keep_alive || draining;
         }
         self.resp_start = 0;
-        self.resp_len = body_start + self.track_body(body_start);
-        self.set_state(State::Relaying, ctx.shared.upstream_timeout_ms, ctx.now);
+        self.resp_len = body_start + self.track_body(body_start, &mut remaining, &mut keep_alive);
+        let upstream_ms = ctx.gate.upstream_timeout_ms();
+        self.set_state(State::Relaying { up, remaining, keep_alive }, upstream_ms, ctx.now);
         Step::Progress
     }
 
     /// Feeds response body bytes at `from..resp_len` to the framing tracker and returns how
     /// many belong to this response (the rest, if any, is dropped with the upstream).
-    fn track_body(&mut self, from: usize) -> usize {
+    fn track_body(&mut self, from: usize, remaining: &mut Remaining, keep_alive: &mut bool) -> usize {
         let input = &self.bufs.resp[from..self.resp_len];
-        let keep = match &mut self.remaining {
+        let keep = match remaining {
             Remaining::Done => 0,
             Remaining::UntilClose => input.len(),
             Remaining::Bytes(left) => {
                 let take = usize::try_from(*left).unwrap_or(usize::MAX).min(input.len());
                 *left -= take as u64;
                 if *left == 0 {
-                    self.remaining = Remaining::Done;
+                    *remaining = Remaining::Done;
                 }
                 take
             }
             Remaining::Chunked(decoder) => match decoder.feed(input, |_| {}) {
                 Ok(n) => {
                     if decoder.is_done() {
-                        self.remaining = Remaining::Done;
+                        *remaining = Remaining::Done;
                     }
                     n
                 }
                 Err(_) => {
                     // A malformed chunked response: relay what we have, then close.
-                    self.upstream_keep_alive = false;
+                    *keep_alive = false;
                     if let Some(e) = self.exchange.as_mut() {
                         e.close = true;
                     }
-                    self.remaining = Remaining::Done;
+                    *remaining = Remaining::Done;
                     input.len()
                 }
             },
         };
         if keep < input.len() {
             // The upstream sent more than the response: it cannot be reused safely.
-            self.upstream_keep_alive = false;
+            *keep_alive = false;
         }
         keep
     }
 
-    fn relay(&mut self, ctx: &mut Ctx<'_>) -> Step {
+    fn relay<G: Gate>(
+        &mut self,
+        ctx: &mut Ctx<'_, G>,
+        mut up: Upstream,
+        mut remaining: Remaining,
+        mut keep_alive: bool,
+    ) -> Step {
         if self.resp_start < self.resp_len {
-            return match self.client.write(&self.bufs.resp[self.resp_start..self.resp_len]) {
+            let written = self.client.write(&self.bufs.resp[self.resp_start..self.resp_len]);
+            self.state = State::Relaying { up, remaining, keep_alive };
+            return match written {
                 Ok(0) => Step::Close(CloseReason::ClientClosed),
                 Ok(n) => {
                     self.resp_start += n;
@@ -932,55 +1020,50 @@ impl Connection {
                 Err(_) => Step::Close(CloseReason::ClientError),
             };
         }
-        if matches!(self.remaining, Remaining::Done) {
-            return self.finish_exchange(ctx);
+        if matches!(remaining, Remaining::Done) {
+            return self.finish_exchange(ctx, up, keep_alive);
         }
-        let Some(up) = self.upstream.as_mut() else { return Step::Close(CloseReason::Internal) };
-        match read_some(up, &mut self.bufs.resp[..]) {
-            Ok(0) => {
-                if matches!(self.remaining, Remaining::UntilClose) {
-                    self.remaining = Remaining::Done;
-                    self.upstream_keep_alive = false;
-                    if let Some(e) = self.exchange.as_mut() {
-                        e.close = true;
-                    }
-                    Step::Progress
-                } else {
-                    // Truncated response: the client sees the connection end.
-                    Step::Close(CloseReason::UpstreamClosed)
+        let read = read_some(&mut up.stream, &mut self.bufs.resp[..]);
+        let step = match read {
+            Ok(0) if matches!(remaining, Remaining::UntilClose) => {
+                remaining = Remaining::Done;
+                keep_alive = false;
+                if let Some(e) = self.exchange.as_mut() {
+                    e.close = true;
                 }
+                Step::Progress
             }
+            // Truncated response: the client sees the connection end.
+            Ok(0) => Step::Close(CloseReason::UpstreamClosed),
             Ok(n) => {
                 self.resp_start = 0;
                 self.resp_len = n;
-                self.resp_len = self.track_body(0);
-                self.deadline = clock::after(ctx.now, ctx.shared.upstream_timeout_ms);
+                self.resp_len = self.track_body(0, &mut remaining, &mut keep_alive);
+                self.deadline = clock::after(ctx.now, ctx.gate.upstream_timeout_ms());
                 Step::Progress
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Step::Progress,
             Err(_) => Step::Close(CloseReason::UpstreamClosed),
-        }
+        };
+        self.state = State::Relaying { up, remaining, keep_alive };
+        step
     }
 
-    fn set_decision(&mut self, decision: &'static str) {
-        if let Some(e) = self.exchange.as_mut() {
-            e.decision = decision;
-        }
-    }
-
-    fn finish_exchange(&mut self, ctx: &mut Ctx<'_>) -> Step {
+    fn finish_exchange<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>, up: Upstream, keep_alive: bool) -> Step {
         let exchange = self.exchange.take();
         let close = exchange.as_ref().is_some_and(|e| e.close);
         if let Some(e) = exchange {
-            ctx.shared.record(self.caller.as_ref(), self.peer, &e, ctx.now);
+            ctx.gate.record(self.caller.as_ref(), self.peer, &e, ctx.now);
         }
-        if !self.upstream_keep_alive {
-            self.drop_upstream(ctx);
+        if keep_alive {
+            self.parked = Some(up);
+        } else {
+            drop_upstream(ctx.gate, ctx.registry, up);
         }
         // A draining agent (handed over) keeps no connection alive: the client's next
         // connection goes to the successor.
-        if close || ctx.shared.draining {
+        if close || ctx.gate.draining() {
+            self.state = State::ReadingHead;
             return Step::Close(CloseReason::Done);
         }
         self.parsed_len = usize::MAX;
@@ -999,7 +1082,7 @@ impl Connection {
     }
 
     /// MSP §5.4 step 2: `405` with the `Allow` list and a text body.
-    fn respond_method_not_allowed(&mut self, ctx: &mut Ctx<'_>) {
+    fn respond_method_not_allowed<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>) {
         let allow: &[&[u8]] = &[
             b"allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n",
             b"content-type: text/plain; charset=utf-8\r\n",
@@ -1007,9 +1090,21 @@ impl Connection {
         self.respond(ctx, 405, allow, b"Method Not Allowed", true);
     }
 
-    /// Formats a response into the response buffer and switches to writing it.
-    fn respond(&mut self, ctx: &mut Ctx<'_>, status: u16, extra: &[&[u8]], body: &[u8], close: bool) {
-        let close = close || ctx.shared.draining;
+    /// Answers `status` with no body and closes, ending whatever the current state holds.
+    fn fail<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>, status: u16) -> Step {
+        self.respond_empty(ctx, status);
+        Step::Progress
+    }
+
+    fn respond_empty<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>, status: u16) {
+        self.respond(ctx, status, &[], b"", true);
+    }
+
+    /// Formats a response into the response buffer and switches to writing it. What the
+    /// current state holds (a body buffer, an upstream mid-exchange) goes back now; a parked
+    /// upstream goes too when the connection will close.
+    fn respond<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>, status: u16, extra: &[&[u8]], body: &[u8], close: bool) {
+        let close = close || ctx.gate.draining();
         let len_buf = crate::http::decimal(u64::try_from(body.len()).unwrap_or(u64::MAX));
         let mut w = 0;
         let parts: [&[u8]; 6] = [
@@ -1030,18 +1125,21 @@ impl Connection {
         self.resp_len = w;
         if let Some(mut e) = self.exchange.take() {
             e.status = status;
-            if status >= 500 && e.decision == "allow" {
-                e.decision = "error";
+            if status >= 500 && e.decision == Decision::Allow {
+                e.decision = Decision::Error;
             }
-            ctx.shared.record(self.caller.as_ref(), self.peer, &e, ctx.now);
+            ctx.gate.record(self.caller.as_ref(), self.peer, &e, ctx.now);
         }
-        if close {
-            self.drop_upstream(ctx);
+        let ended = std::mem::replace(&mut self.state, State::Closed);
+        release(ctx.gate, ctx.registry, ended);
+        if close && let Some(up) = self.parked.take() {
+            drop_upstream(ctx.gate, ctx.registry, up);
         }
         self.set_state(State::WritingLocal { close }, CLIENT_WRITE_TIMEOUT_MS, ctx.now);
     }
 
-    fn write_local(&mut self, ctx: &mut Ctx<'_>, close: bool) -> Step {
+    fn write_local<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>, close: bool) -> Step {
+        self.state = State::WritingLocal { close };
         if self.resp_start == self.resp_len {
             if close {
                 return Step::Close(CloseReason::Done);
@@ -1060,6 +1158,31 @@ impl Connection {
             Err(_) => Step::Close(CloseReason::ClientError),
         }
     }
+}
+
+/// Gives back what an ended state holds: body buffers and upstreams, with their shares.
+fn release<G: Gate>(gate: &mut G, registry: &Registry, state: State) {
+    match state {
+        State::ReadingBody { body, .. } => gate.give_back_body(&body.route, body.buf),
+        State::HeldForKey { body, .. } => body.give_back(gate),
+        State::Connecting { up, send } | State::SendingRequest { up, send } => {
+            drop_upstream(gate, registry, up);
+            send.body.give_back(gate);
+        }
+        State::AwaitingResponse { up, replay } => {
+            drop_upstream(gate, registry, up);
+            if let Some(send) = replay {
+                send.body.give_back(gate);
+            }
+        }
+        State::StreamingBody { up, .. } | State::Relaying { up, .. } => drop_upstream(gate, registry, up),
+        State::ReadingHead | State::WritingLocal { .. } | State::Closed => {}
+    }
+}
+
+fn drop_upstream<G: Gate>(gate: &mut G, registry: &Registry, mut up: Upstream) {
+    drop(registry.deregister(&mut up.stream));
+    gate.give_back_upstream(&up.route);
 }
 
 /// One read, retried on `Interrupted`.
@@ -1088,14 +1211,6 @@ pub(crate) fn status_line(status: u16) -> &'static [u8] {
         503 => b"503 Service Unavailable",
         504 => b"504 Gateway Timeout",
         _ => b"500 Internal Server Error",
-    }
-}
-
-/// The peer of an accepted socket as IPv4 (the listener is IPv4 loopback only).
-pub(crate) fn peer_v4(addr: SocketAddr) -> Option<SocketAddrV4> {
-    match addr {
-        SocketAddr::V4(a) => Some(a),
-        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().map(|ip| SocketAddrV4::new(ip, a.port())),
     }
 }
 
