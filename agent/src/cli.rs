@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config::DEFAULT_CONFIG_PATH;
+use crate::exit::ExitStatus;
 
 /// Usage text (also the man page's synopsis).
 pub const USAGE: &str = "\
@@ -320,8 +321,8 @@ struct Provision {
 /// Result of `--status`: the exit code and the text to print.
 #[derive(Debug, PartialEq, Eq)]
 pub struct StatusOutcome {
-    /// 0 ready, 1 not finished, 2 finished with error.
-    pub exit_code: u8,
+    /// Success: ready; Failure: not finished; Severe: finished with an error.
+    pub exit_code: ExitStatus,
     /// What to print.
     pub message: String,
 }
@@ -409,16 +410,22 @@ pub fn status(candidates: &[SocketAddrV4], status_file: StatusFile<'_>, wait_sec
         if answer.is_none()
             && let Some(failure) = listener_failure_from_status_file(status_file)
         {
-            return StatusOutcome { exit_code: 2, message: format!("Provisioning finished with errors: {failure}") };
+            return StatusOutcome {
+                exit_code: ExitStatus::Severe,
+                message: format!("Provisioning finished with errors: {failure}"),
+            };
         }
         if let Some(p) = answer
             && p.finished
         {
             return if p.error_message.is_empty() {
-                StatusOutcome { exit_code: 0, message: "Provisioning finished: the guest proxy agent is ready.".into() }
+                StatusOutcome {
+                    exit_code: ExitStatus::Success,
+                    message: "Provisioning finished: the guest proxy agent is ready.".into(),
+                }
             } else {
                 StatusOutcome {
-                    exit_code: 2,
+                    exit_code: ExitStatus::Severe,
                     message: format!("Provisioning finished with errors: {}", p.error_message.trim_end()),
                 }
             };
@@ -430,7 +437,7 @@ pub fn status(candidates: &[SocketAddrV4], status_file: StatusFile<'_>, wait_sec
             } else {
                 format!("Provisioning has not finished ({}).", why.join("; "))
             };
-            return StatusOutcome { exit_code: 1, message };
+            return StatusOutcome { exit_code: ExitStatus::Failure, message };
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -586,6 +593,6 @@ mod tests {
         let nowhere = std::env::temp_dir().join(format!("gpa-cli-no-agent-{}", std::process::id()));
         let file = StatusFile { log_dir: &nowhere, max_age: Duration::from_secs(60) };
         let outcome = status(&["127.0.0.1:9".parse().unwrap()], file, 0);
-        assert_eq!(outcome.exit_code, 1);
+        assert_eq!(outcome.exit_code.code(), 1);
     }
 }

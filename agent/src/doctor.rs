@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::config::ValidatedConfig;
+use crate::exit::ExitStatus;
 use crate::redirect::PIN_LAYOUT;
 use crate::status::view::{self, StatusView};
 use crate::status::writer::{STATUS_FILE_MODE, STATUS_FILE_NAME};
@@ -158,16 +159,16 @@ pub fn run_checks(config: &ValidatedConfig, env: &Environment) -> Vec<Check> {
     checks
 }
 
-/// `doctor`: the text to print and the exit code (0: no FAIL, 1: some FAIL).
-pub fn run(config: &ValidatedConfig, json: bool, env: &Environment) -> (u8, String) {
+/// `doctor`: the text to print and the exit status (success: no FAIL, failure: some FAIL).
+pub fn run(config: &ValidatedConfig, json: bool, env: &Environment) -> (ExitStatus, String) {
     let checks = run_checks(config, env);
     let code = exit_code(&checks);
     (code, if json { to_json(&checks) } else { to_text(&checks) })
 }
 
-/// 0 when no check failed, else 1.
-pub fn exit_code(checks: &[Check]) -> u8 {
-    u8::from(checks.iter().any(|c| c.outcome == Outcome::Fail))
+/// Success (0) when no check failed, else failure (1).
+pub fn exit_code(checks: &[Check]) -> ExitStatus {
+    ExitStatus::success_if(!checks.iter().any(|c| c.outcome == Outcome::Fail))
 }
 
 /// `PASS|FAIL|WARN <name>: <detail>` lines, each followed by `  hint: …` when there is one.
@@ -589,7 +590,7 @@ pub fn check_status_file(log_dir: &Path, interval_secs: u64, env: &Environment) 
         Ok(d) => d,
         Err(e) => return (Check::fail(NAME, format!("{}: {e}", path.display()), HINT), None),
     };
-    let Some(written) = view::parse_timestamp_millis(&document.timestamp) else {
+    let Some(written) = crate::calendar::parse_timestamp_millis(&document.timestamp) else {
         return (
             Check::fail(NAME, format!("{}: bad timestamp {:?}", path.display(), document.timestamp.as_str()), HINT),
             Some(document),
@@ -808,7 +809,7 @@ mod tests {
         for c in &checks {
             assert_eq!(c.outcome, Outcome::Pass, "{c:?}");
         }
-        assert_eq!(exit_code(&checks), 0);
+        assert_eq!(exit_code(&checks).code(), 0);
         let text = to_text(&checks);
         assert!(text.starts_with("PASS kernel-version: Linux 6.8.0-1015-azure"), "{text}");
         assert!(text.contains("PASS listener-loopback: listening on 127.0.0.1:3080 only\n"), "{text}");
@@ -822,11 +823,11 @@ mod tests {
         healthy(&f);
         fs::remove_file(f.path("proc/sys/kernel/unprivileged_bpf_disabled")).unwrap();
         let (code, text) = run(&f.config(), false, &f.env());
-        assert_eq!(code, 1);
+        assert_eq!(code.code(), 1);
         assert!(text.contains("FAIL bpf-syscall: "), "{text}");
         assert!(text.contains("\n  hint: use a kernel built with CONFIG_BPF_SYSCALL=y"), "{text}");
         let (code, json) = run(&f.config(), true, &f.env());
-        assert_eq!(code, 1);
+        assert_eq!(code.code(), 1);
         assert!(json.starts_with(r#"[{"check":"kernel-version","result":"PASS","detail":"Linux 6.8.0-1015-azure (cgroup bpf_link needs 5.7 or later)","hint":null},"#), "{json}");
         assert!(json.contains(r#"{"check":"bpf-syscall","result":"FAIL","detail":""#), "{json}");
         assert!(json.ends_with("}]"));

@@ -99,7 +99,7 @@ impl Log for Logger {
 pub fn init(level: LevelFilter, events: Option<LevelFilter>) {
     LOGGER.print_level.store(level as usize, Ordering::Relaxed);
     if let Some(events) = events {
-        crate::telemetry::queue::enable(events);
+        crate::telemetry::enable(events);
     }
     // A failure means a logger is installed already (a second call): only the levels change.
     log::set_logger(&LOGGER).ok();

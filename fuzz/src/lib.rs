@@ -2,9 +2,9 @@
 //! Fuzz harnesses for the agent's untrusted-input parsers, one function per target (each
 //! `fuzz_targets/<name>.rs` is a single line calling the function of the same name).
 //!
-//! They use the agent library's public API (`gpa::http`, `gpa::msp`, `gpa::policy`,
-//! `gpa::audit`). Besides "no panic, no overflow", each checks a property that must hold for
-//! every input — the guarantees the proxy relies on after a parse succeeded:
+//! They use only `gpa::fuzzing`, the agent's hidden module of re-exported parsers (the
+//! `fuzzing` feature, turned on in fuzz/Cargo.toml). Besides "no panic, no overflow", each
+//! checks a property that must hold for every input — the guarantees the proxy relies on after a parse succeeded:
 //!
 //! - `http_request`: a complete head has an origin-form target, no control bytes in values,
 //!   no repeated header name, unambiguous framing, and every prefix of it is "incomplete",
@@ -19,21 +19,29 @@
 //! - the rest (`response_head`, `status_json`, `rules_json`, `signing_query`, `redact`):
 //!   bounded, panic-free, and self-consistent where they report lengths.
 //!
-//! The whole connection state machine (`proxy::connection`) is crate-private; it is fuzzed
-//! from the outside instead, by the system test
-//! `tests/tests/security.rs::generated_byte_streams_never_crash_the_agent_or_reach_the_host_unsigned`
-//! (mutated byte streams through the real agent, every forwarded request re-verified by the
-//! fake host). See README.md for an in-process `connection` target once the agent exposes a
-//! `fuzzing` module.
+//! - `connection`: the whole connection state machine in-process (`proxy::scripted`): a script
+//!   of client bytes, host bytes, closes and passing deadlines drives a real `Connection` on
+//!   loopback sockets; every body buffer and upstream share it takes must come back. The
+//!   system test `generated_byte_streams_never_crash_the_agent_or_reach_the_host_unsigned`
+//!   does the same from the outside, through the real agent and the fake host.
 
-use gpa::http::{BodyFraming, ChunkedDecoder, RequestHead, ResponseHead};
-use gpa::msp::key_doc::{KEY_DOC_MAX_BYTES, KeyDoc};
-use gpa::policy::canonical::{DecodeScratch, canonicalize, split_target, traversal_guard};
+use gpa::fuzzing::{
+    Batch, BodyFraming, ChunkError, ChunkedDecoder, DecodeScratch, Event, EventTime, KEY_DOC_MAX_BYTES, KeyDoc,
+    REQUEST_HEAD_MAX_BYTES, RequestHead, ResponseHead, TELEMETRY_MESSAGE_MAX_BYTES, VmMetadata, canonical_query,
+    canonicalize, parse_compute, parse_goal_state, parse_local_file, parse_shared_config, parse_status,
+    redact_command_line, run_connection_script, shared_config_target, split_target, traversal_guard,
+    validate_local_file,
+};
+
+/// The connection state machine, driven by a script (see `proxy::scripted` for its opcodes).
+pub fn connection(data: &[u8]) {
+    run_connection_script(data);
+}
 
 /// The request head parser and its framing rules (MSP §11 item 4).
 pub fn http_request(data: &[u8]) {
     let Ok(Some(head)) = RequestHead::parse(data) else { return };
-    assert!(head.head_len <= data.len().min(gpa::limits::REQUEST_HEAD_MAX_BYTES));
+    assert!(head.head_len <= data.len().min(REQUEST_HEAD_MAX_BYTES));
     assert_eq!(head.target(data).first(), Some(&b'/'), "only origin-form targets pass");
     let mut names: Vec<Vec<u8>> = Vec::new();
     let (mut content_length, mut transfer_encoding) = (false, false);
@@ -55,7 +63,10 @@ pub fn http_request(data: &[u8]) {
         BodyFraming::None => assert!(!transfer_encoding),
     }
     for cut in [head.head_len - 1, head.head_len / 2] {
-        assert!(matches!(RequestHead::parse(&data[..cut]), Ok(None)), "a prefix of a complete head must be incomplete (cut at {cut})");
+        assert!(
+            matches!(RequestHead::parse(&data[..cut]), Ok(None)),
+            "a prefix of a complete head must be incomplete (cut at {cut})"
+        );
     }
 }
 
@@ -73,7 +84,7 @@ pub fn chunked(data: &[u8]) {
 }
 
 /// Decodes in `step`-byte reads: (body, consumed, done).
-fn decode(input: &[u8], step: usize) -> Result<(Vec<u8>, usize, bool), gpa::http::ChunkError> {
+fn decode(input: &[u8], step: usize) -> Result<(Vec<u8>, usize, bool), ChunkError> {
     let mut decoder = ChunkedDecoder::new();
     let mut body = Vec::new();
     let mut consumed = 0;
@@ -106,7 +117,7 @@ pub fn status_json(data: &[u8]) {
     let data = data.to_vec();
     let parsed = std::thread::Builder::new()
         .stack_size(32 * 1024 * 1024)
-        .spawn(move || gpa::msp::status_doc::parse_status(&data).map(|(_, summary)| summary.state.len()))
+        .spawn(move || parse_status(&data).map(|(_, summary)| summary.state.len()))
         .expect("spawn")
         .join()
         .expect("parse_status panicked");
@@ -127,8 +138,8 @@ pub fn key_json(data: &[u8]) {
 
 /// Customer rule files (`IMDS_Rules.json`, `WireServer_Rules.json`, MSP §4.7).
 pub fn rules_json(data: &[u8]) {
-    if let Ok(file) = gpa::policy::local_rules::parse_local_file(data) {
-        gpa::policy::local_rules::validate(&file).expect("parse_local_file validated it");
+    if let Ok(file) = parse_local_file(data) {
+        validate_local_file(&file).expect("parse_local_file validated it");
     }
 }
 
@@ -164,7 +175,7 @@ pub fn canonical(data: &[u8]) {
 /// The canonical query of the string-to-sign (MSP §3.3).
 pub fn signing_query(data: &[u8]) {
     let mut out = Vec::new();
-    if gpa::msp::signing::canonical_query(data, &mut |part| out.extend_from_slice(part)).is_ok() {
+    if canonical_query(data, &mut |part| out.extend_from_slice(part)).is_ok() {
         assert!(out.len() <= data.len(), "the canonical query only drops and reorders");
     }
 }
@@ -172,9 +183,9 @@ pub fn signing_query(data: &[u8]) {
 /// Secret redaction of command lines written to the audit log (MSP §7.4).
 pub fn redact(data: &[u8]) {
     let mut out = heapless::Vec::<u8, 2048>::new();
-    gpa::audit::redact(data, &mut out);
+    redact_command_line(data, &mut out);
     let again = out.clone();
-    gpa::audit::redact(&again, &mut out);
+    redact_command_line(&again, &mut out);
     assert!(out.len() <= 2048);
 }
 
@@ -184,14 +195,13 @@ pub fn redact(data: &[u8]) {
 /// followed always targets the WireServer address with an origin-form path; a rendered batch
 /// is never over its limit and its CDATA sections are closed only by the renderer.
 pub fn telemetry(data: &[u8]) {
-    use gpa::telemetry::{event, imds, metadata, xml};
     let Some((&pick, input)) = data.split_first() else { return };
     let ws = std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(168, 63, 129, 16), 80);
-    let mut meta = metadata::VmMetadata::default();
+    let mut meta = VmMetadata::default();
     match pick % 4 {
         0 => {
-            if let Ok(g) = metadata::parse_goal_state(input) {
-                if let Ok((to, target)) = metadata::shared_config_target(&g.shared_config_url, ws) {
+            if let Ok(g) = parse_goal_state(input) {
+                if let Ok((to, target)) = shared_config_target(&g.shared_config_url, ws) {
                     assert_eq!(to.ip(), ws.ip());
                     assert!(to.port() != 0 && target.starts_with('/'), "{target:?}");
                     assert!(target.bytes().all(|b| b.is_ascii_graphic() && b != b'#'), "{target:?}");
@@ -199,16 +209,16 @@ pub fn telemetry(data: &[u8]) {
                 meta.goal_state = g;
             }
         }
-        1 => meta.shared_config = metadata::parse_shared_config(input).unwrap_or_default(),
-        2 => meta.compute = imds::parse_compute(input).unwrap_or_default(),
+        1 => meta.shared_config = parse_shared_config(input).unwrap_or_default(),
+        2 => meta.compute = parse_compute(input).unwrap_or_default(),
         _ => {}
     }
     let text = String::from_utf8_lossy(input);
-    let time = event::EventTime { pid: 1, tid: 1, unix_ms: 0 };
-    let e = event::Event::new(log::Level::Warn, &text, &text, format_args!("{text}"), time);
-    assert!(e.message.len() <= gpa::limits::TELEMETRY_MESSAGE_MAX_BYTES);
+    let time = EventTime { pid: 1, tid: 1, unix_ms: 0 };
+    let e = Event::new(log::Level::Warn, &text, &text, format_args!("{text}"), time);
+    assert!(e.message.len() <= TELEMETRY_MESSAGE_MAX_BYTES);
     let limit = 2048 + usize::from(pick) * 64;
-    let mut batch = xml::Batch::new(limit);
+    let mut batch = Batch::new(limit);
     for _ in 0..3 {
         if !batch.try_add(&e, &meta) {
             break;

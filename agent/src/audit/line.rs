@@ -12,8 +12,7 @@
 
 use heapless::Vec;
 
-/// Lowercase hex digits.
-const HEX: &[u8; 16] = b"0123456789abcdef";
+use crate::text::{JsonEscapes, escape_json, hex_pair};
 
 /// Writes one JSON line into a fixed slice; on overflow it stops and [`Self::finish`] says so.
 pub(super) struct LineWriter<'a> {
@@ -48,29 +47,18 @@ impl<'a> LineWriter<'a> {
 
     pub(super) fn hex(&mut self, bytes: &[u8]) {
         for &b in bytes {
-            self.raw(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 0x0f)]]);
+            self.raw(&hex_pair(b));
         }
     }
 
-    /// A JSON string (quotes included) holding `text`, escaped so it stays on one line.
+    /// A JSON string (quotes included) holding `text`, escaped so it stays on one line
+    /// ([`JsonEscapes::OneLine`]; invalid UTF-8 as `\u00XX` per byte).
     pub(super) fn string(&mut self, text: &[u8]) {
         self.raw(b"\"");
-        for chunk in text.utf8_chunks() {
-            for c in chunk.valid().chars() {
-                match c {
-                    '"' => self.raw(b"\\\""),
-                    '\\' => self.raw(b"\\\\"),
-                    c if must_escape(c) => self.unicode_escape(u32::from(c)),
-                    c => {
-                        let mut utf8 = [0_u8; 4];
-                        self.raw(c.encode_utf8(&mut utf8).as_bytes());
-                    }
-                }
-            }
-            for &b in chunk.invalid() {
-                self.unicode_escape(u32::from(b));
-            }
-        }
+        let Ok(()) = escape_json(text, JsonEscapes::OneLine, |piece| {
+            self.raw(piece.as_bytes());
+            Ok::<(), core::convert::Infallible>(())
+        });
         self.raw(b"\"");
     }
 
@@ -82,29 +70,10 @@ impl<'a> LineWriter<'a> {
         }
     }
 
-    /// `\uXXXX` for a code point in the Basic Multilingual Plane (all we ever escape).
-    fn unicode_escape(&mut self, code: u32) {
-        let nibble = |shift: u32| HEX[usize::try_from((code >> shift) & 0xf).unwrap_or(0)];
-        self.raw(&[b'\\', b'u', nibble(12), nibble(8), nibble(4), nibble(0)]);
-    }
-
     /// Bytes written, or `None` if the line did not fit (nothing of it may be used then).
     pub(super) fn finish(self) -> Option<usize> {
         (!self.overflow).then_some(self.len)
     }
-}
-
-/// Characters written as `\uXXXX` although JSON would allow them raw: anything a terminal,
-/// a line splitter or a bidi-aware viewer could act on.
-fn must_escape(c: char) -> bool {
-    matches!(c,
-        '\u{0}'..='\u{1f}'            // C0 controls, including \n and \r
-        | '\u{7f}'..='\u{9f}'         // DEL and C1 controls (CSI as U+009B)
-        | '\u{200e}' | '\u{200f}'     // LRM, RLM
-        | '\u{2028}' | '\u{2029}'     // line and paragraph separators
-        | '\u{202a}'..='\u{202e}'     // bidi embeddings and overrides
-        | '\u{2066}'..='\u{2069}'     // bidi isolates
-        | '\u{feff}') // BOM
 }
 
 /// What kind of line this is (the `kind` field).

@@ -10,10 +10,12 @@
 pub mod chunked;
 pub mod request;
 pub mod response;
+pub mod status;
 
 pub use self::chunked::{ChunkError, ChunkedDecoder};
 pub use self::request::{BodyFraming, HeadError, RequestHead};
 pub use self::response::{ResponseFraming, ResponseHead};
+pub use self::status::{reason_phrase, status_line};
 
 /// `value` in decimal ASCII (`u64::MAX` has 20 digits), without going through `core::fmt`:
 /// `content-length` values, audit lines and telemetry parameters are written per request.
@@ -29,6 +31,13 @@ pub fn decimal(mut value: u64) -> heapless::Vec<u8, 20> {
         }
     }
     heapless::Vec::from_slice(&digits[at..]).unwrap_or_default()
+}
+
+/// The methods MSP §5.4 forwards, case-sensitive (RFC 9110 methods are). The front door's
+/// first check (the request parser refuses any other method before looking at the target);
+/// `policy` asks the same question when it explains or canonicalises a request.
+pub fn method_allowed(method: &[u8]) -> bool {
+    matches!(method, b"GET" | b"POST" | b"PUT" | b"DELETE" | b"HEAD" | b"OPTIONS" | b"PATCH")
 }
 
 /// Case-insensitive ASCII comparison of a header name or token.
@@ -68,6 +77,16 @@ pub fn parse_content_length(v: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn method_allow_list_is_exact_and_case_sensitive() {
+        for m in ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"] {
+            assert!(method_allowed(m.as_bytes()), "{m}");
+        }
+        for m in ["get", "CONNECT", "TRACE", "WIDGET", "", "GET "] {
+            assert!(!method_allowed(m.as_bytes()), "{m}");
+        }
+    }
 
     #[test]
     fn decimal_writes_every_width() {

@@ -118,7 +118,7 @@ impl RequestHead {
         };
         // The method first (MSP §5.4 step 2): CONNECT's authority-form target is a method
         // problem (405 with Allow), not a malformed request.
-        if !crate::policy::canonical::method_allowed(method.as_bytes()) {
+        if !super::method_allowed(method.as_bytes()) {
             return Err(HeadError::MethodNotAllowed);
         }
         if !target.starts_with('/') {

@@ -11,21 +11,37 @@
 use std::fmt::Write as _;
 use std::net::SocketAddrV4;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use heapless::String;
 use mio::{Registry, Token};
 
 use super::host_call::{self, HostCall, HostCallError, HostResponse};
-use super::http_date::{HostClock, format_http_date, parse_http_date};
+use super::host_clock::HostClock;
 use super::key_doc::{ACQUIRE_BODY, KeyDoc};
 use super::key_store::KeyStore;
 use super::signing::SigningKey;
 use super::status_doc::{Mode, StatusDocument, StatusSummary, parse_status};
+use crate::calendar::{format_http_date, parse_http_date};
 use crate::clock;
 use crate::redirect::Endpoint;
 
 /// First minutes after start in which an unknown state is polled every second.
+/// Who hears of key-latch message changes besides the log: telemetry's module-status event
+/// (MSP §6.1), registered by [`crate::telemetry::enable`]. Telemetry sits above msp (its
+/// uploader calls the host with the keeper's key), so the keeper announces here instead of
+/// calling up into it.
+static MESSAGE_LISTENER: OnceLock<fn(&str, &str)> = OnceLock::new();
+
+/// Registers `listener(module, message)`, called with `"KeyKeeper"` and the new message at
+/// every change of the key-latch message. The first registration stands (it is process-wide,
+/// like the telemetry queue it feeds).
+pub fn announce_messages_to(listener: fn(&str, &str)) {
+    // A second registration is the same function (telemetry enabled twice): nothing to do.
+    MESSAGE_LISTENER.set(listener).ok();
+}
+
 const FAST_POLL_WINDOW: Duration = Duration::from_secs(5 * 60);
 const FAST_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest status message kept (§6.1 cuts reports at 1024 bytes).
@@ -128,7 +144,9 @@ impl KeyKeeper {
         m.write_fmt(args).ok();
         if m != self.message {
             log::info!(target: "gpa::keeper", "key latch: {m}");
-            crate::telemetry::module_status("KeyKeeper", &m);
+            if let Some(listener) = MESSAGE_LISTENER.get() {
+                listener("KeyKeeper", &m);
+            }
         }
         self.message = m;
     }

@@ -2,7 +2,7 @@
 //! The Metadata Security Protocol: status document, key, request signing, key keeper.
 //! Spec: `../shared/spec/msp-protocol.md` §1–§3.
 pub mod host_call;
-pub mod http_date;
+pub mod host_clock;
 pub mod key_doc;
 pub mod key_keeper;
 pub mod key_store;

@@ -18,6 +18,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::limits::UPSTREAM_HEADERS_MAX;
+use crate::text::{decode_hex_into, hex_pair};
 
 /// The only authorization scheme the host speaks (§1.2, §3.2).
 pub const AUTHORIZATION_SCHEME: &str = "Azure-HMAC-SHA256";
@@ -119,11 +120,9 @@ impl SigningKey {
             return Err(SignError::KeyLength);
         }
         let mut key = [0_u8; KEY_MAX_BYTES];
-        for (byte, pair) in key.iter_mut().zip(hex.chunks_exact(2)) {
-            let (Some(high), Some(low)) = (hex_value(pair[0]), hex_value(pair[1])) else {
-                return Err(SignError::DecodeKeyHex);
-            };
-            *byte = (high << 4) | low;
+        if decode_hex_into(hex, &mut key).is_none() {
+            key.fill(0);
+            return Err(SignError::DecodeKeyHex);
         }
         let mac = HmacSha256::new_from_slice(&key[..len]).map_err(|_invalid| SignError::KeyLength);
         key.fill(0);
@@ -180,11 +179,9 @@ pub fn verify(
 
 /// The `x-ms-azure-host-authorization` value: `Azure-HMAC-SHA256 <guid> <64 lower-case hex>`.
 pub fn authorization_value(key: &SigningKey, mac: &[u8; MAC_BYTES]) -> String<AUTHORIZATION_VALUE_MAX_BYTES> {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut hex = [0_u8; 2 * MAC_BYTES];
-    for (pair, byte) in hex.chunks_exact_mut(2).zip(mac) {
-        pair[0] = HEX[usize::from(byte >> 4)];
-        pair[1] = HEX[usize::from(byte & 0x0f)];
+    for (pair, &byte) in hex.chunks_exact_mut(2).zip(mac) {
+        pair.copy_from_slice(&hex_pair(byte));
     }
     let mut out = String::new();
     // Capacity is checked by the const assertion above; pushes of ASCII cannot fail.
@@ -211,12 +208,7 @@ pub fn parse_authorization_value(value: &[u8]) -> Result<(&[u8], [u8; MAC_BYTES]
         return Err(SignError::AuthorizationMalformed);
     }
     let mut mac = [0_u8; MAC_BYTES];
-    for (byte, pair) in mac.iter_mut().zip(hex.chunks_exact(2)) {
-        let (Some(high), Some(low)) = (hex_value(pair[0]), hex_value(pair[1])) else {
-            return Err(SignError::AuthorizationMalformed);
-        };
-        *byte = (high << 4) | low;
-    }
+    decode_hex_into(hex, &mut mac).ok_or(SignError::AuthorizationMalformed)?;
     Ok((guid, mac))
 }
 
@@ -379,15 +371,6 @@ fn emit_lowercase(bytes: &[u8], out: &mut impl FnMut(&[u8])) {
         lowered.copy_from_slice(chunk);
         lowered.make_ascii_lowercase();
         out(lowered);
-    }
-}
-
-fn hex_value(digit: u8) -> Option<u8> {
-    match digit {
-        b'0'..=b'9' => Some(digit - b'0'),
-        b'a'..=b'f' => Some(digit - b'a' + 10),
-        b'A'..=b'F' => Some(digit - b'A' + 10),
-        _ => None,
     }
 }
 

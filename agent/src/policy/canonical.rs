@@ -17,6 +17,7 @@
 
 use core::fmt;
 
+use crate::http::method_allowed;
 use crate::limits::REQUEST_HEAD_MAX_BYTES;
 
 /// Longest request target handled. A target comes out of a request head, which is never longer.
@@ -30,11 +31,6 @@ pub const DECODED_MAX_BYTES: usize = 3 * TARGET_MAX_BYTES;
 const KEY_END: u8 = 0xFF;
 /// Ends one pair in an encoded pair list. Never part of valid UTF-8.
 const PAIR_END: u8 = 0xFE;
-
-/// The methods MSP §5.4 forwards, case-sensitive (RFC 9110 methods are).
-pub fn method_allowed(method: &[u8]) -> bool {
-    matches!(method, b"GET" | b"POST" | b"PUT" | b"DELETE" | b"HEAD" | b"OPTIONS" | b"PATCH")
-}
 
 /// Why the traversal guard refused a path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,15 +180,6 @@ fn split_once(bytes: &[u8], separator: u8) -> (&[u8], Option<&[u8]>) {
     }
 }
 
-fn hex_value(byte: u8) -> Option<u8> {
-    match byte {
-        b'0'..=b'9' => Some(byte - b'0'),
-        b'a'..=b'f' => Some(byte - b'a' + 10),
-        b'A'..=b'F' => Some(byte - b'A' + 10),
-        _ => None,
-    }
-}
-
 /// Percent-decoding as the legacy matcher does it: a `%` not followed by two hex digits stays
 /// a literal `%`.
 struct LenientDecode<'a> {
@@ -212,8 +199,8 @@ impl Iterator for LenientDecode<'_> {
     fn next(&mut self) -> Option<u8> {
         let byte = *self.input.get(self.at)?;
         if byte == b'%' {
-            let high = self.input.get(self.at + 1).copied().and_then(hex_value);
-            let low = self.input.get(self.at + 2).copied().and_then(hex_value);
+            let high = self.input.get(self.at + 1).copied().and_then(crate::text::hex_value);
+            let low = self.input.get(self.at + 2).copied().and_then(crate::text::hex_value);
             if let (Some(high), Some(low)) = (high, low) {
                 self.at += 3;
                 return Some(high << 4 | low);
@@ -585,8 +572,8 @@ fn decode_strict_into(input: &[u8], raw: &mut [u8], plus_is_space: bool) -> Resu
     while let Some(&byte) = input.get(i) {
         let decoded = match byte {
             b'%' => {
-                let high = input.get(i + 1).copied().and_then(hex_value).ok_or(CanonError::Pct)?;
-                let low = input.get(i + 2).copied().and_then(hex_value).ok_or(CanonError::Pct)?;
+                let high = input.get(i + 1).copied().and_then(crate::text::hex_value).ok_or(CanonError::Pct)?;
+                let low = input.get(i + 2).copied().and_then(crate::text::hex_value).ok_or(CanonError::Pct)?;
                 i += 3;
                 high << 4 | low
             }
@@ -710,20 +697,6 @@ pub fn canonicalize<'b>(
     Ok(CanonRequest { path, query: &out[path_end..query_end] })
 }
 
-/// Writes bytes for a log line or report: printable ASCII as-is, `"` and `\` escaped, anything
-/// else as `\xNN`, so a caller-chosen target can never forge a line or a field.
-pub fn write_escaped(out: &mut impl fmt::Write, bytes: &[u8]) -> fmt::Result {
-    for &byte in bytes {
-        match byte {
-            b'"' => out.write_str("\\\"")?,
-            b'\\' => out.write_str("\\\\")?,
-            0x20..=0x7E => out.write_char(char::from(byte))?,
-            _ => write!(out, "\\x{byte:02x}")?,
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -742,16 +715,6 @@ mod tests {
 
     fn pair(k: &str, v: &str) -> (String, String) {
         (k.into(), v.into())
-    }
-
-    #[test]
-    fn method_allow_list_is_exact_and_case_sensitive() {
-        for m in ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"] {
-            assert!(method_allowed(m.as_bytes()), "{m}");
-        }
-        for m in ["get", "CONNECT", "TRACE", "WIDGET", "", "GET "] {
-            assert!(!method_allowed(m.as_bytes()), "{m}");
-        }
     }
 
     #[test]
@@ -912,13 +875,6 @@ mod tests {
     fn lower_is_per_character() {
         assert_eq!(lower::<16>("/A\u{130}").as_deref(), Some("/ai\u{307}"));
         assert_eq!(lower::<2>("abc"), None);
-    }
-
-    #[test]
-    fn escaping_neutralises_quotes_and_controls() {
-        let mut out = String::new();
-        write_escaped(&mut out, b"/a\"b\\c\r\n\xff").expect("string write");
-        assert_eq!(out, "/a\\\"b\\\\c\\x0d\\x0a\\xff");
     }
 
     #[test]

@@ -20,12 +20,13 @@ use core::fmt;
 use heapless::String;
 
 use super::canonical::{
-    self, DecodeScratch, GuardError, LegacyRequest, TargetError, canonicalize, legacy_decode, method_allowed,
-    split_target, traversal_guard,
+    self, DecodeScratch, GuardError, LegacyRequest, TargetError, canonicalize, legacy_decode, split_target,
+    traversal_guard,
 };
 use super::compile::{CompiledRules, Mode};
 use super::rules::Identity;
 use super::rules::limits::NAME_MAX_BYTES;
+use crate::http::method_allowed;
 use crate::redirect::Endpoint;
 
 /// Who is calling, as far as the allowlist cares. Built by the proxy from the identity module.
@@ -184,10 +185,10 @@ impl Divergence {
         target: &[u8],
     ) -> fmt::Result {
         write!(out, "CANON_DIVERGENCE mode={canon_mode} rule_set=")?;
-        canonical::write_escaped(out, rule_set.as_bytes())?;
+        crate::text::write_escaped(out, rule_set.as_bytes())?;
         let legacy = if self.legacy_allowed { "allow" } else { "deny" };
         write!(out, " legacy={legacy} canon={} uri=\"", self.canon)?;
-        canonical::write_escaped(out, target)?;
+        crate::text::write_escaped(out, target)?;
         out.write_char('"')
     }
 }

@@ -16,14 +16,15 @@ use std::string::String;
 use std::vec::Vec;
 
 use super::canonical::{
-    self, CanonError, DecodeScratch, GuardError, TargetError, canonicalize, legacy_decode, method_allowed,
-    split_target, traversal_guard,
+    CanonError, DecodeScratch, GuardError, TargetError, canonicalize, legacy_decode, split_target, traversal_guard,
 };
 use super::compile::{CompiledRules, compile};
 use super::decide::{CallerView, Decision, decide};
 use super::local_rules::parse_boxed;
 use super::rules::AuthorizationItem;
+use crate::http::method_allowed;
 use crate::redirect::Endpoint;
+use crate::text::{json_opt, json_str, write_escaped};
 
 /// The rules the explanation ran against.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -222,27 +223,6 @@ pub fn explain(
     }
 }
 
-/// A JSON string literal (RFC 8259 escaping).
-pub(crate) fn json_str(out: &mut impl Write, text: &str) -> fmt::Result {
-    out.write_char('"')?;
-    for c in text.chars() {
-        match c {
-            '"' => out.write_str("\\\"")?,
-            '\\' => out.write_str("\\\\")?,
-            c if u32::from(c) < 0x20 || c == '\u{7f}' => write!(out, "\\u{:04x}", u32::from(c))?,
-            c => out.write_char(c)?,
-        }
-    }
-    out.write_char('"')
-}
-
-pub(crate) fn json_opt(out: &mut impl Write, text: Option<&str>) -> fmt::Result {
-    match text {
-        Some(text) => json_str(out, text),
-        None => out.write_str("null"),
-    }
-}
-
 fn json_form(out: &mut impl Write, form: &RequestForm) -> fmt::Result {
     out.write_str("{\"path\":")?;
     json_str(out, &form.path)?;
@@ -260,13 +240,13 @@ fn json_form(out: &mut impl Write, form: &RequestForm) -> fmt::Result {
 /// One line of text for humans: caller-controlled text escaped.
 fn human_form(out: &mut impl Write, label: &str, form: &RequestForm) -> fmt::Result {
     write!(out, "{label} path=\"")?;
-    canonical::write_escaped(out, form.path.as_bytes())?;
+    write_escaped(out, form.path.as_bytes())?;
     out.write_str("\" query=[")?;
     for (i, (k, v)) in form.query.iter().enumerate() {
         out.write_str(if i == 0 { "" } else { ", " })?;
-        canonical::write_escaped(out, k.as_bytes())?;
+        write_escaped(out, k.as_bytes())?;
         out.write_str("=\"")?;
-        canonical::write_escaped(out, v.as_bytes())?;
+        write_escaped(out, v.as_bytes())?;
         out.write_char('"')?;
     }
     out.write_str("]\n")
@@ -284,21 +264,21 @@ impl ExplainReport {
     /// Writes the report for a terminal.
     pub fn write_human(&self, out: &mut impl Write) -> fmt::Result {
         write!(out, "endpoint:  {}\nrequest:   ", self.endpoint.name())?;
-        canonical::write_escaped(out, self.method.as_bytes())?;
+        write_escaped(out, self.method.as_bytes())?;
         out.write_char(' ')?;
-        canonical::write_escaped(out, self.url.as_bytes())?;
+        write_escaped(out, self.url.as_bytes())?;
         write!(out, "\ncaller:    uid={} user=", self.caller.uid)?;
-        canonical::write_escaped(out, self.caller.user_name.as_deref().unwrap_or("(unknown)").as_bytes())?;
+        write_escaped(out, self.caller.user_name.as_deref().unwrap_or("(unknown)").as_bytes())?;
         out.write_str(" exe=")?;
-        canonical::write_escaped(out, self.caller.exe_path.as_deref().unwrap_or("(unknown)").as_bytes())?;
+        write_escaped(out, self.caller.exe_path.as_deref().unwrap_or("(unknown)").as_bytes())?;
         out.write_str(" groups=")?;
-        canonical::write_escaped(out, self.caller.groups.join(",").as_bytes())?;
+        write_escaped(out, self.caller.groups.join(",").as_bytes())?;
         out.write_str("\nrules:     ")?;
         match &self.rules {
             RulesSummary::None => out.write_str("none (default policy)")?,
             RulesSummary::Loaded { id, mode, mode_recognised, default_allowed, privileges, identities } => {
                 out.write_str("id=")?;
-                canonical::write_escaped(out, id.as_bytes())?;
+                write_escaped(out, id.as_bytes())?;
                 let unknown = if *mode_recognised { "" } else { " (unknown wire mode)" };
                 let default = if *default_allowed { "allow" } else { "deny" };
                 write!(out, " mode={mode}{unknown} default={default} privileges={privileges} identities={identities}")?;
@@ -325,11 +305,11 @@ impl ExplainReport {
         write!(out, "decision:  {} ({})", d.outcome.as_str(), d.reason.as_str())?;
         if let Some(p) = &d.privilege {
             out.write_str(" privilege=")?;
-            canonical::write_escaped(out, p.as_bytes())?;
+            write_escaped(out, p.as_bytes())?;
         }
         if let Some(i) = &d.identity {
             out.write_str(" identity=")?;
-            canonical::write_escaped(out, i.as_bytes())?;
+            write_escaped(out, i.as_bytes())?;
         }
         out.write_char('\n')?;
         if let Some(div) = &d.divergence {

@@ -16,10 +16,10 @@ use std::path::{Path, PathBuf};
 
 use super::Policy;
 use super::compile::CompiledRules;
-use super::explain::{json_opt, json_str};
 use super::rules::{AuthorizationItem, Identity};
-use crate::msp::http_date::format_timestamp_millis;
+use crate::calendar::format_timestamp_millis;
 use crate::redirect::Endpoint;
+use crate::text::{json_opt, json_str};
 
 /// File name prefix of a snapshot.
 pub const SNAPSHOT_PREFIX: &str = "AuthorizationRules_";

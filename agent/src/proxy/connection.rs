@@ -1109,7 +1109,8 @@ impl Connection {
         let mut w = 0;
         let parts: [&[u8]; 6] = [
             b"HTTP/1.1 ",
-            status_line(status),
+            // Every status the proxy answers is registered; 500 is the fallback of last resort.
+            crate::http::status_line(status).unwrap_or("500 Internal Server Error").as_bytes(),
             b"\r\ncontent-length: ",
             &len_buf,
             b"\r\n",
@@ -1192,25 +1193,6 @@ fn read_some(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             other => return other,
         }
-    }
-}
-
-/// Status code and reason phrase for the answers the proxy generates.
-pub(crate) fn status_line(status: u16) -> &'static [u8] {
-    match status {
-        200 => b"200 OK",
-        400 => b"400 Bad Request",
-        403 => b"403 Forbidden",
-        405 => b"405 Method Not Allowed",
-        408 => b"408 Request Timeout",
-        413 => b"413 Content Too Large",
-        421 => b"421 Misdirected Request",
-        429 => b"429 Too Many Requests",
-        431 => b"431 Request Header Fields Too Large",
-        502 => b"502 Bad Gateway",
-        503 => b"503 Service Unavailable",
-        504 => b"504 Gateway Timeout",
-        _ => b"500 Internal Server Error",
     }
 }
 

@@ -92,38 +92,8 @@ impl Services {
         }
         let mut body = String::with_capacity(64 + error.len());
         write!(body, "{{\"finished\":{finished},\"errorMessage\":\"").ok();
-        json_escape_into(&mut body, &error);
+        crate::text::json_escape_into(&mut body, &error);
         body.push_str("\"}");
         LocalResponse { status: 200, content_type: JSON, body, close: false }
-    }
-}
-
-/// Appends `text` as the inside of a JSON string: quotes, backslashes and every control
-/// character are escaped, so no caller-controlled text can break out of its field.
-pub(crate) fn json_escape_into(out: &mut String, text: &str) {
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                write!(out, "\\u{:04x}", c as u32).ok();
-            }
-            c => out.push(c),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn json_escaping_neutralises_control_characters() {
-        let mut s = String::new();
-        json_escape_into(&mut s, "a\"b\\c\nd\r\u{1}\u{7f}");
-        assert_eq!(s, "a\\\"b\\\\c\\nd\\r\\u0001\\u007f");
     }
 }

@@ -27,6 +27,8 @@ pub mod connection;
 pub mod gate;
 mod handover;
 mod local;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod scripted;
 mod services;
 mod shares;
 pub mod startup;

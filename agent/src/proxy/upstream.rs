@@ -243,4 +243,94 @@ mod tests {
             Err(EndorseError::StreamedBodyCannotBeSigned)
         );
     }
+
+    /// The spec's key (MSP §3.4) and a GUID for the authorization value.
+    fn spec_key() -> SigningKey {
+        SigningKey::from_hex(
+            "9cf81e97-0316-4ad3-94a7-8ccbdee8ccbf",
+            "4A404E635266556A586E3272357538782F413F4428472B4B6250645367566B59",
+        )
+        .expect("the spec's key")
+    }
+
+    const SPEC_DATE: &str = "Wed, 23 Apr 2025 12:00:00 GMT";
+
+    fn written(req: &[u8], body: RequestBody<'_>, key: Option<&SigningKey>, is_root: bool) -> String {
+        let head = RequestHead::parse(req).expect("parses").expect("complete");
+        let endorsement = Endorsement { key, is_root, date: SPEC_DATE };
+        let mut out = [0_u8; 4096];
+        let n = write_request_head(&head, req, body, &endorsement, &mut out).expect("written");
+        String::from_utf8(out[..n].to_vec()).expect("ascii")
+    }
+
+    #[test]
+    fn a_proxied_curl_request_goes_up_as_the_spec_signs_it_whatever_the_client_forged() {
+        // MSP §3.4 vector 3: a non-root curl to IMDS. The client's own host headers and its
+        // `Expect` never reach the host, and they do not change the signature.
+        let req = b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: 169.254.169.254\r\n\
+            User-Agent: curl/8.5.0\r\nAccept: */*\r\nX-MS-Azure-Host-Claims: { \"isRoot\": \"true\"}\r\n\
+            Metadata: true\r\nx-ms-azure-host-authorization: Azure-HMAC-SHA256 forged 00\r\n\
+            x-ms-azure-host-date: Thu, 01 Jan 2099 00:00:00 GMT\r\nExpect: 100-continue\r\n\r\n";
+        let key = spec_key();
+        assert_eq!(
+            written(req, RequestBody::Buffered(b""), Some(&key), false),
+            "GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: 169.254.169.254\r\n\
+             User-Agent: curl/8.5.0\r\nAccept: */*\r\nMetadata: true\r\n\
+             x-ms-azure-host-claims: { \"isRoot\": \"false\"}\r\nx-ms-azure-host-date: Wed, 23 Apr 2025 12:00:00 GMT\r\n\
+             x-ms-azure-host-authorization: Azure-HMAC-SHA256 9cf81e97-0316-4ad3-94a7-8ccbdee8ccbf \
+             75afe2e9a612e6be0caaac7d967c639ab0b1141a193212de74ab4cce3657a6a6\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_dechunked_body_goes_up_with_its_length_and_is_signed_as_sent() {
+        // MSP §3.4 vector 4, sent chunked by the client: de-chunked, the framing header becomes
+        // `content-length: 7`, and the MAC is the vector's (the signature covers the list as
+        // sent, sorted by name).
+        let req = b"POST /machine?comp=health HTTP/1.1\r\nHost: 168.63.129.16\r\nTransfer-Encoding: chunked\r\n\
+            Content-Type: application/json\r\n\r\n";
+        let key = spec_key();
+        assert_eq!(
+            written(req, RequestBody::Buffered(b"{\"a\":1}"), Some(&key), true),
+            "POST /machine?comp=health HTTP/1.1\r\nHost: 168.63.129.16\r\nContent-Type: application/json\r\n\
+             content-length: 7\r\nx-ms-azure-host-claims: { \"isRoot\": \"true\"}\r\n\
+             x-ms-azure-host-date: Wed, 23 Apr 2025 12:00:00 GMT\r\n\
+             x-ms-azure-host-authorization: Azure-HMAC-SHA256 9cf81e97-0316-4ad3-94a7-8ccbdee8ccbf \
+             ee5d7beb3802e34afb744e7f4c224bb24747c4052e76f802a4a623bd9c20917e\r\n\r\n"
+        );
+        // The client's own length of a buffered body is kept in place.
+        let req = b"POST /machine?comp=health HTTP/1.1\r\nContent-Length: 7\r\nContent-Type: application/json\r\n\
+            Host: 168.63.129.16\r\n\r\n";
+        let text = written(req, RequestBody::Buffered(b"{\"a\":1}"), Some(&key), true);
+        assert!(text.contains("Content-Length: 7\r\n") && !text.contains("content-length"), "{text}");
+        assert!(text.contains("ee5d7beb3802e34afb744e7f4c224bb24747c4052e76f802a4a623bd9c20917e"), "{text}");
+    }
+
+    #[test]
+    fn an_http_1_0_request_goes_up_as_1_0_and_unsigned_without_a_key() {
+        let req = b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.0\r\nHost: 169.254.169.254\r\n\
+            User-Agent: curl/8.5.0\r\nAccept: */*\r\nMetadata: true\r\n\r\n";
+        assert_eq!(
+            written(req, RequestBody::Buffered(b""), None, false),
+            "GET /metadata/instance?api-version=2021-02-01 HTTP/1.0\r\nHost: 169.254.169.254\r\n\
+             User-Agent: curl/8.5.0\r\nAccept: */*\r\nMetadata: true\r\n\
+             x-ms-azure-host-claims: { \"isRoot\": \"false\"}\r\nx-ms-azure-host-date: Wed, 23 Apr 2025 12:00:00 GMT\r\n\r\n"
+        );
+        // The version is not signed: the 1.0 request carries vector 3's MAC.
+        let key = spec_key();
+        let text = written(req, RequestBody::Buffered(b""), Some(&key), false);
+        assert!(text.contains("75afe2e9a612e6be0caaac7d967c639ab0b1141a193212de74ab4cce3657a6a6"), "{text}");
+    }
+
+    #[test]
+    fn a_head_that_does_not_fit_the_buffer_is_refused_not_cut() {
+        let req = b"GET /metadata/instance HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n";
+        let head = RequestHead::parse(req).expect("parses").expect("complete");
+        let endorsement = Endorsement { key: None, is_root: true, date: SPEC_DATE };
+        let mut out = [0_u8; 64];
+        assert_eq!(
+            write_request_head(&head, req, RequestBody::Buffered(b""), &endorsement, &mut out),
+            Err(EndorseError::HeadTooLarge)
+        );
+    }
 }

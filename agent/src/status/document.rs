@@ -22,7 +22,7 @@ use serde::{Serialize, Serializer};
 
 use super::summary::Summaries;
 use super::summary::{SummaryKind, SummaryTable, SummaryView, status_text};
-use crate::msp::http_date::{TIMESTAMP_BYTES, format_timestamp_millis};
+use crate::calendar::{TIMESTAMP_BYTES, format_timestamp_millis};
 use crate::msp::key_keeper::KeyKeeper;
 
 /// Messages longer than this are cut (on a character boundary) and end in `...` (MSP §6.1).

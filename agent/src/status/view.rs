@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::document::{MESSAGE_REPORT_MAX_BYTES, STATUS_JSON_MAX_BYTES};
 use super::summary::CMDLINE_SUMMARY_MAX_BYTES;
+use crate::exit::ExitStatus;
 use crate::limits::{EXE_PATH_MAX_BYTES, NAME_MAX_BYTES};
 use crate::msp::status_doc::STATE_STRING_MAX_BYTES;
 use crate::policy::rules::limits::ID_MAX_BYTES;
@@ -202,56 +203,6 @@ pub fn parse(json: &[u8]) -> Result<Box<StatusView>, ViewError> {
         .map_err(ViewError::Parse)
 }
 
-/// Parses a `YYYY-MM-DDTHH:MM:SS[.fff]` UTC timestamp to Unix milliseconds.
-pub fn parse_timestamp_millis(text: &str) -> Option<u64> {
-    let b = text.as_bytes();
-    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let num = |r: core::ops::Range<usize>| -> Option<u64> {
-        let s = text.get(r)?;
-        if s.bytes().all(|c| c.is_ascii_digit()) { s.parse().ok() } else { None }
-    };
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1970..=9999).contains(&year)
-        || !(1..=12).contains(&month)
-        || !(1..=31).contains(&day)
-        || hour > 23
-        || minute > 59
-        || second > 60
-    {
-        return None;
-    }
-    let millis = match b.get(19) {
-        None => 0,
-        Some(b'.') => {
-            let frac = text.get(20..)?;
-            if frac.is_empty() || frac.len() > 3 || !frac.bytes().all(|c| c.is_ascii_digit()) {
-                return None;
-            }
-            // "5" is 500 ms, "05" is 50 ms.
-            frac.parse::<u64>().ok()? * 10u64.pow(u32::try_from(3 - frac.len()).ok()?)
-        }
-        Some(_) => return None,
-    };
-    let days = days_from_civil(year, month, day);
-    Some(((days * 86_400 + hour * 3600 + minute * 60 + second) * 1000) + millis)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (year ≥ 1970), counting in 400-year
-/// eras that start on March 1 so the leap day ends the shifted year.
-fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    // 719,468 days from 0000-03-01 to 1970-01-01.
-    era * 146_097 + doe - 719_468
-}
-
 /// `status` outcomes, with exit codes 0, 1 and 2.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ShowExit {
@@ -264,12 +215,12 @@ pub enum ShowExit {
 }
 
 impl ShowExit {
-    /// The process exit code.
-    pub const fn code(self) -> u8 {
+    /// The process exit status.
+    pub const fn exit_status(self) -> ExitStatus {
         match self {
-            Self::Success => 0,
-            Self::Error => 1,
-            Self::Unreadable => 2,
+            Self::Success => ExitStatus::Success,
+            Self::Error => ExitStatus::Failure,
+            Self::Unreadable => ExitStatus::Severe,
         }
     }
 }
@@ -294,7 +245,7 @@ pub fn show(log_dir: &Path, json: bool, now_unix_ms: u64) -> (ShowExit, std::str
 pub fn human(v: &StatusView, now_unix_ms: u64) -> std::string::String {
     let a = &v.proxy_agent_status;
     let mut out = std::string::String::new();
-    let age = parse_timestamp_millis(&v.timestamp).map(|t| i128::from(now_unix_ms) - i128::from(t));
+    let age = crate::calendar::parse_timestamp_millis(&v.timestamp).map(|t| i128::from(now_unix_ms) - i128::from(t));
     let age = match age {
         Some(ms) if ms >= 0 => format!("{} s ago", ms / 1000),
         Some(ms) => format!("{} s in the future", -ms / 1000),
@@ -447,21 +398,5 @@ mod tests {
         std::fs::write(dir.join("status.json"), b"{\"timestamp\":").unwrap();
         assert_eq!(show(&dir, true, TS_MS).0, ShowExit::Unreadable);
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn timestamps_parse_back_to_unix_millis() {
-        assert_eq!(parse_timestamp_millis("2026-07-22T10:11:12.345"), Some(TS_MS));
-        assert_eq!(parse_timestamp_millis("1970-01-01T00:00:00"), Some(0));
-        assert_eq!(parse_timestamp_millis("2024-02-29T00:00:00.5"), Some(1_709_164_800_500));
-        assert_eq!(parse_timestamp_millis("2024-13-01T00:00:00"), None);
-        assert_eq!(parse_timestamp_millis("2024-01-01 00:00:00"), None);
-        assert_eq!(parse_timestamp_millis("2024-01-01T00:00:00.1234"), None);
-        assert_eq!(parse_timestamp_millis("+024-01-01T00:00:00"), None);
-        // Round trip with the writer's formatter.
-        for ms in [0, 951_782_400_000, 4_102_444_799_999, TS_MS] {
-            let text = crate::msp::http_date::format_timestamp_millis(ms);
-            assert_eq!(parse_timestamp_millis(&text), Some(ms), "{text}");
-        }
     }
 }

@@ -37,6 +37,14 @@ pub mod xml;
 pub use self::event::{Event, EventTime};
 pub use self::uploader::{Uploader, UploaderConfig};
 
+/// Turns telemetry on (the logger does, when `telemetryIntervalSeconds` is set): the queue
+/// accepts events, log records up to `log_level` among them, and the key keeper's status
+/// message changes reach [`module_status`].
+pub fn enable(log_level: log::LevelFilter) {
+    queue::enable(log_level);
+    crate::msp::key_keeper::announce_messages_to(module_status);
+}
+
 /// Queues a log record the logger has already admitted (past its rate limit), when telemetry
 /// is on and the record is at or below the configured level. Milestones (queued by
 /// [`milestone`]) and telemetry's own records (`gpa::telemetry`, the uploader's failures) are

@@ -9,7 +9,7 @@
 
 use super::event::Event;
 use super::metadata::VmMetadata;
-use crate::msp::http_date::format_timestamp_millis;
+use crate::calendar::format_timestamp_millis;
 
 /// Provider of generic log events (Event id 7).
 pub const GENERIC_PROVIDER: &str = "FFF0196F-EE4C-4EAF-9AA5-776F622DEB4F";

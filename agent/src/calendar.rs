@@ -1,16 +1,19 @@
 // SPDX-License-Identifier: MIT
-//! RFC 1123 dates for `x-ms-azure-host-date`, the host-synchronised clock, and status
-//! timestamps.
+//! Calendar time: Unix seconds and milliseconds to and from the two text forms the agent
+//! writes and reads, the RFC 1123 date of `x-ms-azure-host-date` and `Date` (MSP §1.2, §2.9)
+//! and the `YYYY-MM-DDTHH:MM:SS.fff` timestamp of the status document and `provisioned.tag`
+//! (MSP §2.1, §6).
 //!
-//! Heads up! Read `../shared/spec/msp-protocol.md` §1.2 (the date header on every agent
-//! request), §2.9 (host time synchronisation) and §3.6 (the date is the only freshness input)
-//! first. The format is fixed: `Www, DD Mon YYYY HH:MM:SS GMT`, day zero-padded, see
+//! One home for the civil-calendar arithmetic, next to [`crate::clock`]: that module reads
+//! clocks, this one only converts, so the protocol (`msp`), the status writer and reader, the
+//! rules snapshot and telemetry share one formatter without depending on each other.
+//!
+//! The RFC 1123 form is fixed: `Www, DD Mon YYYY HH:MM:SS GMT`, day zero-padded, see
 //! [RFC 7231 §7.1.1.1](https://www.rfc-editor.org/rfc/rfc7231#section-7.1.1.1).
 //!
 //! Nothing here reads a clock: callers pass the time in, so tests choose any instant.
 
 use core::fmt;
-use core::time::Duration;
 
 use heapless::String;
 
@@ -18,8 +21,6 @@ use heapless::String;
 pub const HTTP_DATE_BYTES: usize = 29;
 /// Length of a status timestamp: `2025-04-23T12:00:00.000`.
 pub const TIMESTAMP_BYTES: usize = 23;
-/// Host time is re-learned when the last sync is older than this (§2.9: 15 minutes).
-pub const HOST_SYNC_MAX_AGE_SECS: u64 = 15 * 60;
 /// The last second with a four-digit year, 9999-12-31T23:59:59Z; later times saturate to it.
 pub const MAX_UNIX_SECS: u64 = 253_402_300_799;
 
@@ -120,54 +121,43 @@ pub fn format_timestamp_millis(unix_ms: u64) -> String<TIMESTAMP_BYTES> {
     ascii_string(&out)
 }
 
-/// Picks the host time from a status response (§2.9): `x-ms-azure-host-date` if present,
-/// else `Date`. A present but unparsable custom header disables the fallback.
-pub fn host_time_from_headers(host_date: Option<&[u8]>, date: Option<&[u8]>) -> Option<u64> {
-    match host_date {
-        Some(value) => parse_http_date(value).ok(),
-        None => date.and_then(|value| parse_http_date(value).ok()),
+/// Parses a `YYYY-MM-DDTHH:MM:SS[.fff]` UTC timestamp to Unix milliseconds. Lenient where
+/// [`format_timestamp_millis`] is exact (the status reader accepts what other writers may
+/// produce): one to three fraction digits or none, a leap second, any day 1..=31.
+pub fn parse_timestamp_millis(text: &str) -> Option<u64> {
+    let b = text.as_bytes();
+    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+        return None;
     }
-}
-
-/// The host-synchronised clock (§2.9): host time learned from a response, advanced by the
-/// local time elapsed since. Local time is any monotonic-enough `Duration` the caller reads
-/// (e.g. `clock::wall_now()`); before the first sync, local time is returned as is.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HostClock {
-    /// `(host Unix seconds, local time)` at the last sync; `None` until the first one.
-    synced: Option<(u64, Duration)>,
-}
-
-impl HostClock {
-    /// A clock that has never synced.
-    pub const fn new() -> Self {
-        Self { synced: None }
+    let num = |r: core::ops::Range<usize>| -> Option<u64> {
+        let s = text.get(r)?;
+        if s.bytes().all(|c| c.is_ascii_digit()) { s.parse().ok() } else { None }
+    };
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1970..=9999).contains(&year)
+        || !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
     }
-
-    /// Records that the host said `host_unix_secs` when local time was `local_now`.
-    pub fn sync(&mut self, host_unix_secs: u64, local_now: Duration) {
-        self.synced = Some((host_unix_secs, local_now));
-    }
-
-    /// True if the clock never synced, the last sync is older than 15 minutes, or local time
-    /// went backwards since (so the elapsed time is unknown).
-    pub fn needs_sync(&self, local_now: Duration) -> bool {
-        match self.synced {
-            None => true,
-            Some((_, at)) => {
-                local_now.checked_sub(at).is_none_or(|elapsed| elapsed.as_secs() >= HOST_SYNC_MAX_AGE_SECS)
+    let millis = match b.get(19) {
+        None => 0,
+        Some(b'.') => {
+            let frac = text.get(20..)?;
+            if frac.is_empty() || frac.len() > 3 || !frac.bytes().all(|c| c.is_ascii_digit()) {
+                return None;
             }
+            // "5" is 500 ms, "05" is 50 ms.
+            frac.parse::<u64>().ok()? * 10u64.pow(u32::try_from(3 - frac.len()).ok()?)
         }
-    }
-
-    /// Host time now, in Unix seconds. If local time went backwards since the sync, the
-    /// host time of the sync is returned (never earlier).
-    pub fn now_unix(&self, local_now: Duration) -> u64 {
-        match self.synced {
-            None => local_now.as_secs(),
-            Some((host, at)) => host.saturating_add(local_now.saturating_sub(at).as_secs()),
-        }
-    }
+        Some(_) => return None,
+    };
+    let days = days_from_civil(year, month, day);
+    Some(((days * SECS_PER_DAY + hour * 3600 + minute * 60 + second) * 1000) + millis)
 }
 
 /// Days since 1970-01-01 → (year, month 1..=12, day 1..=31), proleptic Gregorian.
@@ -328,28 +318,19 @@ mod tests {
     }
 
     #[test]
-    fn host_date_header_is_preferred_and_invalid_disables_fallback() {
-        let other: &[u8] = b"Thu, 01 Jan 1970 00:00:00 GMT";
-        assert_eq!(host_time_from_headers(Some(SPEC_DATE), Some(other)), Some(SPEC_SECS));
-        assert_eq!(host_time_from_headers(None, Some(SPEC_DATE)), Some(SPEC_SECS));
-        assert_eq!(host_time_from_headers(Some(b"garbage"), Some(SPEC_DATE)), None);
-        assert_eq!(host_time_from_headers(None, Some(b"garbage")), None);
-        assert_eq!(host_time_from_headers(None, None), None);
-    }
-
-    #[test]
-    fn host_clock_advances_from_the_sync_and_resyncs_after_fifteen_minutes() {
-        let mut clock = HostClock::new();
-        let local = Duration::from_secs(1_000_000);
-        assert!(clock.needs_sync(local));
-        assert_eq!(clock.now_unix(local), 1_000_000);
-        clock.sync(SPEC_SECS, local);
-        assert!(!clock.needs_sync(local));
-        assert_eq!(clock.now_unix(local + Duration::from_millis(90_500)), SPEC_SECS + 90);
-        assert!(!clock.needs_sync(local + Duration::from_secs(HOST_SYNC_MAX_AGE_SECS - 1)));
-        assert!(clock.needs_sync(local + Duration::from_secs(HOST_SYNC_MAX_AGE_SECS)));
-        // Local time going backwards never moves host time before the sync.
-        assert_eq!(clock.now_unix(local - Duration::from_secs(5)), SPEC_SECS);
-        assert!(clock.needs_sync(local - Duration::from_secs(5)));
+    fn timestamps_parse_back_to_unix_millis() {
+        const TS_MS: u64 = 1_784_715_072_345;
+        assert_eq!(parse_timestamp_millis("2026-07-22T10:11:12.345"), Some(TS_MS));
+        assert_eq!(parse_timestamp_millis("1970-01-01T00:00:00"), Some(0));
+        assert_eq!(parse_timestamp_millis("2024-02-29T00:00:00.5"), Some(1_709_164_800_500));
+        assert_eq!(parse_timestamp_millis("2024-13-01T00:00:00"), None);
+        assert_eq!(parse_timestamp_millis("2024-01-01 00:00:00"), None);
+        assert_eq!(parse_timestamp_millis("2024-01-01T00:00:00.1234"), None);
+        assert_eq!(parse_timestamp_millis("+024-01-01T00:00:00"), None);
+        // Round trip with the writer's formatter.
+        for ms in [0, 951_782_400_000, 4_102_444_799_999, TS_MS] {
+            let text = format_timestamp_millis(ms);
+            assert_eq!(parse_timestamp_millis(&text), Some(ms), "{text}");
+        }
     }
 }
