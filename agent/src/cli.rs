@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::config::DEFAULT_CONFIG_PATH;
 use crate::exit::ExitStatus;
+use crate::limits::{STATUS_CONNECT_TIMEOUT_MS, STATUS_POLL_MS, STATUS_READ_TIMEOUT_MS};
 
 /// Usage text (also the man page's synopsis).
 pub const USAGE: &str = "\
@@ -337,8 +338,8 @@ fn query_provision(listen: SocketAddrV4, tick_ns: u64, notify: bool) -> Result<P
 }
 
 fn exchange_provision(listen: SocketAddrV4, tick_ns: u64, notify: bool) -> Option<Provision> {
-    let mut s = TcpStream::connect_timeout(&listen.into(), Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut s = TcpStream::connect_timeout(&listen.into(), Duration::from_millis(STATUS_CONNECT_TIMEOUT_MS)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(STATUS_READ_TIMEOUT_MS))).ok()?;
     let notify = if notify { "x-ms-azure-notify: true\r\n" } else { "" };
     let req = format!(
         "GET /provision HTTP/1.1\r\nHost: {listen}\r\nMetadata: true\r\nx-ms-azure-time-tick: {tick_ns}\r\n{notify}Connection: close\r\n\r\n"
@@ -439,7 +440,7 @@ pub fn status(candidates: &[SocketAddrV4], status_file: StatusFile<'_>, wait_sec
             };
             return StatusOutcome { exit_code: ExitStatus::Failure, message };
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(STATUS_POLL_MS));
     }
 }
 

@@ -128,7 +128,9 @@ fn provisioning_status(config: &std::path::Path, wait_secs: u64) -> Result<ExitS
     }
     let status_file = cli::StatusFile {
         log_dir: &config.log_dir,
-        max_age: std::time::Duration::from_secs(2 * config.status_interval_secs + 5),
+        max_age: std::time::Duration::from_secs(
+            2 * config.status_interval_secs + crate::limits::STATUS_FILE_GRACE_SECS,
+        ),
     };
     let outcome = cli::status(&candidates, status_file, wait_secs);
     println!("{}", outcome.message);

@@ -28,8 +28,6 @@ use mio::net::{UnixListener, UnixStream};
 const OFFER: &str = "GPA-HANDOVER/1 listener ";
 /// What the taker sends once it serves.
 const STOP: &[u8] = b"GPA-HANDOVER/1 stop\n";
-/// How long the taker waits for the offer after connecting.
-const OFFER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The offering (early) side: a Unix listener plus at most one taker talking to it.
 #[derive(Debug)]
@@ -178,7 +176,7 @@ pub fn take(path: &Path, listen: SocketAddrV4) -> io::Result<Option<Taken>> {
             format!("the hand-over socket belongs to pid {pid} uid {uid}, not the agent's user"),
         ));
     }
-    stream.set_read_timeout(Some(OFFER_TIMEOUT))?;
+    stream.set_read_timeout(Some(Duration::from_millis(crate::limits::HANDOVER_OFFER_TIMEOUT_MS)))?;
     let mut buf = [0u8; 64];
     let (n, fd) = crate::sys::recv_with_fd(stream.as_fd(), &mut buf)?;
     let line = buf.get(..n).and_then(|b| core::str::from_utf8(b).ok()).unwrap_or("");

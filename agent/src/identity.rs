@@ -110,7 +110,9 @@ impl Resolver {
 
     /// Builds the caller for a kernel record.
     pub fn resolve(&mut self, record: CallerRecord, now: std::time::Instant) -> Caller {
-        if self.db_checked.is_none_or(|t| now.saturating_duration_since(t) >= std::time::Duration::from_secs(1)) {
+        if self.db_checked.is_none_or(|t| {
+            now.saturating_duration_since(t) >= std::time::Duration::from_millis(crate::limits::IDENTITY_DB_RECHECK_MS)
+        }) {
             self.db_checked = Some(now);
             let stamp = db_stamp();
             if stamp != self.db_stamp {

@@ -1,8 +1,14 @@
 // SPDX-License-Identifier: MIT
-//! Every capacity, size and timeout of the agent in one place, each with its unit and why.
+//! Every run-time bound of the agent in one place, each with its unit and why.
 //!
-//! Fixed-size buffers only stay honest if their limits are visible; change a number here and
-//! nowhere else.
+//! The rule: a bound on how much the agent holds at once (tables, buffers, pools, queues,
+//! caches, the kernel's maps), how long it waits (timeouts, retries, holds) or how fast it
+//! lets something go (rates) lives here, and related bounds are derived from each other here.
+//! A cap that is a fact of one format (the bytes a field of an audit line, a status document
+//! or a rule set may hold, the depth a parser accepts, the size of a file read whole) lives
+//! beside the code that writes or parses that format; where it must cover a bound of this
+//! file, a `const` assertion there says so. Fixed-size buffers only stay honest if their
+//! limits are visible; change a number here and nowhere else.
 
 /// Default size of the connection table. A metadata guard serves a handful of local callers;
 /// 1,024 concurrent connections is far above any legitimate load and bounds memory at about
@@ -69,6 +75,49 @@ pub const CLIENT_WRITE_TIMEOUT_MS: u64 = 30_000;
 
 /// mio events handled per poll turn.
 pub const EVENTS_PER_TURN: usize = 256;
+/// Steps one drive of a connection may take before it yields to the others (each step reads
+/// or writes or changes state); a long pipeline is driven again on the next turn (issue 13).
+pub const STEPS_PER_DRIVE: usize = 1024;
+/// Method bytes a request keeps for its audit record and summary (the longest method the
+/// proxy forwards, `OPTIONS`, is 7).
+pub const EXCHANGE_METHOD_MAX_BYTES: usize = 16;
+/// Path bytes (no query: queries can carry secrets) a request keeps for its audit record and
+/// summary; longer paths are cut.
+pub const EXCHANGE_PATH_MAX_BYTES: usize = 256;
+
+/// Pending connections the kernel queues for `accept` on the proxy listener.
+pub const LISTEN_BACKLOG: i32 = 1024;
+/// Binds tried at start before the listener counts as failed (MSP §5.1: an old instance may
+/// still be exiting), [`BIND_RETRY_MS`] apart.
+pub const BIND_ATTEMPTS_AT_START: u32 = 6;
+/// Pause between two binds at start.
+pub const BIND_RETRY_MS: u64 = 500;
+/// First wait before a failed start step (the listener's bind, the redirector's attach) is
+/// tried again; it doubles up to [`START_RETRY_MAX_MS`].
+pub const START_RETRY_FIRST_MS: u64 = 1_000;
+/// Longest wait between two tries of a failed start step.
+pub const START_RETRY_MAX_MS: u64 = 30_000;
+/// `/provision` stops waiting for the key latch after this long and reports what it has
+/// (MSP §2.2 step 2).
+pub const PROVISION_TIMEOUT_MS: u64 = 120_000;
+/// How long a taking agent waits for its key latch before it tells the early agent to stop
+/// anyway (the early agent faces the same host, so waiting longer gains nothing).
+pub const TAKEOVER_READY_WAIT_MS: u64 = 10_000;
+/// How long a taking agent waits for the early agent's offer after connecting to it.
+pub const HANDOVER_OFFER_TIMEOUT_MS: u64 = 3_000;
+/// An early agent that handed over waits for its open connections at most the longest
+/// exchange (an idle keep-alive, or an upstream answer) plus this.
+pub const DRAIN_GRACE_MS: u64 = 1_000;
+/// First minutes after start in which an unknown secure-channel state is polled every
+/// [`KEY_FAST_POLL_INTERVAL_MS`] (boot: the host may answer any moment).
+pub const KEY_FAST_POLL_WINDOW_MS: u64 = 5 * 60 * 1000;
+/// See [`KEY_FAST_POLL_WINDOW_MS`].
+pub const KEY_FAST_POLL_INTERVAL_MS: u64 = 1_000;
+/// Largest host response the agent's own calls read (status, key and goal-state documents are
+/// a few KiB).
+pub const HOST_RESPONSE_MAX_BYTES: usize = 64 * 1024;
+/// Log lines per second allowed from guest-triggerable targets (burst of the same size).
+pub const GUEST_TRIGGERED_LINES_PER_SECOND: u64 = 20;
 
 /// Connection-table slots only uid 0 callers may take: while other users hold the rest, the
 /// provisioning and guest agents (root) are still served (issue 13).
@@ -82,7 +131,7 @@ pub const PER_UID_SHARE_DIVISOR: usize = 4;
 pub const PER_CGROUP_SHARE_DIVISOR: usize = 2;
 /// Body buffers one non-root uid may hold: with [`ROOT_RESERVED_BODY_BUFFERS`] kept for root,
 /// three uids' slow uploads together still leave the reserve untouched.
-pub const PER_UID_BODY_BUFFERS: usize = 4;
+pub const PER_UID_BODY_BUFFERS: usize = (BODY_BUFFERS - ROOT_RESERVED_BODY_BUFFERS) / 3;
 /// One non-root uid may hold at most `maxConnections / PER_UID_UPSTREAM_DIVISOR` upstream
 /// connections (requests in flight to a host): a flood of slow upstream answers from one user
 /// keeps the other users' and root's requests moving.
@@ -95,12 +144,16 @@ pub const AUDIT_UID_RECORDS_PER_SECOND: u32 = 25;
 /// Records a uid may write at once before the rate applies (a boot's burst of requests is
 /// audited in full).
 pub const AUDIT_UID_BURST: u32 = 500;
+/// uids the audit rate tracks one by one (more distinct callers in the window share a bucket).
+pub const AUDIT_RATE_TABLE_UIDS: usize = 4096;
+/// How often a uid's `suppressed` summary is written while it stays over its rate.
+pub const AUDIT_SUPPRESSED_INTERVAL_MS: u64 = 1_000;
 /// Size of one audit file before rotation, and files kept per trail.
 pub const AUDIT_FILE_BYTES: u64 = 10 * 1024 * 1024;
 pub const AUDIT_FILES: u32 = 5;
 /// Of [`BODY_BUFFERS`], how many only root callers may take (a health report or log upload
-/// must not wait for other users' slow uploads).
-pub const ROOT_RESERVED_BODY_BUFFERS: usize = 4;
+/// must not wait for other users' slow uploads): a quarter.
+pub const ROOT_RESERVED_BODY_BUFFERS: usize = BODY_BUFFERS / 4;
 /// Live connections without identity (direct connects to the listener, which can only ask the
 /// local endpoints): more are refused at once.
 pub const NO_IDENTITY_MAX_CONNECTIONS: usize = 64;
@@ -114,9 +167,16 @@ pub const ACCEPT_RETRY_MS: u64 = 50;
 /// calls, the audit and status files, the hand-over socket.
 pub const FD_RESERVE: u64 = 64;
 
-/// Capacities of the kernel maps; must equal the `*_MAX_ENTRIES` in `ebpf/redirect.bpf.c`.
+/// Capacities of the kernel maps; each equals its `*_MAX_ENTRIES` in `ebpf/redirect.bpf.c`
+/// (checked by a test below). The routes: one per metadata endpoint, with room.
 pub const POLICY_MAX_ENTRIES: u32 = 16;
-/// See [`POLICY_MAX_ENTRIES`].
+/// The skip list the kernel consults before redirecting.
+pub const SKIP_MAX_ENTRIES: u32 = 16;
+/// Connects between `connect()` and their SYN (sockops re-keys them): a burst of parallel
+/// connects, far below the table.
+pub const PENDING_MAX_ENTRIES: u32 = 4096;
+/// Caller records waiting for their accept (an LRU: an evicted record makes the proxy answer
+/// `421`, fail closed).
 pub const AUDIT_MAX_ENTRIES: u32 = 16_384;
 /// The agent listeners the kernel can redirect to (`LISTENERS_MAX_ENTRIES`, one per network
 /// namespace served).
@@ -135,6 +195,9 @@ pub const RECORD_MAX_AGE_MS: u64 = 30_000;
 /// (fails closed).
 pub const DEFERRED_SYN_MS: u64 = 1;
 
+/// The user and group databases (`/etc/passwd`, `/etc/group`) are checked for changes at most
+/// this often; a change empties the name cache.
+pub const IDENTITY_DB_RECHECK_MS: u64 = 1_000;
 /// Entries in the uid → user/groups cache (bounded; evicts round-robin when full).
 pub const IDENTITY_CACHE_ENTRIES: usize = 64;
 /// Longest user, group or process name kept.
@@ -145,6 +208,15 @@ pub const GROUPS_PER_USER: usize = 16;
 pub const EXE_PATH_MAX_BYTES: usize = 512;
 /// Longest command line kept for audit (first items only, like the reference).
 pub const CMDLINE_MAX_BYTES: usize = 256;
+
+/// `--status`: time to connect to the listener, and for its `/provision` answer.
+pub const STATUS_CONNECT_TIMEOUT_MS: u64 = 2_000;
+/// See [`STATUS_CONNECT_TIMEOUT_MS`].
+pub const STATUS_READ_TIMEOUT_MS: u64 = 5_000;
+/// `--status --wait`: pause between two asks.
+pub const STATUS_POLL_MS: u64 = 100;
+/// `--status` believes a `status.json` written within two status intervals plus this.
+pub const STATUS_FILE_GRACE_SECS: u64 = 5;
 
 /// Telemetry events kept in memory before upload (MSP §7.2: a queue of 1,000 entries). A full
 /// queue drops new events and counts them; logging never waits for room.
@@ -172,5 +244,64 @@ pub const TELEMETRY_METADATA_MAX_AGE_MS: u64 = 60 * 60 * 1000;
 pub const TELEMETRY_KEY_WAIT_MS: u64 = 60_000;
 /// Longest value kept from a host document (ids, names, URLs).
 pub const TELEMETRY_VALUE_MAX_BYTES: usize = 256;
+/// Connection-summary keys per table: a VM has a handful of metadata callers (agents,
+/// cloud-init, a few scripts), each with a few outcomes; 64 live keys × 16 buckets of 15 min
+/// cover 4 h of a busy VM, and a table costs about 64 × 2.3 KiB on the heap.
+pub const SUMMARY_KEYS: usize = 64;
+/// Width of one summary bucket (MSP §6.3: 15 minutes).
+pub const SUMMARY_BUCKET_SECS: u64 = 15 * 60;
+/// Buckets per summary key: 16 × 15 min = the 4 h retention of MSP §6.3.
+pub const SUMMARY_BUCKETS: usize = 16;
+
 /// Longest `SharedConfig` URL accepted from the goal state.
 pub const TELEMETRY_URL_MAX_BYTES: usize = 1024;
+
+// How the bounds relate, checked when the agent is built.
+// The root reserves leave the others a table, and what a direct connect may hold fits beside it.
+const _: () = assert!(ROOT_RESERVED_CONNECTIONS < DEFAULT_MAX_CONNECTIONS / 2);
+const _: () = assert!(NO_IDENTITY_MAX_CONNECTIONS + ROOT_RESERVED_CONNECTIONS <= DEFAULT_MAX_CONNECTIONS);
+const _: () = assert!(ROOT_RESERVED_BODY_BUFFERS > 0 && PER_UID_BODY_BUFFERS > 0);
+// A held request is polled for several times before it is answered, and answered before a
+// client's own head timeout would end the connection.
+const _: () = assert!(4 * KEY_LATCH_HOLD_POLL_MS <= KEY_LATCH_HOLD_MS);
+const _: () = assert!(KEY_LATCH_HOLD_MS < CLIENT_HEAD_TIMEOUT_MS);
+// A direct connect asks one short local request: its head timeout is the shorter one.
+const _: () = assert!(NO_IDENTITY_HEAD_TIMEOUT_MS < CLIENT_HEAD_TIMEOUT_MS);
+// Every header the parser accepts can be signed, with the agent's own three.
+const _: () = assert!(UPSTREAM_HEADERS_MAX == MAX_HEADERS + 3);
+// The backoff of a failed start step grows to its ceiling.
+const _: () = assert!(START_RETRY_FIRST_MS < START_RETRY_MAX_MS);
+// The telemetry queue's byte budget holds the 64 longest messages.
+const _: () = assert!(TELEMETRY_QUEUE_BYTES >= 64 * TELEMETRY_MESSAGE_MAX_BYTES);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent's copies of the kernel map sizes are the kernel's: a map the agent thinks is
+    /// larger than it is would fail its updates at run time.
+    #[test]
+    fn the_kernel_map_sizes_are_the_agents() {
+        let source = include_str!("../../ebpf/redirect.bpf.c");
+        let defined = |name: &str| -> u32 {
+            let prefix = format!("#define {name} ");
+            let line = source.lines().find_map(|l| l.strip_prefix(prefix.as_str())).unwrap_or_else(|| panic!("{name}"));
+            line.trim().parse().unwrap_or_else(|_| panic!("{name}: {line}"))
+        };
+        let sizes = [
+            ("POLICY_MAX_ENTRIES", POLICY_MAX_ENTRIES),
+            ("SKIP_MAX_ENTRIES", SKIP_MAX_ENTRIES),
+            ("PENDING_MAX_ENTRIES", PENDING_MAX_ENTRIES),
+            ("AUDIT_MAX_ENTRIES", AUDIT_MAX_ENTRIES),
+            ("LISTENERS_MAX_ENTRIES", LISTENERS_MAX_ENTRIES),
+        ];
+        for (name, ours) in sizes {
+            assert_eq!(defined(name), ours, "{name}");
+        }
+        // Every map the object declares has its size among these (or is the one-entry config).
+        for line in source.lines().filter_map(|l| l.trim().strip_prefix("__uint(max_entries, ")) {
+            let size = line.trim_end_matches(");");
+            assert!(size == "1" || sizes.iter().any(|(name, _)| *name == size), "unmirrored map size {size}");
+        }
+    }
+}

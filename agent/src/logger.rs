@@ -17,8 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use log::{LevelFilter, Log, Metadata, Record};
 
-/// Lines per second allowed from guest-triggerable targets (burst of the same size).
-const GUEST_TRIGGERED_LINES_PER_SECOND: u64 = 20;
+use crate::limits::GUEST_TRIGGERED_LINES_PER_SECOND;
 
 struct Logger {
     /// Bucket state: the second the bucket was last refilled and the tokens used in it.

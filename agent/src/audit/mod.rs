@@ -102,6 +102,8 @@ const LABEL_MAX_BYTES: usize = 32;
 const _: () = assert!(USER_MAX_BYTES >= crate::limits::NAME_MAX_BYTES);
 const _: () = assert!(EXE_MAX_BYTES >= crate::limits::EXE_PATH_MAX_BYTES);
 const _: () = assert!(CMDLINE_IN_MAX_BYTES >= crate::limits::CMDLINE_MAX_BYTES);
+const _: () = assert!(PATH_MAX_BYTES >= crate::limits::EXCHANGE_PATH_MAX_BYTES);
+const _: () = assert!(METHOD_MAX_BYTES >= crate::limits::EXCHANGE_METHOD_MAX_BYTES);
 
 /// Longest line ever written: every capped field escaped at the worst 6 output bytes per input
 /// byte (`\u00XX`), plus keys, numbers and the hash (under 512 bytes).

@@ -21,17 +21,14 @@ use std::time::Instant;
 
 use super::{AuditError, AuditLog, AuditRecord};
 use crate::config::Caps;
+use crate::limits::{AUDIT_RATE_TABLE_UIDS, AUDIT_SUPPRESSED_INTERVAL_MS};
 
 /// Sub-directory of the security trail inside the audit directory.
 pub const SECURITY_DIR_NAME: &str = "security";
 /// The uid the identity-less callers are counted under.
 pub const NO_IDENTITY_UID: u32 = u32::MAX;
-/// Where uids beyond [`RATE_TABLE_UIDS`] are counted together.
+/// Where uids beyond [`AUDIT_RATE_TABLE_UIDS`] are counted together.
 const OVERFLOW_UID: u32 = u32::MAX - 1;
-/// uids tracked one by one (a machine with more distinct callers in the window shares a bucket).
-const RATE_TABLE_UIDS: usize = 4096;
-/// How often a uid's `suppressed` summary is written while it stays over its rate.
-const SUMMARY_INTERVAL_MS: u64 = 1_000;
 
 /// Whether a record belongs in the security trail as well.
 pub fn is_security_relevant(rec: &AuditRecord<'_>) -> bool {
@@ -134,9 +131,9 @@ impl AuditTrail {
     }
 
     fn admit(&mut self, uid: u32, security: bool, now: Instant) -> bool {
-        let key = if self.buckets.len() >= RATE_TABLE_UIDS && !self.buckets.contains_key(&uid) {
+        let key = if self.buckets.len() >= AUDIT_RATE_TABLE_UIDS && !self.buckets.contains_key(&uid) {
             self.prune(now);
-            if self.buckets.len() >= RATE_TABLE_UIDS { OVERFLOW_UID } else { uid }
+            if self.buckets.len() >= AUDIT_RATE_TABLE_UIDS { OVERFLOW_UID } else { uid }
         } else {
             uid
         };
@@ -172,8 +169,8 @@ impl AuditTrail {
     fn summarise(&mut self, now: Instant, all_due: bool) {
         let unix_ms = wall_ms();
         for (uid, b) in &mut self.buckets {
-            let due =
-                all_due || now.saturating_duration_since(b.reported).as_millis() >= u128::from(SUMMARY_INTERVAL_MS);
+            let due = all_due
+                || now.saturating_duration_since(b.reported).as_millis() >= u128::from(AUDIT_SUPPRESSED_INTERVAL_MS);
             if b.suppressed == 0 || !due {
                 continue;
             }

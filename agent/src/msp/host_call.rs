@@ -18,9 +18,7 @@ use mio::{Interest, Registry, Token};
 use super::signing::{self, SigningKey};
 use crate::clock;
 use crate::http::{ChunkedDecoder, ResponseFraming, ResponseHead, eq_ignore_case};
-
-/// Largest host response read (status, key and goal-state documents are a few KiB).
-pub const HOST_RESPONSE_MAX_BYTES: usize = 64 * 1024;
+use crate::limits::HOST_RESPONSE_MAX_BYTES;
 
 /// Why a host call failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -27,7 +27,6 @@ use crate::calendar::{format_http_date, parse_http_date};
 use crate::clock;
 use crate::redirect::Endpoint;
 
-/// First minutes after start in which an unknown state is polled every second.
 /// Who hears of key-latch message changes besides the log: telemetry's module-status event
 /// (MSP §6.1), registered by [`crate::telemetry::enable`]. Telemetry sits above msp (its
 /// uploader calls the host with the keeper's key), so the keeper announces here instead of
@@ -42,8 +41,6 @@ pub fn announce_messages_to(listener: fn(&str, &str)) {
     MESSAGE_LISTENER.set(listener).ok();
 }
 
-const FAST_POLL_WINDOW: Duration = Duration::from_secs(5 * 60);
-const FAST_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest status message kept (§6.1 cuts reports at 1024 bytes).
 pub const MESSAGE_MAX_BYTES: usize = 1024;
 
@@ -239,8 +236,11 @@ impl KeyKeeper {
     }
 
     fn next_delay(&self, now: Instant) -> Duration {
-        let base = if self.summary.is_none() && now.saturating_duration_since(self.started) < FAST_POLL_WINDOW {
-            FAST_POLL_INTERVAL
+        let base = if self.summary.is_none()
+            && now.saturating_duration_since(self.started)
+                < Duration::from_millis(crate::limits::KEY_FAST_POLL_WINDOW_MS)
+        {
+            Duration::from_millis(crate::limits::KEY_FAST_POLL_INTERVAL_MS)
         } else {
             self.config.interval
         };

@@ -32,9 +32,10 @@ use crate::clock;
 use crate::http::{BodyFraming, ChunkedDecoder, HeadError, RequestHead, ResponseFraming, ResponseHead};
 use crate::identity::Caller;
 use crate::limits::{
-    CLIENT_BODY_TIMEOUT_MS, CLIENT_HEAD_TIMEOUT_MS, CLIENT_WRITE_TIMEOUT_MS, CONNECTION_BUFFER_BYTES, IDLE_TIMEOUT_MS,
-    KEY_LATCH_HOLD_MS, NO_IDENTITY_HEAD_TIMEOUT_MS, REQUEST_BODY_MAX_BYTES, REQUEST_HEAD_MAX_BYTES,
-    SKIP_LIST_BODY_MAX_BYTES, STREAMED_BODY_IDLE_TIMEOUT_MS, UPSTREAM_CONNECT_TIMEOUT_MS, UPSTREAM_HEAD_MAX_BYTES,
+    CLIENT_BODY_TIMEOUT_MS, CLIENT_HEAD_TIMEOUT_MS, CLIENT_WRITE_TIMEOUT_MS, CONNECTION_BUFFER_BYTES,
+    EXCHANGE_METHOD_MAX_BYTES, EXCHANGE_PATH_MAX_BYTES, IDLE_TIMEOUT_MS, KEY_LATCH_HOLD_MS,
+    NO_IDENTITY_HEAD_TIMEOUT_MS, REQUEST_BODY_MAX_BYTES, REQUEST_HEAD_MAX_BYTES, SKIP_LIST_BODY_MAX_BYTES,
+    STEPS_PER_DRIVE, STREAMED_BODY_IDLE_TIMEOUT_MS, UPSTREAM_CONNECT_TIMEOUT_MS, UPSTREAM_HEAD_MAX_BYTES,
 };
 
 /// Added to every proxied response (MSP §5.7): tells the caller the call went through us.
@@ -411,7 +412,7 @@ impl Connection {
     pub fn drive<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>) -> Next {
         // Bounded: each Progress consumes bytes or changes state; the cap only guards against
         // a logic error spinning the single thread.
-        for _ in 0..1024 {
+        for _ in 0..STEPS_PER_DRIVE {
             // Each step takes its state's data and leaves the next state behind.
             let step = match std::mem::replace(&mut self.state, State::Closed) {
                 State::ReadingHead => self.read_head(ctx),
@@ -540,8 +541,9 @@ impl Connection {
             is_head: head.is_head(req),
             close: head.close,
             status: 0,
-            method: heapless::Vec::from_slice(&method[..method.len().min(16)]).unwrap_or_default(),
-            path: heapless::Vec::from_slice(&path[..path.len().min(256)]).unwrap_or_default(),
+            method: heapless::Vec::from_slice(&method[..method.len().min(EXCHANGE_METHOD_MAX_BYTES)])
+                .unwrap_or_default(),
+            path: heapless::Vec::from_slice(&path[..path.len().min(EXCHANGE_PATH_MAX_BYTES)]).unwrap_or_default(),
             decision: Decision::Refused,
         });
         ctx.gate.count_request();

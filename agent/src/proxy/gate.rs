@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use crate::http::RequestHead;
 use crate::identity::Caller;
+use crate::limits::{EXCHANGE_METHOD_MAX_BYTES, EXCHANGE_PATH_MAX_BYTES};
 use crate::msp::signing::SigningKey;
 use crate::policy::canonical::AmbiguousTarget;
 use crate::redirect::Endpoint;
@@ -164,9 +165,9 @@ pub struct Exchange {
     /// The status answered; 0 while none (and for an abandoned request).
     pub status: u16,
     /// The request method, cut to fit.
-    pub method: heapless::Vec<u8, 16>,
+    pub method: heapless::Vec<u8, EXCHANGE_METHOD_MAX_BYTES>,
     /// Path without the query (queries can carry secrets), cut to fit.
-    pub path: heapless::Vec<u8, 256>,
+    pub path: heapless::Vec<u8, EXCHANGE_PATH_MAX_BYTES>,
     /// What the checks decided.
     pub decision: Decision,
 }

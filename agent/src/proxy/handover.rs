@@ -11,7 +11,7 @@
 
 use std::net::SocketAddrV4;
 use std::os::fd::AsFd;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mio::net::TcpListener;
 use mio::{Interest, Registry, Token};
@@ -19,10 +19,6 @@ use mio::{Interest, Registry, Token};
 use crate::config::ValidatedConfig;
 use crate::handover::{Offer, PeerEvent, Taker};
 use crate::{clock, logger};
-
-/// How long a taking agent waits for its key latch before it tells the early agent to stop
-/// anyway (the early agent faces the same host, so waiting longer gains nothing).
-const TAKEOVER_READY_WAIT: Duration = Duration::from_secs(10);
 
 /// The listener hand-over in progress, if any.
 #[derive(Debug)]
@@ -52,7 +48,7 @@ pub(crate) enum Advance {
 impl Handover {
     /// Taking over from an early agent whose listener this agent now shares.
     pub(crate) fn taking(taker: Taker, started: Instant) -> Self {
-        Self::Taking { taker, deadline: clock::now() + TAKEOVER_READY_WAIT, started }
+        Self::Taking { taker, deadline: clock::after(clock::now(), crate::limits::TAKEOVER_READY_WAIT_MS), started }
     }
 
     /// Early agent: listen for the agent that will take over (only with pinning, which is

@@ -12,10 +12,6 @@ use crate::clock;
 use crate::http::RequestHead;
 use crate::identity::Caller;
 
-/// Provisioning gives up waiting for the key latch after this long and reports what it has
-/// (§2.2 step 2).
-const PROVISION_TIMEOUT: Duration = Duration::from_secs(120);
-
 const JSON: &[u8] = b"content-type: application/json; charset=utf-8\r\n";
 
 fn empty(status: u16) -> LocalResponse {
@@ -64,7 +60,8 @@ impl Services {
         if keeper_ready {
             self.provision.finished_unix_ns = self.provision.finished_unix_ns.max(self.keeper.ready_at_unix_ns());
         } else if self.provision.finished_unix_ns == 0
-            && now.saturating_duration_since(self.provision.started) >= PROVISION_TIMEOUT
+            && now.saturating_duration_since(self.provision.started)
+                >= Duration::from_millis(crate::limits::PROVISION_TIMEOUT_MS)
         {
             // Finished with whatever is ready: the error message says what is missing.
             self.provision.finished_unix_ns = u64::try_from(clock::wall_now().as_nanos()).unwrap_or(u64::MAX);

@@ -199,7 +199,8 @@ impl EventLoop {
             drop(self.poll.registry().deregister(listener));
             self.accepting = false;
         }
-        let wait_ms = crate::limits::IDLE_TIMEOUT_MS.max(self.config.upstream_timeout_ms) + 1_000;
+        let wait_ms =
+            crate::limits::IDLE_TIMEOUT_MS.max(self.config.upstream_timeout_ms) + crate::limits::DRAIN_GRACE_MS;
         self.handover.drain(successor, self.live, wait_ms, now);
         self.services.draining = true;
     }

@@ -286,7 +286,7 @@ impl Services {
             log::info!(target: "gpa::loop", "authorization rules applied");
             // §4.12: a snapshot of what was applied, keeping the five newest.
             let written = snapshot::write_snapshot(&self.log_dir, clock::wall_now().as_nanos(), &self.policy)
-                .and_then(|_| snapshot::prune_snapshots(&self.log_dir, 5));
+                .and_then(|_| snapshot::prune_snapshots(&self.log_dir, snapshot::SNAPSHOTS_KEPT));
             if let Err(e) = written {
                 log::warn!(target: "gpa::loop", "rules snapshot not written: {e}");
             }

@@ -23,6 +23,7 @@ use super::{EventLoop, HANDOVER_OFFER, LISTENER, SIGNALS, Slot};
 use crate::audit::AuditTrail;
 use crate::config::{CallerIdentity, ValidatedConfig};
 use crate::identity::Resolver;
+use crate::limits::{BIND_ATTEMPTS_AT_START, BIND_RETRY_MS, LISTEN_BACKLOG, START_RETRY_FIRST_MS, START_RETRY_MAX_MS};
 use crate::msp::key_keeper::{KeeperConfig, KeyKeeper};
 use crate::policy::Policy;
 use crate::redirect::{AttachOptions, RedirectError, Redirector, TaskIdentity};
@@ -31,15 +32,6 @@ use crate::sys::SignalFd;
 use crate::telemetry::metadata::OsInfo;
 use crate::telemetry::{Uploader, UploaderConfig};
 use crate::{clock, logger, telemetry};
-
-/// Pending connections the kernel queues for `accept` (see `sys::listen_tcp`).
-const LISTEN_BACKLOG: i32 = 1024;
-/// First wait before a failed start step (the listener's bind, the redirector's attach) is
-/// tried again, and the longest.
-const START_RETRY_FIRST_MS: u64 = 1_000;
-const START_RETRY_MAX_MS: u64 = 30_000;
-/// Binds tried at start (500 ms apart, MSP §5.1) before the listener counts as failed.
-const BIND_ATTEMPTS_AT_START: u32 = 6;
 
 /// Which start step failed (for [`EventLoop::start_step_failed`]).
 #[derive(Debug, Clone, Copy)]
@@ -428,7 +420,7 @@ fn listener_for(
     Ok((bind_listener(config.listen, attempts)?, None, false))
 }
 
-/// Binds `addr`, `attempts` times 500 ms apart.
+/// Binds `addr`, `attempts` times [`BIND_RETRY_MS`] apart.
 fn bind_listener(addr: SocketAddrV4, attempts: u32) -> Result<TcpListener, StartError> {
     // MSP §5.1: a busy port is retried (an old instance may still be exiting).
     let mut last = None;
@@ -438,7 +430,7 @@ fn bind_listener(addr: SocketAddrV4, attempts: u32) -> Result<TcpListener, Start
             Err(e) => last = Some(e),
         }
         if attempt < attempts {
-            std::thread::sleep(Duration::from_millis(500));
+            std::thread::sleep(Duration::from_millis(BIND_RETRY_MS));
         }
     }
     let last = last.unwrap_or_else(|| io::Error::other("bind failed"));

@@ -4,7 +4,7 @@
 //! buckets; buckets older than 4 hours age out and `count` is the sum of the retained ones.
 //!
 //! Two bounded tables, one per report list (`proxyConnectionSummary`,
-//! `failedAuthenticateSummary`), each of [`SUMMARY_KEYS`] keys × [`BUCKETS`] buckets. A key
+//! `failedAuthenticateSummary`), each of [`SUMMARY_KEYS`] keys × [`SUMMARY_BUCKETS`] buckets. A key
 //! whose buckets have all aged out is dropped; when a table is full of live keys, the key seen
 //! least recently is evicted (and counted) to make room. Time is passed in (Unix seconds), so
 //! tests choose any instant and nothing here reads a clock.
@@ -16,18 +16,12 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use heapless::{String, Vec};
 
 use crate::identity::{Caller, Name};
-use crate::limits::{EXE_PATH_MAX_BYTES, GROUPS_PER_USER, NAME_MAX_BYTES};
+use crate::limits::{
+    EXE_PATH_MAX_BYTES, GROUPS_PER_USER, NAME_MAX_BYTES, SUMMARY_BUCKET_SECS, SUMMARY_BUCKETS, SUMMARY_KEYS,
+};
 
-/// Keys per table: a VM has a handful of metadata callers (agents, cloud-init, a few
-/// scripts), each with a few outcomes; 64 live keys × 16 buckets of 15 min cover 4 h of a busy
-/// VM, and a table costs about 64 × 2.3 KiB on the heap.
-pub const SUMMARY_KEYS: usize = 64;
-/// Width of one bucket (MSP §6.3: 15 minutes).
-pub const BUCKET_SECS: u64 = 15 * 60;
-/// Buckets per key: 16 × 15 min = the 4 h retention of MSP §6.3.
-pub const BUCKETS: usize = 16;
-/// How long a request is counted: [`BUCKETS`] × [`BUCKET_SECS`] = 4 h.
-pub const RETENTION_SECS: u64 = BUCKET_SECS * BUCKETS as u64;
+/// How long a request is counted: [`SUMMARY_BUCKETS`] × [`SUMMARY_BUCKET_SECS`] = 4 h.
+pub const RETENTION_SECS: u64 = SUMMARY_BUCKET_SECS * SUMMARY_BUCKETS as u64;
 /// Command line kept per key, after secret redaction (MSP §7.4): the identity layer keeps
 /// 256 bytes, and a redacted line can grow a little (`a=b` becomes `[REDACTED]`).
 pub const CMDLINE_SUMMARY_MAX_BYTES: usize = 384;
@@ -167,29 +161,29 @@ fn lossy<const N: usize>(bytes: &[u8]) -> String<N> {
 /// Requests of one key in one 15-minute bucket.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Bucket {
-    /// `unix_s / BUCKET_SECS`.
+    /// `unix_s / SUMMARY_BUCKET_SECS`.
     number: u64,
     requests: u32,
 }
 
-/// One key with its buckets (a ring indexed by bucket number modulo [`BUCKETS`]).
+/// One key with its buckets (a ring indexed by bucket number modulo [`SUMMARY_BUCKETS`]).
 #[derive(Clone, Debug)]
 struct Entry {
     key: Key,
     /// Groups of the latest request (not part of the key: MSP §6.3).
     user_groups: Option<Vec<Name, GROUPS_PER_USER>>,
-    buckets: [Bucket; BUCKETS],
+    buckets: [Bucket; SUMMARY_BUCKETS],
     last_seen_s: u64,
 }
 
 fn bucket_number(unix_s: u64) -> u64 {
-    unix_s / BUCKET_SECS
+    unix_s / SUMMARY_BUCKET_SECS
 }
 
-/// A bucket is retained while it is one of the [`BUCKETS`] newest ones (the current bucket
+/// A bucket is retained while it is one of the [`SUMMARY_BUCKETS`] newest ones (the current bucket
 /// and the 15 before it). A bucket from the future (the wall clock stepped back) is kept.
 fn retained(bucket: Bucket, current: u64) -> bool {
-    bucket.requests > 0 && bucket.number.saturating_add(BUCKETS as u64) > current
+    bucket.requests > 0 && bucket.number.saturating_add(SUMMARY_BUCKETS as u64) > current
 }
 
 impl Entry {
@@ -198,7 +192,7 @@ impl Entry {
     }
 
     fn bump(&mut self, current: u64) -> bool {
-        let slot = &mut self.buckets[usize::try_from(current % BUCKETS as u64).unwrap_or(0)];
+        let slot = &mut self.buckets[usize::try_from(current % SUMMARY_BUCKETS as u64).unwrap_or(0)];
         let fresh = slot.number != current || slot.requests == 0;
         if fresh {
             *slot = Bucket { number: current, requests: 0 };
@@ -249,7 +243,7 @@ impl SummaryTable {
         let mut entry = Entry {
             key,
             user_groups: groups_of(rec.user_groups),
-            buckets: [Bucket::default(); BUCKETS],
+            buckets: [Bucket::default(); SUMMARY_BUCKETS],
             last_seen_s: now_unix_s,
         };
         entry.bump(current);
@@ -430,7 +424,7 @@ impl core::fmt::Display for StatusText {
 mod tests {
     use super::*;
 
-    const T0: u64 = 1_784_000_000 / BUCKET_SECS * BUCKET_SECS; // a bucket boundary
+    const T0: u64 = 1_784_000_000 / SUMMARY_BUCKET_SECS * SUMMARY_BUCKET_SECS; // a bucket boundary
 
     fn rec(user: &str, status: u16) -> SummaryRecord<'_> {
         SummaryRecord {
@@ -492,10 +486,10 @@ mod tests {
         let mut s = Summaries::new();
         let k = SummaryKind::ProxyConnection;
         assert!(s.record(k, &rec("a", 200), T0).first_in_bucket);
-        assert!(!s.record(k, &rec("a", 200), T0 + BUCKET_SECS - 1).first_in_bucket);
+        assert!(!s.record(k, &rec("a", 200), T0 + SUMMARY_BUCKET_SECS - 1).first_in_bucket);
         // The next bucket starts: first record again.
-        assert!(s.record(k, &rec("a", 200), T0 + BUCKET_SECS).first_in_bucket);
-        assert_eq!(counts(&s, k, T0 + BUCKET_SECS), [("a".into(), 3)]);
+        assert!(s.record(k, &rec("a", 200), T0 + SUMMARY_BUCKET_SECS).first_in_bucket);
+        assert_eq!(counts(&s, k, T0 + SUMMARY_BUCKET_SECS), [("a".into(), 3)]);
         // The ring slot of T0 is reused 4 h later: the old count is replaced, not added.
         s.record(k, &rec("a", 200), T0 + RETENTION_SECS);
         assert_eq!(counts(&s, k, T0 + RETENTION_SECS), [("a".into(), 2)]);
