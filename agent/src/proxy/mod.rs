@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! mod.rs         accept: the kernel's record of the connect, fair shares, a table slot
-//! connection.rs  read the head; checks in MSP §5.4 order; read the body; relay the response
+//! connection/    the state machine: request.rs (head, MSP §5.4 checks, body), forward.rs
+//!                (endorse, connect, send), response.rs (relay, the proxy's own answers)
 //! gate.rs        what a connection may ask: the trait, and the request's types
 //! services.rs    the real gate: authorize, endorse, account (summaries, audit), shares
 //! local.rs       the endpoints the listener answers itself (/provision, ...)
@@ -14,6 +15,8 @@
 //! shares.rs      per-uid and per-cgroup caps
 //! startup.rs     bind, attach, harden, and the retries of a failed start step
 //! handover.rs    passing the listener from the early agent to its successor
+//! scripted.rs    a connection driven by a byte script (fuzzing and its seeds; not built
+//!                into the agent)
 //! ```
 //!
 //! Event sources, each with a reserved token: the listener, the signalfd (SIGTERM, SIGINT,
