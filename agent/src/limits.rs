@@ -68,6 +68,13 @@ pub const UPSTREAM_CONNECT_TIMEOUT_MS: u64 = 5_000;
 /// Default time the upstream has to send a complete response head (answer: `504`) and, after
 /// that, the longest gap allowed between response bytes (config `upstreamTimeoutMs`).
 pub const UPSTREAM_RESPONSE_TIMEOUT_MS: u64 = 30_000;
+/// Idle upstream connections kept for the next client connection (issue 17), over all
+/// destinations: well inside [`FD_RESERVE`].
+pub const UPSTREAM_POOL_MAX: usize = 16;
+/// Longest an idle upstream connection is kept: shorter than any host keep-alive timeout we
+/// know of, so the host rarely closes one under us (a stale one is retried, idempotent
+/// requests only).
+pub const UPSTREAM_POOL_IDLE_MS: u64 = 4_000;
 /// Time a keep-alive connection may sit idle between requests.
 pub const IDLE_TIMEOUT_MS: u64 = 60_000;
 /// Time a response may take to drain to a slow client.
@@ -273,6 +280,8 @@ const _: () = assert!(UPSTREAM_HEADERS_MAX == MAX_HEADERS + 3);
 const _: () = assert!(START_RETRY_FIRST_MS < START_RETRY_MAX_MS);
 // The telemetry queue's byte budget holds the 64 longest messages.
 const _: () = assert!(TELEMETRY_QUEUE_BYTES >= 64 * TELEMETRY_MESSAGE_MAX_BYTES);
+// The pooled upstreams fit in the descriptors beyond the table's.
+const _: () = assert!((UPSTREAM_POOL_MAX as u64) < FD_RESERVE / 2);
 
 #[cfg(test)]
 mod tests {

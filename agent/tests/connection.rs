@@ -50,6 +50,8 @@ struct FakeGate {
     bodies_out: usize,
     upstreams_out: usize,
     fail_connect: bool,
+    /// Upstreams parked by ended connections, handed to the next connect.
+    idle: Vec<TcpStream>,
     held: usize,
     requests: u64,
     signed: u64,
@@ -69,6 +71,7 @@ impl FakeGate {
             bodies_out: 0,
             upstreams_out: 0,
             fail_connect: false,
+            idle: Vec::new(),
             held: 0,
             requests: 0,
             signed: 0,
@@ -164,13 +167,20 @@ impl Gate for FakeGate {
         self.upstreams_out -= 1;
     }
 
-    fn connect(&mut self, _: &Route) -> std::io::Result<TcpStream> {
+    fn connect(&mut self, _: &Route, fresh: bool, _: Instant) -> std::io::Result<(TcpStream, bool)> {
+        if !fresh && let Some(idle) = self.idle.pop() {
+            return Ok((idle, true));
+        }
         if self.fail_connect {
             return Err(std::io::Error::from(ErrorKind::ConnectionRefused));
         }
         let s = TcpStream::connect(self.upstream)?;
         s.set_nonblocking(true)?;
-        Ok(s)
+        Ok((s, false))
+    }
+
+    fn park_upstream(&mut self, _: &Route, stream: TcpStream, _: Instant) {
+        self.idle.push(stream);
     }
 
     fn record(&mut self, _: Option<&Caller>, _: SocketAddrV4, exchange: &Exchange, _: Instant) {
@@ -185,6 +195,9 @@ enum Host {
     Answer(&'static [u8]),
     /// Answers the first request, then closes without saying so (a stale keep-alive).
     AnswerOnceThenClose(&'static [u8]),
+    /// Answers the first request, then reads the next one and closes without an answer (the
+    /// host closed an idle connection just as the request reached it).
+    AnswerOnceThenDropNext(&'static [u8]),
     /// Reads and never answers.
     Silent,
 }
@@ -229,6 +242,7 @@ fn fake_host(host: Host) -> (SocketAddrV4, Receiver<(usize, Vec<u8>)>) {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 let mut pending = Vec::new();
+                let mut first = true;
                 while let Some(request) = read_request(&mut s, &mut pending) {
                     if tx.send((n, request)).is_err() {
                         return;
@@ -239,6 +253,11 @@ fn fake_host(host: Host) -> (SocketAddrV4, Receiver<(usize, Vec<u8>)>) {
                             drop(s.write_all(r));
                             return;
                         }
+                        Host::AnswerOnceThenDropNext(r) if first => {
+                            drop(s.write_all(r));
+                            first = false;
+                        }
+                        Host::AnswerOnceThenDropNext(_) => return,
                         Host::Silent => {}
                     }
                 }
@@ -305,6 +324,26 @@ impl Rig {
         }
     }
 
+    /// Ends the client connection as the loop would (its parked upstream goes to the gate's
+    /// pool) and opens a new one from the same caller, through the same gate.
+    fn reconnect(&mut self, caller: Option<Caller>) {
+        if let Some(conn) = self.conn.take() {
+            let bufs = conn.close(&mut self.gate, self.poll.registry(), gpa::clock::now());
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            self.client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+            self.client.set_nonblocking(true).expect("nonblocking");
+            let (accepted, peer) = listener.accept().expect("accept");
+            accepted.set_nonblocking(true).expect("nonblocking");
+            let std::net::SocketAddr::V4(peer) = peer else { unreachable!("v4") };
+            let mut stream = mio::net::TcpStream::from_std(accepted);
+            let interest = mio::Interest::READABLE | mio::Interest::WRITABLE;
+            self.poll.registry().register(&mut stream, CLIENT, interest).expect("reg");
+            self.conn = Some(Connection::new(stream, peer, caller, bufs, gpa::clock::now()));
+            self.seen.clear();
+            self.closed = None;
+        }
+    }
+
     fn send(&mut self, bytes: &[u8]) {
         self.client.write_all(bytes).expect("client write");
     }
@@ -315,7 +354,7 @@ impl Rig {
         let next = if timed_out { conn.on_timeout(&mut ctx) } else { conn.drive(&mut ctx) };
         if let Next::Close(reason) = next {
             let conn = self.conn.take().expect("open");
-            let _slot_buffers = conn.close(&mut self.gate, self.poll.registry());
+            let _slot_buffers = conn.close(&mut self.gate, self.poll.registry(), gpa::clock::now());
             self.closed = Some(reason);
             // The client sees the end of the connection.
         }
@@ -371,7 +410,7 @@ impl Rig {
     /// Ends the connection (as the loop would) and checks every loan came back.
     fn finish(mut self) -> FakeGate {
         if let Some(conn) = self.conn.take() {
-            let _slot_buffers = conn.close(&mut self.gate, self.poll.registry());
+            let _slot_buffers = conn.close(&mut self.gate, self.poll.registry(), gpa::clock::now());
         }
         assert_eq!((self.gate.bodies_out, self.gate.upstreams_out), (0, 0), "body buffers and upstreams given back");
         self.gate
@@ -504,12 +543,13 @@ fn a_stale_kept_alive_upstream_is_retried_once_on_a_fresh_connection() {
 }
 
 #[test]
-fn a_body_sent_on_a_stale_upstream_is_replayed_whole_on_the_fresh_one() {
+fn an_upstream_the_host_closed_meanwhile_is_not_used() {
+    // The host's close is seen before the request is sent (a peek): a fresh connection.
     let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
     let mut rig = Rig::new(Host::AnswerOnceThenClose(ok), Some(caller(0)));
     rig.send(IMDS_GET);
     assert_eq!(rig.responses(1)[0].status, 200);
-    drop(rig.upstream_request());
+    let (first, _) = rig.upstream_request();
     std::thread::sleep(Duration::from_millis(50));
     let body = "<Health><State>Ready</State></Health>";
     rig.send(
@@ -520,10 +560,63 @@ fn a_body_sent_on_a_stale_upstream_is_replayed_whole_on_the_fresh_one() {
         .as_bytes(),
     );
     let r = rig.responses(2);
-    assert_eq!(r[1].status, 200, "the retry carried the body: {r:?}");
-    let (_, up) = rig.upstream_request();
-    assert!(up.ends_with(body), "{up}");
+    assert_eq!(r[1].status, 200, "{r:?}");
+    let (second, up) = rig.upstream_request();
+    assert!(up.ends_with(body) && first != second, "{up}");
     rig.finish();
+}
+
+#[test]
+fn a_request_the_host_dropped_is_sent_again_only_if_idempotent() {
+    // The host takes the request on its idle connection and closes without answering. A GET
+    // or a PUT (with its body) is sent again once, on a fresh connection; a POST is not (the
+    // host may have acted on it): 502, as nginx does.
+    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    let body = "log line";
+    let put = format!("PUT /vmAgentLog?x=1 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let post = format!("POST /machine?comp=health HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    for (request, status, resent) in
+        [(IMDS_GET.to_vec(), 200, true), (put.into_bytes(), 200, true), (post.into_bytes(), 502, false)]
+    {
+        let mut rig = Rig::new(Host::AnswerOnceThenDropNext(ok), Some(caller(0)));
+        rig.send(IMDS_GET);
+        assert_eq!(rig.responses(1)[0].status, 200);
+        let (first, _) = rig.upstream_request();
+        rig.send(&request);
+        let r = rig.responses(2);
+        let what = String::from_utf8_lossy(&request).into_owned();
+        assert_eq!(r[1].status, status, "{what}");
+        let (dropped, _) = rig.upstream_request();
+        assert_eq!(dropped, first, "the request reached the idle connection first");
+        if resent {
+            let (again, up) = rig.upstream_request();
+            assert_ne!(again, first, "{what}");
+            let method = &what[..what.find(' ').expect("method")];
+            assert!(up.starts_with(method) && (what.ends_with("\r\n\r\n") || up.ends_with(body)), "whole again: {up}");
+        } else {
+            assert!(rig.host.recv_timeout(Duration::from_millis(200)).is_err(), "{what} was sent again");
+        }
+        rig.finish();
+    }
+}
+
+#[test]
+fn a_new_connection_reuses_the_upstream_the_last_one_left() {
+    let mut rig = Rig::new(Host::Answer(OK_JSON), Some(caller(1000)));
+    rig.send(IMDS_GET);
+    assert_eq!(rig.responses(1)[0].status, 200);
+    let (first, _) = rig.upstream_request();
+    // Another caller's connection: the idle upstream serves it (each request is endorsed on
+    // its own), with its own claims.
+    rig.reconnect(Some(caller(0)));
+    rig.send(IMDS_GET);
+    assert_eq!(rig.responses(1)[0].status, 200);
+    let (second, up) = rig.upstream_request();
+    assert_eq!(first, second, "the pooled upstream");
+    assert!(up.contains("x-ms-azure-host-claims: { \"isRoot\": \"true\"}"), "{up}");
+    let gate = rig.finish();
+    assert_eq!(gate.idle.len(), 1, "parked again at the end");
+    assert_eq!(gate.decisions(), [(200, "allow"), (200, "allow")]);
 }
 
 #[test]

@@ -56,8 +56,45 @@ fn imds_request_is_redirected_signed_and_attributed() {
     let seen = last_data_request(&e);
     assert_eq!(seen["signature"], "valid", "{seen}");
     assert_eq!(seen["endpoint"], "imds");
-    // The host saw the agent's socket, not the client's: the peer is the agent's own connect.
-    assert!(seen["peer"].as_str().unwrap_or("").starts_with("169.254.169.254:") || seen["peer"].as_str().is_some());
+}
+
+/// A caller that opens a connection per request (curl) does not cost a new connection to the
+/// host each time: the agent keeps the idle upstream (issue 17), for any caller, each request
+/// still signed with its own caller's claims.
+#[test]
+fn new_client_connections_reuse_an_idle_upstream_and_each_request_is_still_signed_as_its_own() {
+    require_privileged!();
+    let e = env("pool", "enforce");
+    let nobody = As { ids: Some((65534, 65534)), cgroup: Some(&e.cg) };
+    let callers = [root_in(&e.cg), nobody, root_in(&e.cg)];
+    for who in callers {
+        let (status, text) = curl(&e.ns, who, &["-H", "Metadata: true", IMDS]);
+        assert_eq!(status, 200, "{text}\n{}", e.agent.log());
+    }
+    let seen: Vec<serde_json::Value> = e
+        .host
+        .requests(&e.ns)
+        .into_iter()
+        .filter(|r| r["target"].as_str().is_some_and(|t| t.starts_with("/metadata")))
+        .collect();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    let peers: Vec<&str> = seen.iter().map(|r| r["peer"].as_str().unwrap_or("")).collect();
+    assert!(
+        peers.iter().all(|p| *p == peers[0] && !p.is_empty()),
+        "one upstream connection for three clients: {peers:?}"
+    );
+    let claims: Vec<String> = seen
+        .iter()
+        .map(|r| {
+            assert_eq!(r["signature"], "valid", "{r}");
+            let h = r["headers"].as_array().expect("headers");
+            h.iter().find(|h| h[0] == "x-ms-azure-host-claims").map(|h| h[1].to_string()).unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(
+        claims,
+        [r#""{ \"isRoot\": \"true\"}""#, r#""{ \"isRoot\": \"false\"}""#, r#""{ \"isRoot\": \"true\"}""#]
+    );
 }
 
 #[test]

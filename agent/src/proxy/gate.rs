@@ -54,8 +54,13 @@ pub trait Gate {
     fn take_upstream(&mut self, route: &Route) -> bool;
     /// Returns a share from [`Gate::take_upstream`].
     fn give_back_upstream(&mut self, route: &Route);
-    /// Starts a non-blocking connect to the route's destination, exempt from the redirect.
-    fn connect(&mut self, route: &Route) -> io::Result<std::net::TcpStream>;
+    /// An upstream connection to the route's destination, exempt from the redirect: an idle
+    /// one kept from an earlier exchange (`true`: it may have gone stale) unless `fresh` is
+    /// asked, else a new non-blocking connect (`false`).
+    fn connect(&mut self, route: &Route, fresh: bool, now: Instant) -> io::Result<(std::net::TcpStream, bool)>;
+    /// Takes back an idle upstream whose last exchange ended cleanly, for the next request to
+    /// the same destination from any caller (or closes it).
+    fn park_upstream(&mut self, route: &Route, stream: std::net::TcpStream, now: Instant);
     /// Accounts one answered (or abandoned) request: counters, summaries, the audit trail.
     fn record(&mut self, caller: Option<&Caller>, peer: SocketAddrV4, exchange: &Exchange, now: Instant);
 }

@@ -11,6 +11,7 @@
 //! services.rs    the real gate: authorize, endorse, account (summaries, audit), shares
 //! local.rs       the endpoints the listener answers itself (/provision, ...)
 //! upstream.rs    the upstream request head, written and signed header by header
+//! upstream_pool.rs  idle upstream connections kept between client connections
 //! body_pool.rs   the shared request body buffers
 //! shares.rs      per-uid and per-cgroup caps
 //! startup.rs     bind, attach, harden, and the retries of a failed start step
@@ -36,6 +37,7 @@ mod services;
 mod shares;
 pub mod startup;
 pub mod upstream;
+pub(crate) mod upstream_pool;
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, SocketAddrV4};
@@ -493,7 +495,7 @@ impl EventLoop {
         log::debug!(target: "gpa::proxy", "connection closed: slot={index} reason={reason:?}");
         // Its body buffer and upstream go back through the gate; its slot here.
         let owner = conn.owner();
-        let bufs = conn.close(&mut self.services, self.poll.registry());
+        let bufs = conn.close(&mut self.services, self.poll.registry(), clock::now());
         match owner {
             None => self.no_identity_live = self.no_identity_live.saturating_sub(1),
             Some((uid, cgroup)) => self.services.shares.give_back(uid, cgroup, Resource::Connection),
@@ -509,6 +511,7 @@ impl EventLoop {
     }
 
     fn expire(&mut self, now: Instant) {
+        self.services.upstream_pool.expire(now);
         if self.accept_retry.is_some_and(|t| t <= now) && self.accepting {
             self.accept_retry = None;
             self.accept_all(now);

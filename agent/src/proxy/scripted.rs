@@ -23,6 +23,11 @@ use crate::identity::Caller;
 use crate::msp::signing::{self, SigningKey};
 use crate::redirect::CallerRecord;
 
+std::thread_local! {
+    /// The slot buffers of the last run, for the next.
+    static SLOT: std::cell::RefCell<Option<Buffers>> = const { std::cell::RefCell::new(None) };
+}
+
 /// A gate whose answers come from the script's first byte.
 #[derive(Debug)]
 struct ScriptedGate {
@@ -36,6 +41,8 @@ struct ScriptedGate {
     lent_bodies: usize,
     lent_upstreams: usize,
     fail_connect: bool,
+    /// Upstreams parked between connections (reused by a later run's connect: none here).
+    idle: Vec<TcpStream>,
     requests: u64,
     recorded: u64,
 }
@@ -115,13 +122,20 @@ impl Gate for ScriptedGate {
         self.lent_upstreams -= 1;
     }
 
-    fn connect(&mut self, _: &Route) -> io::Result<TcpStream> {
+    fn connect(&mut self, _: &Route, fresh: bool, _: Instant) -> io::Result<(TcpStream, bool)> {
+        if !fresh && let Some(idle) = self.idle.pop() {
+            return Ok((idle, true));
+        }
         if self.fail_connect {
             return Err(io::Error::from(ErrorKind::ConnectionRefused));
         }
         let stream = TcpStream::connect(self.upstream)?;
         stream.set_nonblocking(true)?;
-        Ok(stream)
+        Ok((stream, false))
+    }
+
+    fn park_upstream(&mut self, _: &Route, stream: TcpStream, _: Instant) {
+        self.idle.push(stream);
     }
 
     fn record(&mut self, _: Option<&Caller>, _: SocketAddrV4, _: &Exchange, _: Instant) {
@@ -169,6 +183,7 @@ pub fn run(script: &[u8]) -> (u64, u64) {
         bodies_left: usize::from(setup & 0x20 == 0),
         upstreams_left: usize::from(setup & 0x40 == 0) * 2,
         fail_connect: setup == 0xff,
+        idle: Vec::new(),
         lent_bodies: 0,
         lent_upstreams: 0,
         requests: 0,
@@ -182,12 +197,14 @@ pub fn run(script: &[u8]) -> (u64, u64) {
         record.orig_port = upstream.port().to_be();
         Caller { record, exe: None, cmdline: heapless::Vec::new(), user: None, groups: heapless::Vec::new() }
     });
-    let bufs = Buffers::arena(1).pop().expect("one slot");
+    // One slot's buffers, reused from run to run (the arena is never freed, by design).
+    let bufs = SLOT.with(|slot| slot.borrow_mut().take()).unwrap_or_else(|| Buffers::arena(1).pop().expect("one slot"));
     let mut now = crate::clock::now();
     let mut conn = Some(Connection::new(stream, peer, caller, bufs, now));
     let mut hosts: Vec<TcpStream> = Vec::new();
     let mut events = Events::with_capacity(8);
     let mut sink = [0u8; 16 * 1024];
+    let mut slot_buffers = None;
 
     while let Some((&op, rest)) = steps.split_first() {
         steps = rest;
@@ -221,7 +238,7 @@ pub fn run(script: &[u8]) -> (u64, u64) {
             if let Next::Close(_) = next
                 && let Some(ended) = conn.take()
             {
-                let _slot_buffers = ended.close(&mut gate, poll.registry());
+                slot_buffers = Some(ended.close(&mut gate, poll.registry(), now));
             }
         }
         // What the connection sent goes nowhere; new upstream connections are the host's.
@@ -243,8 +260,9 @@ pub fn run(script: &[u8]) -> (u64, u64) {
         }
     }
     if let Some(ended) = conn.take() {
-        let _slot_buffers = ended.close(&mut gate, poll.registry());
+        slot_buffers = Some(ended.close(&mut gate, poll.registry(), now));
     }
+    SLOT.with(|slot| *slot.borrow_mut() = slot_buffers);
     assert_eq!((gate.lent_bodies, gate.lent_upstreams), (0, 0), "every loan comes back");
     assert!(gate.recorded <= gate.requests, "at most one record per request");
     (gate.requests, gate.recorded)

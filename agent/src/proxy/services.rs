@@ -13,6 +13,7 @@ use std::time::Instant;
 use super::body_pool::BodyPool;
 use super::gate::{Decision, Endorse, Exchange, Gate, LocalResponse, Route, Verdict};
 use super::shares::{Resource, Shares};
+use super::upstream_pool::UpstreamPool;
 use crate::audit::{AuditRecord, AuditTrail};
 use crate::clock;
 use crate::http::RequestHead;
@@ -57,6 +58,8 @@ pub(crate) struct Stats {
 #[derive(Debug)]
 pub(crate) struct Services {
     pub(crate) pool: BodyPool,
+    /// Idle upstream connections between client connections (issue 17).
+    pub(crate) upstream_pool: UpstreamPool,
     pub(crate) agent_mark: u32,
     /// Time the upstream has for its response head, and the longest gap inside a response.
     pub(crate) upstream_timeout_ms: u64,
@@ -405,8 +408,15 @@ impl Gate for Services {
         self.shares.give_back(route.uid, route.cgroup, Resource::Upstream);
     }
 
-    fn connect(&mut self, route: &Route) -> io::Result<std::net::TcpStream> {
-        crate::sys::connect_marked(route.destination, self.agent_mark)
+    fn connect(&mut self, route: &Route, fresh: bool, now: Instant) -> io::Result<(std::net::TcpStream, bool)> {
+        if !fresh && let Some(idle) = self.upstream_pool.take(route.destination, now) {
+            return Ok((idle, true));
+        }
+        crate::sys::connect_marked(route.destination, self.agent_mark).map(|s| (s, false))
+    }
+
+    fn park_upstream(&mut self, route: &Route, stream: std::net::TcpStream, now: Instant) {
+        self.upstream_pool.put(route.destination, stream, now);
     }
 
     fn record(&mut self, caller: Option<&Caller>, peer: SocketAddrV4, exchange: &Exchange, now: Instant) {

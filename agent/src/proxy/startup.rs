@@ -19,6 +19,7 @@ use super::connection::Buffers;
 use super::handover::Handover;
 use super::services::{Provision, Services, StartStep, Stats};
 use super::shares::Shares;
+use super::upstream_pool::UpstreamPool;
 use super::{EventLoop, HANDOVER_OFFER, LISTENER, SIGNALS, Slot};
 use crate::audit::AuditTrail;
 use crate::config::{CallerIdentity, ValidatedConfig};
@@ -172,6 +173,7 @@ impl EventLoop {
             spare_fd: std::fs::File::open("/dev/null").ok(),
             services: Services {
                 pool: BodyPool::new(),
+                upstream_pool: UpstreamPool::default(),
                 agent_mark: config.agent_mark,
                 upstream_timeout_ms: config.upstream_timeout_ms,
                 stats: Stats::default(),

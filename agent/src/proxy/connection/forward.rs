@@ -9,7 +9,7 @@ use mio::Interest;
 use mio::net::TcpStream;
 
 use super::body::{Outgoing, Streamed};
-use super::state::{Connection, Ctx, Sending, State, Step, Upstream, drop_upstream};
+use super::state::{Connection, Ctx, Sending, State, Step, Upstream, drop_upstream, park_upstream, still_clean};
 use crate::clock;
 use crate::http::RequestHead;
 use crate::limits::{KEY_LATCH_HOLD_MS, STREAMED_BODY_IDLE_TIMEOUT_MS, UPSTREAM_CONNECT_TIMEOUT_MS};
@@ -69,32 +69,46 @@ impl Connection {
         // The head is serialised; what follows it in the buffer is the next pipelined request.
         self.consume_head(head.head_len);
         let streamed = matches!(body, Outgoing::Streamed(_));
-        let send = Sending { up_len, up_sent: 0, body, body_sent: 0 };
+        let idempotent = matches!(head.method(&self.bufs.req[..]), b"GET" | b"HEAD" | b"OPTIONS" | b"PUT" | b"DELETE");
+        let send = Sending { idempotent, up_len, up_sent: 0, body, body_sent: 0 };
         match self.parked.take() {
             // A streamed body cannot be replayed, so a kept-alive upstream the host may have
-            // closed meanwhile is not risked: it goes up on a fresh connection.
+            // closed meanwhile is not risked: it goes up on a fresh connection (the parked
+            // one to the pool). One the host closed already (or that holds stray bytes) goes.
             Some(up) if streamed => {
-                drop_upstream(ctx.gate, ctx.registry, up);
-                self.connect_upstream(ctx, route, send)
+                park_upstream(ctx.gate, ctx.registry, up, ctx.now);
+                self.connect_upstream(ctx, route, send, true)
             }
-            Some(mut up) => {
+            Some(mut up) if still_clean(&up.stream) => {
                 up.reused = true;
                 self.set_state(State::SendingRequest { up, send }, ctx.gate.upstream_timeout_ms(), ctx.now);
                 Step::Progress
             }
-            None => self.connect_upstream(ctx, route, send),
+            Some(up) => {
+                drop_upstream(ctx.gate, ctx.registry, up);
+                self.connect_upstream(ctx, route, send, false)
+            }
+            None => self.connect_upstream(ctx, route, send, streamed),
         }
     }
 
-    pub(super) fn connect_upstream<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>, route: Route, send: Sending) -> Step {
+    /// Takes an upstream for `send`: from the pool, unless `fresh` (a streamed body, which
+    /// cannot be replayed, or the retry of a stale one), else a new connect.
+    pub(super) fn connect_upstream<G: Gate>(
+        &mut self,
+        ctx: &mut Ctx<'_, G>,
+        route: Route,
+        send: Sending,
+        fresh: bool,
+    ) -> Step {
         // One uid's requests in flight to the hosts are bounded: its slow upstreams cannot
         // hold every descriptor and connection the others need.
         if !ctx.gate.take_upstream(&route) {
             send.body.give_back(ctx.gate);
             return self.fail(ctx, 503);
         }
-        let mut stream = match ctx.gate.connect(&route) {
-            Ok(s) => TcpStream::from_std(s),
+        let (mut stream, reused) = match ctx.gate.connect(&route, fresh, ctx.now) {
+            Ok((s, reused)) => (TcpStream::from_std(s), reused),
             Err(e) => {
                 ctx.gate.give_back_upstream(&route);
                 log::warn!(target: "gpa::proxy", "upstream connect failed: destination={} error={e}", route.destination);
@@ -102,7 +116,7 @@ impl Connection {
                 return self.fail(ctx, 502);
             }
         };
-        if let Err(e) = stream.set_nodelay(true) {
+        if !reused && let Err(e) = stream.set_nodelay(true) {
             log::debug!(target: "gpa::proxy", "TCP_NODELAY not set upstream: {e}");
         }
         if ctx.registry.register(&mut stream, ctx.upstream_token, Interest::READABLE | Interest::WRITABLE).is_err() {
@@ -110,8 +124,13 @@ impl Connection {
             send.body.give_back(ctx.gate);
             return self.fail(ctx, 502);
         }
-        let up = Upstream { stream, route, reused: false };
-        self.set_state(State::Connecting { up, send }, UPSTREAM_CONNECT_TIMEOUT_MS, ctx.now);
+        let up = Upstream { stream, route, reused };
+        if reused {
+            // Connected long ago: straight to sending.
+            self.set_state(State::SendingRequest { up, send }, ctx.gate.upstream_timeout_ms(), ctx.now);
+        } else {
+            self.set_state(State::Connecting { up, send }, UPSTREAM_CONNECT_TIMEOUT_MS, ctx.now);
+        }
         Step::Progress
     }
 
@@ -259,10 +278,10 @@ impl Connection {
         let (route, reused) = (up.route, up.reused);
         drop_upstream(ctx.gate, ctx.registry, up);
         match replay {
-            Some(mut send) if reused && self.resp_len == 0 => {
+            Some(mut send) if reused && self.resp_len == 0 && send.idempotent => {
                 send.up_sent = 0;
                 send.body_sent = 0;
-                self.connect_upstream(ctx, route, send)
+                self.connect_upstream(ctx, route, send, true)
             }
             Some(send) => {
                 send.body.give_back(ctx.gate);

@@ -6,7 +6,8 @@
 use std::io::{self, Write};
 
 use super::state::{
-    CloseReason, Connection, Ctx, Remaining, Sending, State, Step, Upstream, drop_upstream, read_some, release,
+    CloseReason, Connection, Ctx, Remaining, Sending, State, Step, Upstream, drop_upstream, park_upstream, read_some,
+    release,
 };
 use crate::clock;
 use crate::http::{ChunkedDecoder, ResponseFraming, ResponseHead};
@@ -277,7 +278,7 @@ impl Connection {
         let ended = std::mem::replace(&mut self.state, State::Closed);
         release(ctx.gate, ctx.registry, ended);
         if close && let Some(up) = self.parked.take() {
-            drop_upstream(ctx.gate, ctx.registry, up);
+            park_upstream(ctx.gate, ctx.registry, up, ctx.now);
         }
         self.set_state(State::WritingLocal { close }, CLIENT_WRITE_TIMEOUT_MS, ctx.now);
     }

@@ -49,6 +49,8 @@ pub(super) struct Upstream {
 /// The serialised request on its way up: the head in the slot's `up` buffer, then the body.
 #[derive(Debug)]
 pub(super) struct Sending {
+    /// Safe to send again if the upstream turns out stale (RFC 9110 §9.2.2).
+    pub(super) idempotent: bool,
     pub(super) up_len: usize,
     pub(super) up_sent: usize,
     pub(super) body: Outgoing,
@@ -195,12 +197,12 @@ impl Connection {
 
     /// Ends the connection: every body buffer and upstream it holds goes back through the
     /// gate, and the slot's buffers come back for the next connection.
-    pub fn close<G: Gate>(mut self, gate: &mut G, registry: &Registry) -> Buffers {
+    pub fn close<G: Gate>(mut self, gate: &mut G, registry: &Registry, now: Instant) -> Buffers {
         drop(registry.deregister(&mut self.client));
         let state = std::mem::replace(&mut self.state, State::Closed);
         release(gate, registry, state);
         if let Some(up) = self.parked.take() {
-            drop_upstream(gate, registry, up);
+            park_upstream(gate, registry, up, now);
         }
         self.bufs
     }
@@ -253,6 +255,18 @@ pub(super) fn release<G: Gate>(gate: &mut G, registry: &Registry, state: State) 
         State::StreamingBody { up, .. } | State::Relaying { up, .. } => drop_upstream(gate, registry, up),
         State::ReadingHead | State::WritingLocal { .. } | State::Closed => {}
     }
+}
+
+/// Nothing waits on an idle upstream: no close, no stray bytes.
+pub(super) fn still_clean(stream: &TcpStream) -> bool {
+    crate::proxy::upstream_pool::is_clean(stream.peek(&mut [0u8; 1]))
+}
+
+/// An idle upstream after a clean exchange goes to the gate's pool, its share back.
+pub(super) fn park_upstream<G: Gate>(gate: &mut G, registry: &Registry, mut up: Upstream, now: Instant) {
+    drop(registry.deregister(&mut up.stream));
+    gate.give_back_upstream(&up.route);
+    gate.park_upstream(&up.route, up.stream.into(), now);
 }
 
 pub(super) fn drop_upstream<G: Gate>(gate: &mut G, registry: &Registry, mut up: Upstream) {
