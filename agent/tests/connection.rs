@@ -601,6 +601,41 @@ fn a_request_the_host_dropped_is_sent_again_only_if_idempotent() {
 }
 
 #[test]
+fn an_interim_response_is_not_taken_for_the_answer() {
+    // `103 Early Hints` before the answer: the client gets the answer, and the next request
+    // its own (not the first one's answer left on the upstream).
+    // A `100 Continue` that arrives in the same read as the answer is dropped the same way.
+    let answers: [&'static [u8]; 2] = [
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    ];
+    for answer in answers {
+        let mut rig = Rig::new(Host::Answer(answer), Some(caller(0)));
+        rig.send(IMDS_GET);
+        rig.send(IMDS_GET);
+        let r = rig.responses(2);
+        let got: Vec<(u16, &[u8])> = r.iter().map(|r| (r.status, r.body.as_slice())).collect();
+        assert_eq!(got, [(200, &b"ok"[..]), (200, &b"ok"[..])]);
+        rig.finish();
+    }
+}
+
+#[test]
+fn an_upstream_that_carried_a_client_framed_body_is_not_kept() {
+    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    let mut rig = Rig::new(Host::Answer(ok), Some(caller(0)));
+    rig.send(b"PUT /vmAgentLog HTTP/1.1\r\nHost: 168.63.129.16:32526\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nlog\r\n0\r\n\r\n");
+    assert_eq!(rig.responses(1)[0].status, 200);
+    rig.send(IMDS_GET);
+    assert_eq!(rig.responses(2)[1].status, 200);
+    let (first, _) = rig.upstream_request();
+    let (second, _) = rig.upstream_request();
+    assert_ne!(first, second, "not reused by the same client either");
+    let gate = rig.finish();
+    assert_eq!(gate.idle.len(), 1, "only the second upstream is kept");
+}
+
+#[test]
 fn a_new_connection_reuses_the_upstream_the_last_one_left() {
     let mut rig = Rig::new(Host::Answer(OK_JSON), Some(caller(1000)));
     rig.send(IMDS_GET);

@@ -124,7 +124,7 @@ impl Connection {
             send.body.give_back(ctx.gate);
             return self.fail(ctx, 502);
         }
-        let up = Upstream { stream, route, reused };
+        let up = Upstream { stream, route, reused, carried_client_framing: false };
         if reused {
             // Connected long ago: straight to sending.
             self.set_state(State::SendingRequest { up, send }, ctx.gate.upstream_timeout_ms(), ctx.now);
@@ -162,6 +162,7 @@ impl Connection {
         let body: &[u8] = if let Outgoing::Buffered(b) = &send.body { b.bytes() } else { &[] };
         if send.up_sent == send.up_len && send.body_sent == body.len() {
             if let Outgoing::Streamed(streamed) = send.body {
+                up.carried_client_framing = true;
                 self.set_state(State::StreamingBody { up, streamed }, STREAMED_BODY_IDLE_TIMEOUT_MS, ctx.now);
                 return Step::Progress;
             }

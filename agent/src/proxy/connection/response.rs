@@ -39,25 +39,29 @@ impl Connection {
             Ok(n) => {
                 self.resp_len += n;
                 self.deadline = clock::after(ctx.now, ctx.gate.upstream_timeout_ms());
-                let is_head = self.exchange.as_ref().is_some_and(|e| e.is_head);
-                let parsed = ResponseHead::parse(&self.bufs.resp[..self.resp_len], is_head);
-                match parsed {
-                    Ok(Some(head)) => self.on_response_head(ctx, up, replay, head),
-                    Ok(None) => {
-                        self.state = State::AwaitingResponse { up, replay };
-                        Step::Progress
-                    }
-                    Err(_) => {
-                        self.state = State::AwaitingResponse { up, replay };
-                        self.fail(ctx, 502)
-                    }
-                }
+                self.parse_response(ctx, up, replay)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.state = State::AwaitingResponse { up, replay };
                 Step::Blocked
             }
             Err(_) => self.upstream_failed(ctx, up, replay),
+        }
+    }
+
+    /// Parses the response bytes read so far: the head, or more to read.
+    fn parse_response<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>, up: Upstream, replay: Option<Sending>) -> Step {
+        let is_head = self.exchange.as_ref().is_some_and(|e| e.is_head);
+        match ResponseHead::parse(&self.bufs.resp[..self.resp_len], is_head) {
+            Ok(Some(head)) => self.on_response_head(ctx, up, replay, head),
+            Ok(None) => {
+                self.state = State::AwaitingResponse { up, replay };
+                Step::Progress
+            }
+            Err(_) => {
+                self.state = State::AwaitingResponse { up, replay };
+                self.fail(ctx, 502)
+            }
         }
     }
 
@@ -68,12 +72,19 @@ impl Connection {
         replay: Option<Sending>,
         head: ResponseHead,
     ) -> Step {
-        if head.status == 100 {
-            // Interim response to a body we already sent whole: drop it, read the final one.
+        if head.status == 101 {
+            // An upgrade the proxy cannot relay (it speaks HTTP/1.1 only).
+            self.state = State::AwaitingResponse { up, replay };
+            return self.fail(ctx, 502);
+        }
+        if (100..200).contains(&head.status) {
+            // Interim (`100 Continue` to a body already sent whole, `103 Early Hints`): dropped,
+            // the final response follows. Taken for the final one, it would leave the real
+            // answer on the upstream to be read as the next request's.
             self.bufs.resp.copy_within(head.head_len..self.resp_len, 0);
             self.resp_len -= head.head_len;
-            self.state = State::AwaitingResponse { up, replay };
-            return Step::Progress;
+            // The final head may have come in the same read.
+            return self.parse_response(ctx, up, replay);
         }
         // The response has begun: the request will not be sent again.
         if let Some(send) = replay {
@@ -202,7 +213,7 @@ impl Connection {
         if let Some(e) = exchange {
             ctx.gate.record(self.caller.as_ref(), self.peer, &e, ctx.now);
         }
-        if keep_alive {
+        if keep_alive && !up.carried_client_framing {
             self.parked = Some(up);
         } else {
             drop_upstream(ctx.gate, ctx.registry, up);

@@ -44,6 +44,9 @@ pub(super) struct Upstream {
     pub(super) route: Route,
     /// Kept alive from an earlier request (the host may have closed it meanwhile).
     pub(super) reused: bool,
+    /// A streamed body went up on it in the client's own framing: never kept for another
+    /// request (the pool would carry one caller's framing into another caller's exchange).
+    pub(super) carried_client_framing: bool,
 }
 
 /// The serialised request on its way up: the head in the slot's `up` buffer, then the body.
