@@ -62,6 +62,34 @@ def parse_wrk(path, clk_tck):
     return out
 
 
+def parse_strace(path, wrk_path):
+    """Syscalls per request from an `strace -c` summary and the wrk run it covered."""
+    try:
+        lines = open(path).read().splitlines()
+        wrk = open(wrk_path).read()
+    except OSError:
+        return None
+    m = re.search(r"(\d+) requests in", wrk)
+    requests = int(m.group(1)) if m else 0
+    calls = {}
+    for line in lines:
+        tokens = line.split()
+        if len(tokens) < 4 or not tokens[0].replace(".", "", 1).isdigit():
+            continue
+        # % time, seconds, usecs/call, calls, [errors,] syscall
+        name = tokens[-1]
+        try:
+            calls[name] = int(tokens[3])
+        except ValueError:
+            continue
+    total = calls.pop("total", None)
+    if not requests or total is None:
+        return None
+    top = sorted(calls.items(), key=lambda kv: -kv[1])[:6]
+    return {"requests": requests, "per_request": round(total / requests, 1),
+            "top": [(k, round(v / requests, 2)) for k, v in top]}
+
+
 def read_facts(path):
     try:
         return dict(line.rstrip("\n").split("\t", 1) for line in open(path) if "\t" in line)
@@ -190,10 +218,18 @@ def main():
     am = armed["release"].get("first_signed_request_ms")
     t.append(target("exec -> redirect armed (first signed redirected request)", "<= 60 ms", am, am is not None and am <= 60, " ms"))
 
+    syscalls = {}
+    for key, _title in WORKLOADS:
+        for sc in ("nginx", "agent"):
+            r = parse_strace(os.path.join(work, f"strace-{key}-{sc}.txt"), os.path.join(work, f"wrkstrace-{key}-{sc}.txt"))
+            if r is not None:
+                syscalls.setdefault(key, {})[sc] = r
+
     machine = {k: facts.get(k) for k in ("cpu", "nproc", "kernel", "nginx", "wrk", "load_start", "load_end")}
     setup = {k: facts.get(k) for k in ("seconds_per_run", "rounds", "pinning", "response_bytes", "commit", "source_digest")}
     results = {"machine": machine, "setup": setup, "workloads": workloads, "latency_c1_added_over_direct": added,
-               "footprint": footprint, "armed": armed, "targets": t, "failed_scenarios": failures}
+               "footprint": footprint, "armed": armed, "syscalls_per_request": syscalls, "targets": t,
+               "failed_scenarios": failures}
     os.makedirs(outdir, exist_ok=True)
     with open(os.path.join(outdir, "bench-results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -223,6 +259,16 @@ def main():
                 if row[sc] and (row[sc]["errors"] or row[sc]["non_2xx"])]
         if errs:
             md.append(f"| | errors | {'; '.join(errs)} | | | | |")
+    if syscalls:
+        md += ["", "| syscalls per request (strace -c, 2 s runs) | nginx | agent | agent/nginx | agent's most frequent |",
+               "|---|---:|---:|---:|---|"]
+        for key, title in WORKLOADS:
+            row = syscalls.get(key)
+            if not row:
+                continue
+            n, a = (row.get(sc, {}).get("per_request") for sc in ("nginx", "agent"))
+            top = ", ".join(f"{k} {v}" for k, v in row.get("agent", {}).get("top", []))
+            md.append(f"| {title} | {fmt(n)} | {fmt(a)} | {fmt(ratio(a, n), 'x')} | {top} |")
     md += ["", f"Added latency over direct at 1 connection: nginx p50 {fmt(added['nginx_added_p50_us'], ' us')}, "
            f"p99 {fmt(added['nginx_added_p99_us'], ' us')}; agent p50 {fmt(a50, ' us')}, p99 {fmt(a99, ' us')}.", "",
            "| footprint and start | release build (glibc) | shipped static binary (musl) |",
