@@ -12,6 +12,7 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -388,8 +389,11 @@ impl Drop for Agent {
     }
 }
 
-/// A scratch directory under the temp dir (a state/log root that must survive an agent
-/// restart, a file to upload), removed with everything in it on drop.
+/// The one scratch-directory guard of the system tests: a directory under the temp dir (an
+/// agent's state/log root that must survive a restart, request files, a file to upload),
+/// removed with everything in it on drop, also when the test fails. World-traversable (0755)
+/// whatever the umask, so non-root clients (`setpriv` callers) can read files placed in it.
+/// Derefs to its path; declare it before the agents that use it, so they stop first.
 #[derive(Debug)]
 pub struct TempDir(pub PathBuf);
 
@@ -397,13 +401,81 @@ impl TempDir {
     pub fn new(tag: &str) -> Self {
         let path = std::env::temp_dir().join(unique(tag));
         fs::create_dir_all(&path).expect("temp dir");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
         Self(path)
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
     }
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
         drop(fs::remove_dir_all(&self.0));
+    }
+}
+
+/// The usual test world before its agent: a network namespace made here, the fake host on
+/// the metadata addresses inside it, and a child cgroup for the agent. One builder for the
+/// test files whose worlds are this and nothing more; a file that needs more (a scratch
+/// directory, its own checks) wraps or extends it. Fields drop in declaration order: the fake
+/// host stops, then the cgroup is emptied and removed, then the namespace is deleted.
+#[derive(Debug)]
+pub struct World {
+    pub host: FakeHost,
+    pub cg: Cgroup,
+    pub ns: Netns,
+}
+
+impl World {
+    /// Namespace and cgroup named after `tag`, the fake host started with `fake_host_args`
+    /// (e.g. `["--mode", "enforce"]`).
+    pub fn new(tag: &str, fake_host_args: &[&str]) -> Self {
+        let ns = Netns::new(tag);
+        let cg = Cgroup::new(tag);
+        let host = FakeHost::start_with(&ns, fake_host_args);
+        Self { host, cg, ns }
+    }
+
+    /// Changes the fake host through its control port; panics if it refuses the patch.
+    pub fn control(&self, patch: &Value) {
+        let answer = self.host.control(&self.ns, patch);
+        assert!(answer.get("error").is_none(), "control {patch} refused: {answer}");
+    }
+
+    /// Starts the agent with `extra` config keys (listening, not yet necessarily ready).
+    pub fn with_agent(self, extra: &[&str]) -> Env {
+        let agent = Agent::start(&self.ns, &self.cg, extra);
+        Env { agent, host: self.host, cg: self.cg, ns: self.ns }
+    }
+
+    /// Starts the agent and waits until its key is latched.
+    pub fn ready(self, extra: &[&str]) -> Env {
+        let e = self.with_agent(extra);
+        e.agent.wait_ready(&e.ns);
+        e
+    }
+}
+
+/// A [`World`] with its agent. Fields drop in declaration order: the agent stops first, then
+/// the fake host, then the cgroup is emptied and removed, then the namespace is deleted.
+#[derive(Debug)]
+pub struct Env {
+    pub agent: Agent,
+    pub host: FakeHost,
+    pub cg: Cgroup,
+    pub ns: Netns,
+}
+
+impl Env {
+    /// Changes the fake host through its control port; panics if it refuses the patch.
+    pub fn control(&self, patch: &Value) {
+        let answer = self.host.control(&self.ns, patch);
+        assert!(answer.get("error").is_none(), "control {patch} refused: {answer}");
     }
 }
 

@@ -6,5 +6,6 @@
     reason = "test tooling measures real time; the agent's injected clock is not in play here"
 )]
 
+pub mod callers;
 pub mod fake_host;
 pub mod harness;

@@ -6,25 +6,16 @@
 #![allow(clippy::tests_outside_test_module, reason = "integration test crate: every function here is a test")]
 #![allow(clippy::disallowed_methods, reason = "tests measure real time")]
 
-use gpa_system_tests::harness::{Agent, As, Cgroup, FakeHost, NO_EXTRA, Netns, client, curl, python, root_in};
+use gpa_system_tests::harness::{
+    Agent, As, Cgroup, Env, FakeHost, NO_EXTRA, Netns, World, client, curl, python, root_in,
+};
 use gpa_system_tests::require_privileged;
 
 const IMDS: &str = "http://169.254.169.254/metadata/instance?api-version=2021-02-01";
 
-struct Env {
-    agent: Agent,
-    host: FakeHost,
-    cg: Cgroup,
-    ns: Netns,
-}
-
+/// The shared world (fake host in `mode`), agent with the default config, key latched.
 fn env(tag: &str, mode: &str) -> Env {
-    let ns = Netns::new(tag);
-    let cg = Cgroup::new(tag);
-    let host = FakeHost::start(&ns, mode);
-    let agent = Agent::start(&ns, &cg, NO_EXTRA);
-    agent.wait_ready(&ns);
-    Env { agent, host, cg, ns }
+    World::new(tag, &["--mode", mode]).ready(NO_EXTRA)
 }
 
 /// Sends `request` (a python bytes literal's body, escapes as python reads them) to IMDS on one

@@ -4,7 +4,7 @@
 
 #![allow(clippy::tests_outside_test_module, reason = "integration test crate: every function here is a test")]
 
-use gpa_system_tests::harness::{Agent, Cgroup, FakeHost, NO_EXTRA, Netns, binary};
+use gpa_system_tests::harness::{NO_EXTRA, World, binary};
 use gpa_system_tests::require_privileged;
 
 /// CAP_NET_ADMIN (12) and CAP_SYS_PTRACE (19).
@@ -17,11 +17,8 @@ fn field(status: &str, name: &str) -> String {
 #[test]
 fn the_running_event_loop_thread_is_hardened() {
     require_privileged!();
-    let ns = Netns::new("harden");
-    let cg = Cgroup::new("harden");
-    let _host = FakeHost::start(&ns, "enforce");
-    let agent = Agent::start(&ns, &cg, NO_EXTRA);
-    agent.wait_ready(&ns);
+    let e = World::new("harden", &["--mode", "enforce"]).ready(NO_EXTRA);
+    let agent = &e.agent;
     let pid = agent.proc.pid();
     // The event loop runs on the thread named "gpa" (see main.rs).
     let task = std::fs::read_dir(format!("/proc/{pid}/task"))

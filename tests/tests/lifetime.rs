@@ -7,32 +7,15 @@
 
 use std::time::Duration;
 
-use gpa_system_tests::harness::{Agent, Bpffs, Cgroup, FakeHost, Netns, attached_programs, curl, root_in};
+use gpa_system_tests::callers::CallerLoop;
+use gpa_system_tests::harness::{Agent, Bpffs, Cgroup, FakeHost, Netns, TempDir, attached_programs, curl, root_in};
 use gpa_system_tests::require_privileged;
 
 const IMDS: &str = "http://169.254.169.254/metadata/instance?api-version=2021-02-01";
 
-/// A fresh directory for an agent's config, state and logs, removed when dropped (also when
-/// the test fails). Declared before the agents that use it, so they stop first.
-struct Scratch(std::path::PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = std::path::Path;
-    fn deref(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        drop(std::fs::remove_dir_all(&self.0));
-    }
-}
-
-fn scratch(tag: &str) -> Scratch {
-    let base = std::env::temp_dir().join(gpa_system_tests::harness::unique(tag));
-    std::fs::create_dir_all(&base).expect("state dir");
-    Scratch(base)
+/// A fresh directory for an agent's config, state and logs (the harness's [`TempDir`]).
+fn scratch(tag: &str) -> TempDir {
+    TempDir::new(tag)
 }
 
 fn data_requests(host: &FakeHost, ns: &Netns) -> Vec<serde_json::Value> {
@@ -122,25 +105,9 @@ fn no_request_bypasses_the_agent_while_it_is_killed_in_a_loop() {
     // proxied 200 (marker present) or no connection at all.
     let client = std::thread::scope(|s| {
         let handle = s.spawn(|| {
-            gpa_system_tests::harness::python(
-                &ns,
-                root_in(&cg),
-                "import http.client,time\n\
-                 ok=refused=other=0\n\
-                 end=time.time()+8\n\
-                 while time.time()<end:\n\
-                 \x20   try:\n\
-                 \x20       c=http.client.HTTPConnection('169.254.169.254',80,timeout=3)\n\
-                 \x20       c.request('GET','/metadata/instance',headers={'Metadata':'true'})\n\
-                 \x20       r=c.getresponse(); r.read()\n\
-                 \x20       if r.status==200 and r.getheader('x-ms-azure-host-authorization')=='value': ok+=1\n\
-                 \x20       elif r.status in (429,502,503): refused+=1\n\
-                 \x20       else: other+=1; print('unexpected', r.status)\n\
-                 \x20   except OSError:\n\
-                 \x20       refused+=1\n\
-                 \x20       time.sleep(0.01)\n\
-                 print('ok',ok,'refused',refused,'other',other)\n",
-            )
+            // Fresh connections for 8 s; while no agent listens a connect is refused (or the
+            // agent's own 429/502/503): a gap, but never an answer that bypassed it.
+            CallerLoop::imds(8.0).timeout(3.0).error_gap(0.01).refused(&[429, 502, 503]).marker().run(&ns, root_in(&cg))
         });
         let mut current = Some(agent);
         for _ in 0..4 {
@@ -156,17 +123,13 @@ fn no_request_bypasses_the_agent_while_it_is_killed_in_a_loop() {
         drop(current);
         out
     });
-    let counts: Vec<&str> = client.split_whitespace().collect();
     let unsigned: Vec<_> = data_requests(&host, &ns)
         .into_iter()
         .filter(|r| r["signature"] != "valid")
         .map(|r| format!("{} {} {}", r["signature"], r["status"], r["headers"]))
         .collect();
-    assert!(
-        client.contains("other 0"),
-        "a caller saw an answer that did not come through the agent: {client} {unsigned:?}"
-    );
-    assert!(counts.get(1).and_then(|n| n.parse::<u32>().ok()).unwrap_or(0) > 0, "no request succeeded: {client}");
+    assert!(client.other == 0, "a caller saw an answer that did not come through the agent: {client} {unsigned:?}");
+    assert!(client.ok > 0, "no request succeeded: {client}");
     for r in data_requests(&host, &ns) {
         assert_eq!(r["signature"], "valid", "an unsigned request reached the host: {r}");
     }
@@ -250,49 +213,8 @@ fn the_early_agent_hands_its_listener_over_without_a_refused_connect() {
     // early agent gives after the hand-over says `connection: close`, so the caller moves to
     // a new connection (the successor's) without ever meeting a closed socket.
     let (client, keepalive, late) = std::thread::scope(|s| {
-        let reuse = s.spawn(|| {
-            gpa_system_tests::harness::python(
-                &ns,
-                root_in(&cg),
-                "import http.client,time\n\
-                 ok=errors=closes=0\n\
-                 c=None\n\
-                 end=time.time()+7\n\
-                 while time.time()<end:\n\
-                 \x20   try:\n\
-                 \x20       if c is None: c=http.client.HTTPConnection('169.254.169.254',80,timeout=5)\n\
-                 \x20       c.request('GET','/metadata/instance',headers={'Metadata':'true'})\n\
-                 \x20       r=c.getresponse(); r.read()\n\
-                 \x20       if r.status==200 and r.getheader('x-ms-azure-host-authorization')=='value': ok+=1\n\
-                 \x20       else: errors+=1; print('unexpected', r.status)\n\
-                 \x20       if r.will_close: closes+=1; c.close(); c=None\n\
-                 \x20   except Exception as e:\n\
-                 \x20       errors+=1; print('error', repr(e)); c=None\n\
-                 \x20   time.sleep(0.02)\n\
-                 print('keepalive ok',ok,'errors',errors,'closes',closes)\n",
-            )
-        });
-        let handle = s.spawn(|| {
-            gpa_system_tests::harness::python(
-                &ns,
-                root_in(&cg),
-                "import http.client,time\n\
-                 ok=refused=other=0\n\
-                 end=time.time()+7\n\
-                 while time.time()<end:\n\
-                 \x20   try:\n\
-                 \x20       c=http.client.HTTPConnection('169.254.169.254',80,timeout=5)\n\
-                 \x20       c.connect(); time.sleep(0.03)\n\
-                 \x20       c.request('GET','/metadata/instance',headers={'Metadata':'true'})\n\
-                 \x20       r=c.getresponse(); r.read(); c.close()\n\
-                 \x20       if r.status==200 and r.getheader('x-ms-azure-host-authorization')=='value': ok+=1\n\
-                 \x20       else: other+=1; print('unexpected', r.status)\n\
-                 \x20   except OSError as e:\n\
-                 \x20       refused+=1; print('error', e)\n\
-                 \x20   time.sleep(0.005)\n\
-                 print('ok',ok,'refused',refused,'other',other)\n",
-            )
-        });
+        let reuse = s.spawn(|| CallerLoop::imds(7.0).keep_alive().gap(0.02).marker().run(&ns, root_in(&cg)));
+        let handle = s.spawn(|| CallerLoop::imds(7.0).connect_pause(0.03).gap(0.005).marker().run(&ns, root_in(&cg)));
         std::thread::sleep(Duration::from_millis(1500));
         copy_keys(&early_base.join("state/keys"), &late_base.join("state/keys"));
         let late = Agent::start_with_args(&ns, &cg, &late_base, &extra, &[]);
@@ -306,10 +228,13 @@ fn the_early_agent_hands_its_listener_over_without_a_refused_connect() {
         exit.is_some_and(|s| s.success()),
         "the early agent must exit cleanly after the hand-over: {exit:?}\n{logs}"
     );
-    assert!(client.contains("refused 0 other 0"), "a caller met a gap during the hand-over: {client}\n{logs}");
-    let ok: u32 = client.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
-    assert!(ok > 40, "too few requests to mean anything: {client}");
-    assert!(keepalive.contains("errors 0 closes 1"), "a kept-alive caller met a gap: {keepalive}\n{logs}");
+    assert!(client.refused == 0 && client.other == 0, "a caller met a gap during the hand-over: {client}\n{logs}");
+    assert!(client.ok > 40, "too few requests to mean anything: {client}");
+    // The kept-alive caller's errors are its refused and other answers together.
+    assert!(
+        keepalive.refused + keepalive.other == 0 && keepalive.closes == 1,
+        "a kept-alive caller met a gap: {keepalive}\n{logs}"
+    );
     assert!(early.log().contains("hand-over to pid"), "{logs}");
     assert!(late.log().contains("took over from the early agent"), "{logs}");
     // Both agents answered part of the loop, and the host saw nothing unsigned.

@@ -16,9 +16,10 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+use gpa_system_tests::callers::CallerLoop;
 use gpa_system_tests::harness::{
-    Agent, As, Cgroup, FakeHost, Netns, TempDir, attached_programs, binary, curl, eventually, header_values, http,
-    python, root_in,
+    Agent, As, Cgroup, Env, FakeHost, Netns, TempDir, World, attached_programs, binary, curl, eventually,
+    header_values, http, root_in,
 };
 use gpa_system_tests::require_privileged;
 use serde_json::{Value, json};
@@ -32,61 +33,35 @@ const MARKER: &str = "x-ms-azure-host-authorization: value";
 const FAST_POLL: &[&str] = &["\"pollIntervalSeconds\":1"];
 const ROOT_CLAIMS: &str = "{ \"isRoot\": \"true\"}";
 
-/// One test's world. Fields drop in declaration order: the agent stops first, then the fake
-/// host, then the cgroup is emptied and removed, then the namespace is deleted.
-struct Env {
-    agent: Agent,
-    host: FakeHost,
-    cg: Cgroup,
-    ns: Netns,
-}
-
-/// Namespace, cgroup and fake host, without an agent yet (so a test can configure the host
-/// before the agent's first poll).
-struct World {
-    host: FakeHost,
-    cg: Cgroup,
-    ns: Netns,
-}
-
-impl World {
-    fn new(tag: &str, fake_host_args: &[&str]) -> Self {
-        let ns = Netns::new(tag);
-        let cg = Cgroup::new(tag);
-        let host = FakeHost::start_with(&ns, fake_host_args);
-        Self { host, cg, ns }
-    }
-
-    fn control(&self, patch: &Value) {
-        let answer = self.host.control(&self.ns, patch);
-        assert!(answer.get("error").is_none(), "control {patch} refused: {answer}");
-    }
-
-    fn with_agent(self, extra: &[&str]) -> Env {
-        let agent = Agent::start(&self.ns, &self.cg, extra);
-        Env { agent, host: self.host, cg: self.cg, ns: self.ns }
-    }
-}
-
 /// Fake host in `mode` (schema 2.0), agent polling every second, key latched.
 fn ready_env(tag: &str, mode: &str) -> Env {
-    let e = World::new(tag, &["--mode", mode]).with_agent(FAST_POLL);
-    e.agent.wait_ready(&e.ns);
-    e
+    World::new(tag, &["--mode", mode]).ready(FAST_POLL)
 }
 
-impl Env {
-    fn control(&self, patch: &Value) {
-        let answer = self.host.control(&self.ns, patch);
-        assert!(answer.get("error").is_none(), "control {patch} refused: {answer}");
-    }
+/// What the MSP tests read from their world, on top of the shared [`Env`].
+trait MspEnv {
+    /// The fake host's counters (`GET /stats` on its control port).
+    fn stats(&self) -> Value;
+    /// A root curl from inside the agent's cgroup, tagged so the fake host's record of it can
+    /// be found again.
+    fn root_curl(&self, tag: &str, args: &[&str]) -> (u16, String);
+    /// The fake host's record of the request tagged `tag`.
+    fn record(&self, tag: &str) -> Value;
+    /// The agent's derived secure-channel state, read from `/gpa-aggregated-status` through the
+    /// WireServer redirect (root claims required, MSP §1.7).
+    fn agent_state(&self) -> String;
+    /// `/provision` as a plain caller sees it (no time tick, no notify).
+    fn provision(&self) -> Value;
+    /// `guest-proxy-agent --config <this agent's config> --status [--wait N]`, run in the
+    /// namespace. Returns the output and how long it took.
+    fn status_cli(&self, wait: Option<u64>) -> (Output, Duration);
+}
 
+impl MspEnv for Env {
     fn stats(&self) -> Value {
         self.host.get(&self.ns, "/stats")
     }
 
-    /// A root curl from inside the agent's cgroup, tagged so the fake host's record of it can
-    /// be found again.
     fn root_curl(&self, tag: &str, args: &[&str]) -> (u16, String) {
         let tag_header = format!("x-gpa-test: {tag}");
         let mut all = vec!["-H", tag_header.as_str()];
@@ -94,7 +69,6 @@ impl Env {
         curl(&self.ns, root_in(&self.cg), &all)
     }
 
-    /// The fake host's record of the request tagged `tag`.
     fn record(&self, tag: &str) -> Value {
         self.host
             .requests(&self.ns)
@@ -104,8 +78,6 @@ impl Env {
             .unwrap_or_else(|| panic!("the fake host saw no request tagged {tag}\nagent log:\n{}", self.agent.log()))
     }
 
-    /// The agent's derived secure-channel state, read from `/gpa-aggregated-status` through the
-    /// WireServer redirect (root claims required, MSP §1.7).
     fn agent_state(&self) -> String {
         let (status, text) = curl(&self.ns, root_in(&self.cg), &["-H", "Metadata: true", AGGREGATED_STATUS]);
         assert_eq!(status, 200, "aggregated status: {text}");
@@ -117,13 +89,10 @@ impl Env {
             .to_owned()
     }
 
-    /// `/provision` as a plain caller sees it (no time tick, no notify).
     fn provision(&self) -> Value {
         provision(&self.ns)
     }
 
-    /// `guest-proxy-agent --config <this agent's config> --status [--wait N]`, run in the
-    /// namespace. Returns the output and how long it took.
     fn status_cli(&self, wait: Option<u64>) -> (Output, Duration) {
         status_cli(&self.ns, &self.agent.config, wait)
     }
@@ -353,21 +322,10 @@ fn a_restarted_agent_reuses_its_key_from_disk_without_new_host_calls() {
     assert_eq!(seen["keyGuid"], guid.as_str(), "signed with the key from disk");
 }
 
-/// Python client loop: fresh connections to IMDS for `secs`, one line per answer:
-/// `<status>` or `err:<exception>`.
-fn traffic_loop(secs: f64) -> String {
-    format!(
-        "import http.client,time\n\
-         end=time.time()+{secs}\n\
-         while time.time()<end:\n\
-         \x20   try:\n\
-         \x20       c=http.client.HTTPConnection('169.254.169.254',80,timeout=5)\n\
-         \x20       c.request('GET','/metadata/instance?api-version=2021-02-01',headers={{'Metadata':'true','x-gpa-test':'rotation'}})\n\
-         \x20       r=c.getresponse(); r.read(); print(r.status, flush=True); c.close()\n\
-         \x20   except Exception as ex:\n\
-         \x20       print('err:'+type(ex).__name__, flush=True)\n\
-         \x20   time.sleep(0.05)\n"
-    )
+/// The rotation caller: fresh connections to IMDS for `secs`, tagged so the test finds its
+/// requests on the host; every answer is kept in order.
+fn traffic_loop(secs: f64) -> CallerLoop {
+    CallerLoop::imds(secs).path("/metadata/instance?api-version=2021-02-01").header("x-gpa-test", "rotation").gap(0.05)
 }
 
 #[test]
@@ -378,7 +336,7 @@ fn key_rotation_under_traffic_switches_to_the_new_key_at_once() {
     let code = traffic_loop(7.0);
 
     let (answers, rotated_in, forget_seq) = std::thread::scope(|s| {
-        let client = s.spawn(|| python(&e.ns, root_in(&e.cg), &code));
+        let client = s.spawn(|| code.run(&e.ns, root_in(&e.cg)));
         std::thread::sleep(Duration::from_millis(1500));
         let forget_seq = e.host.requests(&e.ns).iter().filter_map(|r| r["seq"].as_u64()).max().unwrap_or(0);
         let t0 = Instant::now();
@@ -394,11 +352,13 @@ fn key_rotation_under_traffic_switches_to_the_new_key_at_once() {
 
     let mut ok = 0;
     let mut unauthorized = 0;
-    for line in answers.lines() {
-        match line {
+    for line in &answers.answers {
+        match line.as_str() {
             "200" => ok += 1,
             "401" => unauthorized += 1,
-            other => panic!("only 200, or 401 during the switch, may be answered; got {other:?}\n{answers}"),
+            other => {
+                panic!("only 200, or 401 during the switch, may be answered; got {other:?}\n{:?}", answers.answers)
+            }
         }
     }
     eprintln!("rotation: new key attested {rotated_in:?} after forget; client saw {ok}x200 and {unauthorized}x401");

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use gpa_system_tests::harness::{Agent, As, Cgroup, FakeHost, Netns, client};
+use gpa_system_tests::harness::{self, Agent, As, Cgroup, FakeHost, Netns, World, client};
 use gpa_system_tests::require_privileged;
 use serde_json::{Value, json};
 
@@ -149,8 +149,10 @@ except Exception as e:
     print(0, '-', repr(e))
 ";
 
-/// One test's world. Fields drop in declaration order: the agent stops first, then the fake
-/// host, then the cgroup is emptied and removed, then the namespace is deleted.
+/// One test's world, built from the shared [`World`] and shaped like the shared
+/// [`harness::Env`], but a type of this file: its `control` also waits until the agent has
+/// applied the change, where the shared one only sends it. Fields drop in declaration order: the agent stops first, then the fake host, then the
+/// cgroup is emptied and removed, then the namespace is deleted.
 struct Env {
     agent: Agent,
     host: FakeHost,
@@ -159,18 +161,13 @@ struct Env {
 }
 
 impl Env {
-    /// Namespace, cgroup, fake host configured with `setup` before the agent's first poll,
-    /// agent polling every second, key latched.
+    /// The shared world with the fake host configured with `setup` before the agent's first
+    /// poll, agent polling every second, key latched.
     fn new(tag: &str, fake_host_args: &[&str], setup: &Value) -> Self {
-        let ns = Netns::new(tag);
-        let cg = Cgroup::new(tag);
-        let host = FakeHost::start_with(&ns, fake_host_args);
-        let answer = host.control(&ns, setup);
-        assert!(answer.get("error").is_none(), "control {setup} refused: {answer}");
-        let agent = Agent::start(&ns, &cg, FAST_POLL);
-        let e = Self { agent, host, cg, ns };
-        e.agent.wait_ready(&e.ns);
-        e
+        let world = World::new(tag, fake_host_args);
+        world.control(setup);
+        let harness::Env { agent, host, cg, ns } = world.ready(FAST_POLL);
+        Self { agent, host, cg, ns }
     }
 
     /// Changes the host (the agent sees it at its next poll).

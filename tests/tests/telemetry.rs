@@ -18,7 +18,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gpa_system_tests::harness::{Agent, Cgroup, FakeHost, Netns, binary, eventually, header_values};
+use gpa_system_tests::harness::{Env, World, binary, eventually, header_values};
 use gpa_system_tests::require_privileged;
 use serde_json::{Value, json};
 
@@ -54,30 +54,28 @@ const EVENT_7_PARAMS: [(&str, &str); 23] = [
     ("Context3", "mt:wstr"),
 ];
 
-/// One test's world; fields drop in order: agent, fake host, cgroup, namespace.
-struct Env {
-    agent: Agent,
-    host: FakeHost,
-    _cg: Cgroup,
-    ns: Netns,
-}
-
-impl Env {
+/// What the telemetry tests need on top of the shared [`Env`].
+trait TelemetryEnv: Sized {
     /// Fake host in enforce mode (configured with `host_patch` before the agent starts), then
     /// an agent polling every second with `extra` config keys, key latched.
+    fn ready(tag: &str, host_patch: Option<Value>, extra: &[&str]) -> Self;
+    /// Every request the fake host recorded.
+    fn requests(&self) -> Vec<Value>;
+    /// The telemetry uploads among them.
+    fn uploads(&self) -> Vec<Value>;
+    /// `telemetryLoggerStatus` from the status file, once it satisfies `done`.
+    fn telemetry_status(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value;
+}
+
+impl TelemetryEnv for Env {
     fn ready(tag: &str, host_patch: Option<Value>, extra: &[&str]) -> Self {
-        let ns = Netns::new(tag);
-        let cg = Cgroup::new(tag);
-        let host = FakeHost::start(&ns, "enforce");
+        let world = World::new(tag, &["--mode", "enforce"]);
         if let Some(patch) = host_patch {
-            let answer = host.control(&ns, &patch);
-            assert!(answer.get("error").is_none(), "control {patch} refused: {answer}");
+            world.control(&patch);
         }
         let mut keys = vec!["\"pollIntervalSeconds\":1", "\"statusIntervalSeconds\":1"];
         keys.extend_from_slice(extra);
-        let agent = Agent::start(&ns, &cg, &keys);
-        agent.wait_ready(&ns);
-        Self { agent, host, _cg: cg, ns }
+        world.ready(&keys)
     }
 
     fn requests(&self) -> Vec<Value> {
@@ -88,7 +86,6 @@ impl Env {
         self.requests().into_iter().filter(|r| r["target"] == UPLOAD).collect()
     }
 
-    /// `telemetryLoggerStatus` from the status file, once it satisfies `done`.
     fn telemetry_status(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
         let path = self.agent.log_dir.join("status.json");
         eventually(Duration::from_secs(10), what, || {

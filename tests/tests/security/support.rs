@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use gpa_system_tests::harness::{Agent, As, Cgroup, FakeHost, Netns, client, curl, unique};
+use gpa_system_tests::harness::{self, Agent, As, Cgroup, FakeHost, Netns, TempDir, client, curl, unique};
 use serde_json::{Value, json};
 
 // ---- results registry --------------------------------------------------------------------------
@@ -157,26 +157,6 @@ macro_rules! begin {
 
 // ---- small guards ------------------------------------------------------------------------------
 
-/// A directory removed on drop. World-traversable (0755) so non-root clients can read request
-/// files placed in it.
-#[derive(Debug)]
-pub(crate) struct TempDir(pub(crate) PathBuf);
-
-impl TempDir {
-    pub(crate) fn new(tag: &str) -> Self {
-        let path = std::env::temp_dir().join(unique(tag));
-        fs::create_dir_all(&path).expect("temp dir");
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        drop(fs::remove_dir_all(&self.0));
-    }
-}
-
 /// A child cgroup of a test cgroup (inherits the programs attached to its parent). Dropped
 /// before its parent: processes it holds are ended by pid, then the directory is removed.
 #[derive(Debug)]
@@ -282,7 +262,9 @@ pub(crate) struct Env {
     seq: AtomicU64,
 }
 
-/// Builder: the fake host can be configured before the agent's first poll.
+/// Builder: the fake host can be configured before the agent's first poll. The shared
+/// [`harness::World`] plus a scratch directory for request files and copied binaries; its
+/// [`Env`] adds a request counter and the signature oracle ([`Env::check_oracle`]).
 #[derive(Debug)]
 pub(crate) struct World {
     pub(crate) host: FakeHost,
@@ -293,9 +275,7 @@ pub(crate) struct World {
 
 impl World {
     pub(crate) fn new(tag: &str) -> Self {
-        let ns = Netns::new(tag);
-        let cg = Cgroup::new(tag);
-        let host = FakeHost::start(&ns, "enforce");
+        let harness::World { host, cg, ns } = harness::World::new(tag, &["--mode", "enforce"]);
         let dir = TempDir::new(&format!("{tag}-scratch"));
         Self { host, cg, ns, dir }
     }
