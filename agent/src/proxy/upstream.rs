@@ -4,6 +4,9 @@
 //!
 //! What changes on the way (MSP §5.5, with this project's fixes):
 //! * every client-supplied `x-ms-azure-host-*` header is dropped, on every path;
+//! * the hop-by-hop headers (`connection`, `keep-alive`, `proxy-connection`, `te`, `upgrade`)
+//!   are dropped: they speak of the client's connection, and the upstream one is the agent's
+//!   (kept alive and pooled; the reference forwards them, MSP §5.5);
 //! * a buffered chunked body has been de-chunked, so `transfer-encoding` is dropped and a
 //!   `content-length` with the decoded length is sent instead; a streamed (skip-listed, never
 //!   signed) body keeps the client's framing and goes up byte for byte; `expect` is dropped
@@ -70,11 +73,17 @@ pub enum RequestBody<'a> {
     Streamed,
 }
 
+/// Hop-by-hop headers (RFC 9110 §7.6.1): they describe the client's connection to the agent,
+/// not the agent's to the host, and the upstream connection outlives the client's (it is
+/// pooled). `transfer-encoding` is handled with the body.
+const HOP_BY_HOP: [&[u8]; 5] = [b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade"];
+
 /// Whether a client header is replaced or dropped rather than forwarded. `rechunked`: the
 /// body was de-chunked, so the client's `transfer-encoding` no longer describes it.
 fn is_dropped(name: &[u8], rechunked: bool) -> bool {
     name.len() >= HOST_PREFIX.len() && eq_ignore_case(&name[..HOST_PREFIX.len()], HOST_PREFIX)
         || eq_ignore_case(name, b"expect")
+        || HOP_BY_HOP.iter().any(|h| eq_ignore_case(name, h))
         || (rechunked && eq_ignore_case(name, b"transfer-encoding"))
 }
 
@@ -188,6 +197,10 @@ mod tests {
         for name in [&b"x-ms-azure-hostname"[..], b"x-ms-azure-ho", b"x-ms-azure-host", b"x-ms-version", b"metadata"] {
             assert!(!is_dropped(name, false), "{}", String::from_utf8_lossy(name));
         }
+        for name in [&b"Connection"[..], b"keep-alive", b"Proxy-Connection", b"TE", b"Upgrade"] {
+            assert!(is_dropped(name, false), "hop-by-hop: {}", String::from_utf8_lossy(name));
+        }
+        assert!(!is_dropped(b"Trailer-Foo", false) && !is_dropped(b"Connection-Id", false));
         assert!(is_dropped(b"Transfer-Encoding", true));
         assert!(!is_dropped(b"Transfer-Encoding", false));
     }
@@ -265,12 +278,12 @@ mod tests {
 
     #[test]
     fn a_proxied_curl_request_goes_up_as_the_spec_signs_it_whatever_the_client_forged() {
-        // MSP §3.4 vector 3: a non-root curl to IMDS. The client's own host headers and its
-        // `Expect` never reach the host, and they do not change the signature.
+        // MSP §3.4 vector 3: a non-root curl to IMDS. The client's own host headers, its
+        // `Expect` and its `Connection` never reach the host, and do not change the signature.
         let req = b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: 169.254.169.254\r\n\
             User-Agent: curl/8.5.0\r\nAccept: */*\r\nX-MS-Azure-Host-Claims: { \"isRoot\": \"true\"}\r\n\
             Metadata: true\r\nx-ms-azure-host-authorization: Azure-HMAC-SHA256 forged 00\r\n\
-            x-ms-azure-host-date: Thu, 01 Jan 2099 00:00:00 GMT\r\nExpect: 100-continue\r\n\r\n";
+            x-ms-azure-host-date: Thu, 01 Jan 2099 00:00:00 GMT\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n";
         let key = spec_key();
         assert_eq!(
             written(req, RequestBody::Buffered(b""), Some(&key), false),
