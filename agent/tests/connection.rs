@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use gpa::http::RequestHead;
 use gpa::identity::Caller;
-use gpa::msp::signing::{self, SigningKey};
+use gpa::msp::signing::SigningKey;
 use gpa::proxy::connection::{Buffers, CloseReason, Connection, Ctx, Next};
 use gpa::proxy::gate::{Decision, Endorse, Exchange, Gate, LocalResponse, Route, Verdict};
 use gpa::redirect::CallerRecord;
@@ -116,8 +116,8 @@ impl Gate for FakeGate {
         self.verdict
     }
 
-    fn endorsement(&self, _: &Route, method: &[u8], target: &[u8]) -> Endorse<'_> {
-        if signing::is_skip_listed(method, target) {
+    fn endorsement(&self, route: &Route, method: &[u8], target: &[u8]) -> Endorse<'_> {
+        if gpa::policy::decide::is_skip_listed(route.endpoint, method, target) {
             return Endorse::Unsigned;
         }
         match self.keying {
@@ -277,6 +277,15 @@ fn caller(uid: u32) -> Caller {
     record.orig_ip = u32::from(std::net::Ipv4Addr::new(169, 254, 169, 254)).to_be();
     record.orig_port = 80u16.to_be();
     Caller { record, exe: None, cmdline: heapless::Vec::new(), user: None, groups: heapless::Vec::new() }
+}
+
+/// A caller headed for the HostGAPlugin, where the skip list streams `PUT /vmAgentLog`.
+fn hostga_caller(uid: u32) -> Caller {
+    let mut c = caller(uid);
+    c.record.endpoint = 3;
+    c.record.orig_ip = u32::from(std::net::Ipv4Addr::new(168, 63, 129, 16)).to_be();
+    c.record.orig_port = 32526u16.to_be();
+    c
 }
 
 /// One connection between a test client and the fake host, with the gate.
@@ -601,6 +610,26 @@ fn a_request_the_host_dropped_is_sent_again_only_if_idempotent() {
 }
 
 #[test]
+fn a_streamed_body_cannot_smuggle_a_request_and_imds_streams_nothing() {
+    // A bare LF ends the trailer line for many servers, not for the agent: refused (400)
+    // before the bytes after it go up.
+    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    let mut rig = Rig::new(Host::Answer(ok), Some(hostga_caller(0)));
+    rig.send(b"PUT /vmAgentLog HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\nX: a\n\nPOST /machine?comp=health HTTP/1.1\nHost: 168.63.129.16\nContent-Length: 2\n\r\n\r\n");
+    assert_eq!(rig.responses(1)[0].status, 400);
+    // The host got the head and never the end of the body: no request, let alone a second.
+    assert!(rig.host.recv_timeout(Duration::from_millis(200)).is_err(), "the host read a request");
+    rig.finish();
+    // To IMDS the same target is an ordinary request: buffered, de-chunked, signed.
+    let mut rig = Rig::new(Host::Answer(ok), Some(caller(1000)));
+    rig.send(b"PUT /vmAgentLog HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nlog\r\n0\r\n\r\n");
+    assert_eq!(rig.responses(1)[0].status, 200);
+    let (_, up) = rig.upstream_request();
+    assert!(up.contains("x-ms-azure-host-authorization:") && up.contains("content-length: 3"), "{up}");
+    rig.finish();
+}
+
+#[test]
 fn an_interim_response_is_not_taken_for_the_answer() {
     // `103 Early Hints` before the answer: the client gets the answer, and the next request
     // its own (not the first one's answer left on the upstream).
@@ -623,7 +652,7 @@ fn an_interim_response_is_not_taken_for_the_answer() {
 #[test]
 fn an_upstream_that_carried_a_client_framed_body_is_not_kept() {
     let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
-    let mut rig = Rig::new(Host::Answer(ok), Some(caller(0)));
+    let mut rig = Rig::new(Host::Answer(ok), Some(hostga_caller(0)));
     rig.send(b"PUT /vmAgentLog HTTP/1.1\r\nHost: 168.63.129.16:32526\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nlog\r\n0\r\n\r\n");
     assert_eq!(rig.responses(1)[0].status, 200);
     rig.send(IMDS_GET);
@@ -704,7 +733,7 @@ fn every_state_answers_its_deadline() {
     assert_eq!(rig.finish().decisions(), [(504, "error")]);
 
     // A streamed (skip-listed) body that stops: 408, the upstream share back.
-    let mut rig = Rig::new(Host::Silent, Some(caller(0)));
+    let mut rig = Rig::new(Host::Silent, Some(hostga_caller(0)));
     rig.send(
         b"PUT /vmAgentLog HTTP/1.1\r\nHost: 168.63.129.16:32526\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nlog!\r\n",
     );
@@ -720,7 +749,8 @@ fn every_state_answers_its_deadline() {
     let deadline = rig.conn.as_ref().map(Connection::deadline).expect("open");
     rig.drive(true, deadline);
     assert_eq!(rig.closed, Some(CloseReason::Timeout));
-    rig.finish();
+    // Cut by its deadline, the request still leaves its record.
+    assert_eq!(rig.finish().decisions(), [(0, "abandoned")]);
 }
 
 /// A `run_until` condition that lets one turn of driving happen and then stops (the state

@@ -95,6 +95,8 @@ const T_EXEFILE: &str = "the_executable_is_the_file_that_ran_at_connect";
 const T_RECORDS: &str = "a_record_is_claimed_only_by_the_connection_it_was_made_for";
 const T_SQUAT: &str = "a_squatter_on_the_proxy_port_never_receives_a_caller_and_the_agent_still_starts";
 const T_TARGETS: &str = "ambiguous_request_targets_are_refused_before_authorization";
+const T_SMUGGLE: &str = "a_streamed_body_cannot_smuggle_a_request_past_the_agent";
+const T_RESEND: &str = "a_request_the_host_may_have_acted_on_is_not_sent_twice";
 
 /// Tests marked `#[ignore]` because they expose an agent bug; the reason is repeated here so
 /// the table can show it (an attribute cannot take a constant).

@@ -102,7 +102,12 @@ impl ChunkedDecoder {
                 (Step::Size { digits }, b'\r') if digits > 0 => Step::SizeLf,
                 (Step::Size { .. }, _) => return Err(ChunkError::BadSize),
                 (Step::Extension, b'\r') => Step::SizeLf,
-                (Step::Extension, b'\n') => return Err(ChunkError::BadLineEnd),
+                // A bare LF, or any control byte but HTAB, where a server may end the line:
+                // a streamed body goes up byte for byte, and a host that ends the line there
+                // would read what follows as a new request (request smuggling).
+                (Step::Extension | Step::TrailerStart | Step::Trailer, _) if is_control(b) && b != b'\r' => {
+                    return Err(ChunkError::BadLineEnd);
+                }
                 (Step::Extension, _) => {
                     self.line_len += 1;
                     if self.line_len > LINE_MAX_BYTES {
@@ -115,7 +120,6 @@ impl ChunkedDecoder {
                 (Step::DataCr, b'\r') => Step::DataLf,
                 (Step::DataLf, b'\n') => Step::Size { digits: 0 },
                 (Step::TrailerStart, b'\r') => Step::FinalLf,
-                (Step::TrailerStart, b'\n') => return Err(ChunkError::BadLineEnd),
                 (Step::Trailer, b'\r') => Step::TrailerLf,
                 (Step::TrailerStart | Step::Trailer, _) => {
                     self.line_len = if self.step == Step::TrailerStart { 1 } else { self.line_len + 1 };
@@ -137,6 +141,11 @@ impl ChunkedDecoder {
         }
         Ok(i)
     }
+}
+
+/// Control bytes other than HTAB never belong in an extension or a trailer line.
+fn is_control(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
 }
 
 fn unreachable_step(step: Step) -> Step {
@@ -183,5 +192,24 @@ mod tests {
         assert_eq!(decode(b"1\r\nab").unwrap_err(), ChunkError::BadLineEnd);
         assert_eq!(decode(b"1\nab").unwrap_err(), ChunkError::BadSize);
         assert_eq!(decode(b"ffffffffffffffff\r\n").unwrap_err(), ChunkError::BadSize);
+    }
+
+    #[test]
+    fn a_bare_lf_or_a_control_byte_in_a_trailer_or_an_extension_is_refused() {
+        // The smuggling shape: a trailer line ended by a bare LF, then a request.
+        let smuggle = b"4\r\nabcd\r\n0\r\nX: a\n\nPOST /machine?comp=health HTTP/1.1\nHost: h\n\r\n\r\n";
+        assert_eq!(ChunkedDecoder::new().feed(smuggle, |_| {}), Err(ChunkError::BadLineEnd));
+        for body in [
+            &b"0\r\nX: a\x0bb\r\n\r\n"[..],
+            b"0\r\nX: \x00\r\n\r\n",
+            b"3;a\nb\r\nabc\r\n0\r\n\r\n",
+            b"3;a\x7f\r\nabc\r\n0\r\n\r\n",
+            b"0\r\n\n",
+        ] {
+            assert_eq!(ChunkedDecoder::new().feed(body, |_| {}), Err(ChunkError::BadLineEnd), "{body:?}");
+        }
+        // HTAB and visible bytes stay fine.
+        let mut d = ChunkedDecoder::new();
+        assert!(d.feed(b"3;a=\tb\r\nabc\r\n0\r\nX: a\tb\r\n\r\n", |_| {}).is_ok() && d.is_done());
     }
 }

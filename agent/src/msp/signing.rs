@@ -212,15 +212,6 @@ pub fn parse_authorization_value(value: &[u8]) -> Result<(&[u8], [u8; MAC_BYTES]
     Ok((guid, mac))
 }
 
-/// True for the two requests that are never signed (§3.7): exact method, and the whole
-/// request-target compared case-insensitively.
-pub fn is_skip_listed(method: &[u8], target: &[u8]) -> bool {
-    const SKIP_LIST: [(&[u8], &[u8]); 2] = [(b"PUT", b"/vmagentlog"), (b"POST", b"/machine/?comp=telemetrydata")];
-    SKIP_LIST
-        .iter()
-        .any(|&(skip_method, skip_target)| method == skip_method && target.eq_ignore_ascii_case(skip_target))
-}
-
 /// Streams the canonical form (§3.3) of `raw_query` (the part after `?`) to `out`.
 ///
 /// Pieces split on `&` and at the first `=`; empty keys are dropped; keys are ASCII
@@ -616,18 +607,6 @@ mod tests {
         for bad in [&b""[..], b"Azure-HMAC-SHA256 guid", b"Basic g ab", b"Azure-HMAC-SHA256  ab"] {
             assert_eq!(parse_authorization_value(bad), Err(SignError::AuthorizationMalformed));
         }
-    }
-
-    #[test]
-    fn skip_list_matches_whole_target_case_insensitively_and_method_exactly() {
-        assert!(is_skip_listed(b"PUT", b"/vmAgentLog"));
-        assert!(is_skip_listed(b"POST", b"/machine/?comp=telemetrydata"));
-        assert!(is_skip_listed(b"POST", b"/Machine/?comp=TelemetryData"));
-        assert!(!is_skip_listed(b"GET", b"/vmAgentLog"));
-        assert!(!is_skip_listed(b"put", b"/vmAgentLog"));
-        assert!(!is_skip_listed(b"PUT", b"/vmAgentLog?x=1"));
-        assert!(!is_skip_listed(b"POST", b"/machine?comp=telemetrydata"));
-        assert!(!is_skip_listed(b"PUT", b"http://168.63.129.16/vmAgentLog"));
     }
 
     #[test]

@@ -214,10 +214,15 @@ impl Decision {
     }
 }
 
-/// The skip list of MSP §3.7: exact method, whole target compared case-insensitively.
-pub fn is_skip_list(method: &[u8], target: &[u8]) -> bool {
-    (method == b"PUT" && target.eq_ignore_ascii_case(b"/vmagentlog"))
-        || (method == b"POST" && target.eq_ignore_ascii_case(b"/machine/?comp=telemetrydata"))
+/// The skip list of MSP §3.7 (never signed, body streamed, root allowed at once): exact
+/// method, whole target compared case-insensitively, and only where these two requests exist,
+/// the WireServer and the HostGAPlugin. Anywhere else (IMDS) they are ordinary requests:
+/// signed, buffered, authorized; the reference honours them on every endpoint, which lets any
+/// caller stream an unsigned body in its own framing to IMDS.
+pub fn is_skip_listed(endpoint: Endpoint, method: &[u8], target: &[u8]) -> bool {
+    matches!(endpoint, Endpoint::WireServer | Endpoint::HostGaPlugin)
+        && ((method == b"PUT" && target.eq_ignore_ascii_case(b"/vmagentlog"))
+            || (method == b"POST" && target.eq_ignore_ascii_case(b"/machine/?comp=telemetrydata")))
 }
 
 /// Decides one request (MSP §3.7, §4.3, §4.4, §4.8). `rules` is the endpoint's compiled item
@@ -230,7 +235,7 @@ pub fn decide(
     target: &[u8],
 ) -> Decision {
     use Outcome::{Allow, AllowWithAudit, Forbidden};
-    if caller.is_root() && is_skip_list(method, target) {
+    if caller.is_root() && is_skip_listed(endpoint, method, target) {
         return Decision::new(Allow, Reason::SkipList);
     }
     if !method_allowed(method) {
@@ -618,9 +623,15 @@ pub(crate) mod tests {
         for (method, target) in
             [("PUT", "/vmAgentLog"), ("POST", "/machine/?comp=telemetrydata"), ("POST", "/MACHINE/?COMP=TelemetryData")]
         {
-            for endpoint in [Endpoint::WireServer, Endpoint::HostGaPlugin, Endpoint::Imds, Endpoint::Unknown(0)] {
+            for endpoint in [Endpoint::WireServer, Endpoint::HostGaPlugin] {
                 let d = decide(Some(&deny), endpoint, &ROOT, method.as_bytes(), target.as_bytes());
                 assert_eq!((d.outcome, d.reason), (Outcome::Allow, Reason::SkipList), "{endpoint:?} {target}");
+            }
+            // Where these requests do not exist they are ordinary: IMDS's rules decide.
+            for endpoint in [Endpoint::Imds, Endpoint::Unknown(0)] {
+                assert!(!is_skip_listed(endpoint, method.as_bytes(), target.as_bytes()), "{endpoint:?}");
+                let d = decide(Some(&deny), endpoint, &ROOT, method.as_bytes(), target.as_bytes());
+                assert_ne!(d.reason, Reason::SkipList, "{endpoint:?} {target}");
             }
             let d = decide(Some(&deny), Endpoint::WireServer, &USER, method.as_bytes(), target.as_bytes());
             assert_eq!(d.outcome, Outcome::Forbidden);
@@ -632,7 +643,7 @@ pub(crate) mod tests {
             ("POST", "http://168.63.129.16/machine/?comp=telemetrydata"),
             ("put", "/vmAgentLog"),
         ] {
-            assert!(!is_skip_list(method.as_bytes(), target.as_bytes()), "{method} {target}");
+            assert!(!is_skip_listed(Endpoint::WireServer, method.as_bytes(), target.as_bytes()), "{method} {target}");
             let d = decide(Some(&deny), Endpoint::WireServer, &ROOT, method.as_bytes(), target.as_bytes());
             assert_eq!(d.outcome, Outcome::Forbidden, "{method} {target}");
         }

@@ -20,7 +20,8 @@ use super::connection::{Buffers, Connection, Ctx, Next};
 use super::gate::{Endorse, Exchange, Gate, LocalResponse, Route, Verdict};
 use crate::http::RequestHead;
 use crate::identity::Caller;
-use crate::msp::signing::{self, SigningKey};
+use crate::msp::signing::SigningKey;
+use crate::policy::decide::is_skip_listed;
 use crate::redirect::CallerRecord;
 
 std::thread_local! {
@@ -79,9 +80,9 @@ impl Gate for ScriptedGate {
         self.verdict
     }
 
-    fn endorsement(&self, _: &Route, method: &[u8], target: &[u8]) -> Endorse<'_> {
+    fn endorsement(&self, route: &Route, method: &[u8], target: &[u8]) -> Endorse<'_> {
         match self.keying {
-            _ if signing::is_skip_listed(method, target) => Endorse::Unsigned,
+            _ if is_skip_listed(route.endpoint, method, target) => Endorse::Unsigned,
             0 => Endorse::Sign(&self.key),
             1 => Endorse::Unsigned,
             _ => Endorse::NotReady,
@@ -192,7 +193,8 @@ pub fn run(script: &[u8]) -> (u64, u64) {
     let caller = (setup & 0x80 == 0).then(|| {
         let mut record = CallerRecord::zeroed();
         record.uid = u32::from(setup & 1) * 1000;
-        record.endpoint = 1;
+        // IMDS, or the HostGAPlugin (where the skip list streams a body).
+        record.endpoint = if setup & 2 == 0 { 1 } else { 3 };
         record.orig_ip = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
         record.orig_port = upstream.port().to_be();
         Caller { record, exe: None, cmdline: heapless::Vec::new(), user: None, groups: heapless::Vec::new() }

@@ -20,7 +20,6 @@ use crate::http::RequestHead;
 use crate::identity::Caller;
 use crate::limits::{GROUPS_PER_USER, KEY_LATCH_HOLD_POLL_MS};
 use crate::msp::key_keeper::KeyKeeper;
-use crate::msp::signing;
 use crate::policy::decide::{CallerView, Outcome};
 use crate::policy::{Policy, snapshot};
 use crate::redirect::Endpoint;
@@ -150,7 +149,7 @@ impl Services {
     /// it is held for the latch, then answered `429` — fail closed, never a silent unsigned
     /// pass.
     fn endorsement_for(&self, route: &Route, method: &[u8], target: &[u8]) -> Endorse<'_> {
-        if signing::is_skip_listed(method, target) {
+        if crate::policy::decide::is_skip_listed(route.endpoint, method, target) {
             return Endorse::Unsigned;
         }
         if let Some(key) = self.keeper.key() {

@@ -504,3 +504,125 @@ fn ambiguous_request_targets_are_refused_before_authorization() {
     run.pass("ADV-targets", notes.join("; "));
     e.check_oracle();
 }
+
+// ---- the upstream side of the data path (issue 16's attack on the rewritten connection) ---
+
+/// One skip-listed request whose chunked body ends a trailer line with a bare LF and goes on
+/// with a second request in bare-LF lines: a host that ends lines at a bare LF (RFC 9112 §2.2
+/// allows it) would read that second request, unsigned, never authorized, with the claims the
+/// attacker wrote. argv: host port method target tag. Prints the answer's status line.
+const SMUGGLE: &str = r#"
+import socket, sys
+host, port, method, target, tag = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+inner = (b"POST /machine?comp=health HTTP/1.1\nHost: 168.63.129.16\nx-ms-version: 2012-11-30\n"
+         b"x-ms-azure-host-claims: { \"isRoot\": \"true\"}\nContent-Length: 2\nx-gpa-tag: " + tag.encode() + b"\n")
+req = (method.encode() + b" " + target.encode() + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+       b"4\r\nabcd\r\n0\r\nX: a\n\n" + inner + b"\r\n\r\n")
+s = socket.create_connection((host, port), timeout=5)
+s.sendall(req)
+data = b""
+try:
+    while True:
+        d = s.recv(65536)
+        if not d: break
+        data += d
+except OSError:
+    pass
+print(data.split(b"\r\n")[0].decode() if data else "closed")
+"#;
+
+#[test]
+fn a_streamed_body_cannot_smuggle_a_request_past_the_agent() {
+    let run = begin!("a_streamed_body_cannot_smuggle_a_request_past_the_agent");
+    let e = Env::new("advsmug");
+    let mut notes = Vec::new();
+    for (who, name) in [(nobody(&e.cg), "65534"), (root(&e.cg), "root")] {
+        for (host, port, method, target) in [
+            (WS_IP, "80", "POST", "/machine/?comp=telemetrydata"),
+            (WS_IP, "32526", "PUT", "/vmAgentLog"),
+            // Not skip-listed on IMDS (the reference streams them there too, unsigned).
+            (IMDS_IP, "80", "PUT", "/vmAgentLog"),
+            (IMDS_IP, "80", "POST", "/machine/?comp=telemetrydata"),
+        ] {
+            let tag = e.tag("smuggled");
+            let out = client(&e.ns, who, &[PYTHON, "-c", SMUGGLE, host, port, method, target, &tag]);
+            let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(!e.host_saw(&tag), "{name} {method} {host}:{port}{target} smuggled a request ({answer})");
+            assert!(answer.starts_with("HTTP/1.1 4"), "{name} {method} {host}:{port}{target}: {answer}");
+            notes.push(format!("{name} {method} :{port}{target} → {answer}"));
+        }
+    }
+    run.pass("ADV-smuggle", notes.join("; "));
+    e.check_oracle();
+}
+
+/// An IMDS stand-in on 169.254.169.254:81 that answers the first request on a connection and
+/// reads the second, then closes without an answer (a host that acted on it and dropped the
+/// connection). Logs every request it read to argv[1].
+const EAT_UPSTREAM: &str = r#"
+import socket, sys, threading
+log = sys.argv[1]
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("169.254.169.254", 81)); s.listen(16)
+lock = threading.Lock()
+def serve(c):
+    n, buf = 0, b""
+    try:
+        while True:
+            while b"\r\n\r\n" not in buf:
+                d = c.recv(65536)
+                if not d: c.close(); return
+                buf += d
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            cl = 0
+            for line in head.split(b"\r\n")[1:]:
+                k, _, v = line.partition(b":")
+                if k.strip().lower() == b"content-length": cl = int(v.strip())
+            while len(buf) < cl:
+                buf += c.recv(65536)
+            body, buf = buf[:cl], buf[cl:]
+            with lock:
+                open(log, "a").write(head.split(b"\r\n")[0].decode() + " " + body.decode() + "\n")
+            n += 1
+            if n == 2:
+                c.close(); return
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    except OSError:
+        pass
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+#[test]
+fn a_request_the_host_may_have_acted_on_is_not_sent_twice() {
+    let run = begin!("a_request_the_host_may_have_acted_on_is_not_sent_twice");
+    let w = World::new("adveat");
+    let log = w.dir.join("eaten.log");
+    let up = w.ns.command(PYTHON).args(["-c", EAT_UPSTREAM, log.to_str().expect("utf-8")]).spawn().expect("upstream");
+    let _up = gpa_system_tests::harness::Proc { child: up };
+    std::thread::sleep(Duration::from_millis(400));
+    let e = w.ready(&["\"imdsAddress\":\"169.254.169.254:81\""]);
+    let mut notes = Vec::new();
+    // A POST the host read and dropped: `502`, read once. A GET: sent again, answered.
+    for (round, method, body, want_status, want_reads) in
+        [(1, "POST", "PAYMENT-ONCE", "502", 1), (2, "GET", "", "200", 2)]
+    {
+        let code = format!(
+            "import http.client\nc = http.client.HTTPConnection('169.254.169.254', 81, timeout=10)\nout = []\n\
+             for m, b, q in (('GET', None, 'first'), ('{method}', {body:?}.encode() or None, 'second')):\n    \
+             c.request(m, '/metadata/instance?api-version=2021-02-01&r={round}&' + q, body=b, headers={{'Metadata': 'true'}})\n    \
+             r = c.getresponse(); r.read(); out.append(str(r.status))\nprint(' '.join(out))"
+        );
+        let out = client(&e.ns, root(&e.cg), &[PYTHON, "-c", &code]);
+        let statuses = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert_eq!(statuses, format!("200 {want_status}"), "{method}: {}", String::from_utf8_lossy(&out.stderr));
+        let seen = fs::read_to_string(&log).unwrap_or_default();
+        let reads = seen.matches(&format!("r={round}&second")).count();
+        assert_eq!(reads, want_reads, "{method} read by the host: {seen}");
+        notes.push(format!("{method} → {statuses}, read by the host {reads}×"));
+    }
+    run.pass("ADV-resend", notes.join("; "));
+    drop(e);
+}

@@ -239,6 +239,16 @@ pub(super) const CATALOG: &[(&str, &str, Cover)] = &[
         "'#', dot segments, backslashes, %5C, %00 in the target vs a query-conditioned deny",
         Cover::Test(T_TARGETS),
     ),
+    (
+        "ADV-smuggle",
+        "a second request after a bare LF in a streamed chunked body's trailer, as 65534 and root, to every skip-listed target and to IMDS",
+        Cover::Test(T_SMUGGLE),
+    ),
+    (
+        "ADV-resend",
+        "a host that reads a request on an idle upstream and drops it: a POST is not sent twice, a GET is sent again",
+        Cover::Test(T_RESEND),
+    ),
     ("SIG", "signature oracle over every world", Cover::Test(T_TABLE)),
 ];
 

@@ -68,6 +68,10 @@ impl Connection {
         }
         // The head is serialised; what follows it in the buffer is the next pipelined request.
         self.consume_head(head.head_len);
+        // The response buffer counts this request's answer from now on ("no response byte yet"
+        // decides whether it may be sent again).
+        self.resp_start = 0;
+        self.resp_len = 0;
         let streamed = matches!(body, Outgoing::Streamed(_));
         let idempotent = matches!(head.method(&self.bufs.req[..]), b"GET" | b"HEAD" | b"OPTIONS" | b"PUT" | b"DELETE");
         let send = Sending { idempotent, up_len, up_sent: 0, body, body_sent: 0 };
@@ -267,9 +271,11 @@ impl Connection {
         }
     }
 
-    /// The upstream failed before any response byte. A kept-alive connection the host closed
-    /// meanwhile is retried once on a fresh connection with the request as sent (`replay`:
-    /// nothing was processed upstream); otherwise the client gets `502`.
+    /// The upstream failed before any response byte. On a kept-alive connection the host
+    /// closed meanwhile, the request is sent once more on a fresh connection: always if it had
+    /// not gone up whole (the host cannot have acted on part of a request), and after it had
+    /// only if its method is idempotent (RFC 9110 §9.2.2: the host may have acted on it).
+    /// Otherwise the client gets `502`.
     pub(super) fn upstream_failed<G: Gate>(
         &mut self,
         ctx: &mut Ctx<'_, G>,
@@ -279,7 +285,7 @@ impl Connection {
         let (route, reused) = (up.route, up.reused);
         drop_upstream(ctx.gate, ctx.registry, up);
         match replay {
-            Some(mut send) if reused && self.resp_len == 0 && send.idempotent => {
+            Some(mut send) if reused && self.resp_len == 0 && (send.idempotent || !send.sent_whole()) => {
                 send.up_sent = 0;
                 send.body_sent = 0;
                 self.connect_upstream(ctx, route, send, true)

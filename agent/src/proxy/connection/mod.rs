@@ -102,7 +102,11 @@ impl Connection {
             State::Relaying { .. } | State::WritingLocal { .. } | State::Closed => Expiry::Close(CloseReason::Timeout),
         };
         match expiry {
-            Expiry::Close(reason) => return Next::Close(reason),
+            Expiry::Close(reason) => {
+                // A response cut by its deadline leaves its record too.
+                self.audit_abandoned(ctx);
+                return Next::Close(reason);
+            }
             Expiry::Answer(status) => self.respond_empty(ctx, status),
             Expiry::RetryLater => self.respond(ctx, 429, &[b"retry-after: 1\r\n"], b"", true),
         }

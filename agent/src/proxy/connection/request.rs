@@ -110,7 +110,8 @@ impl Connection {
         };
         let route = Route::of(caller);
         // A skip-listed body is never signed, so it is streamed, with its own limit (§3.7).
-        let streamed = head.framing != BodyFraming::None && crate::msp::signing::is_skip_listed(method, target);
+        let streamed =
+            head.framing != BodyFraming::None && crate::policy::decide::is_skip_listed(route.endpoint, method, target);
         let body_max = if streamed { SKIP_LIST_BODY_MAX_BYTES } else { REQUEST_BODY_MAX_BYTES as u64 };
         if let BodyFraming::Length(n) = head.framing
             && n > body_max

@@ -60,6 +60,14 @@ pub(super) struct Sending {
     pub(super) body_sent: usize,
 }
 
+impl Sending {
+    /// The head and the whole body have been written upstream.
+    pub(super) fn sent_whole(&self) -> bool {
+        let body_len = if let Outgoing::Buffered(b) = &self.body { b.len } else { 0 };
+        self.up_sent == self.up_len && self.body_sent == body_len
+    }
+}
+
 /// Where a connection is, with exactly the data that step needs: a state that would need an
 /// upstream, a body buffer or a parsed head has it, so none can be missing.
 #[derive(Debug)]
