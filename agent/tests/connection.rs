@@ -665,6 +665,22 @@ fn an_upstream_that_carried_a_client_framed_body_is_not_kept() {
 }
 
 #[test]
+fn a_client_that_asks_to_close_is_told_so_while_the_upstream_is_kept() {
+    // The client's `Connection: close` is its own hop's: the host answers keep-alive, the
+    // client's answer says close, the connection ends, the upstream goes to the pool.
+    let ok = b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\ncontent-length: 2\r\n\r\nok";
+    let mut rig = Rig::new(Host::Answer(ok), Some(caller(0)));
+    rig.send(b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nConnection: close\r\n\r\n");
+    let r = rig.responses(1);
+    assert!(r[0].head.contains("x-ms-azure-host-authorization: value\r\nconnection: close\r\n"), "{}", r[0].head);
+    let (_, up) = rig.upstream_request();
+    assert!(!up.to_ascii_lowercase().contains("connection:"), "hop-by-hop went up: {up}");
+    rig.run_until(|_| false);
+    assert_eq!(rig.closed, Some(CloseReason::Done));
+    assert_eq!(rig.finish().idle.len(), 1, "the upstream is kept");
+}
+
+#[test]
 fn a_new_connection_reuses_the_upstream_the_last_one_left() {
     let mut rig = Rig::new(Host::Answer(OK_JSON), Some(caller(1000)));
     rig.send(IMDS_GET);

@@ -16,8 +16,9 @@ use crate::proxy::gate::{Decision, Gate};
 
 /// Added to every proxied response (MSP §5.7): tells the caller the call went through us.
 pub(super) const MARKER: &[u8] = b"x-ms-azure-host-authorization: value\r\n";
-/// The marker plus `connection: close`, for a draining agent (handed over): the client learns
-/// from the response itself not to reuse the connection. Its own line comes first, so a
+/// The marker plus `connection: close`, for a connection that ends after the response (a
+/// draining agent, a client that asked): the client learns from the response itself not to
+/// reuse the connection. Its own line comes first, so a
 /// client that reads only the first `Connection` header sees `close`.
 pub(super) const MARKER_CLOSING: &[u8] = b"x-ms-azure-host-authorization: value\r\nconnection: close\r\n";
 
@@ -90,9 +91,13 @@ impl Connection {
         if let Some(send) = replay {
             send.body.give_back(ctx.gate);
         }
-        // Insert the marker after the status line.
+        // Insert the marker after the status line. The client connection ends after this
+        // response when the agent drains or the client asked (its `Connection: close` stays
+        // on its own hop: the upstream does not see it and may answer keep-alive), and then the
+        // response says so, or the client would send its next request into a closed socket.
         let draining = ctx.gate.draining();
-        let marker = if draining { MARKER_CLOSING } else { MARKER };
+        let client_closes = self.exchange.as_ref().is_some_and(|e| e.close);
+        let marker = if draining || client_closes { MARKER_CLOSING } else { MARKER };
         let at = head.status_line_len;
         self.bufs.resp.copy_within(at..self.resp_len, at + marker.len());
         self.bufs.resp[at..at + marker.len()].copy_from_slice(marker);
