@@ -681,6 +681,29 @@ fn a_client_that_asks_to_close_is_told_so_while_the_upstream_is_kept() {
 }
 
 #[test]
+fn a_pipelined_post_is_judged_by_its_own_method_not_the_next_requests() {
+    // A POST with a HEAD pipelined behind it: the host takes the POST and drops it. Whether it
+    // may be sent again is the POST's to say (no), not the HEAD's that follows it in the buffer
+    // (same length: read at the POST's offsets, the next request's bytes spell `HEAD`).
+    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    let mut rig = Rig::new(Host::AnswerOnceThenDropNext(ok), Some(caller(0)));
+    rig.send(IMDS_GET);
+    assert_eq!(rig.responses(1)[0].status, 200);
+    drop(rig.upstream_request());
+    let mut both = b"POST /machine?comp=health HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nonce".to_vec();
+    both.extend_from_slice(
+        b"HEAD /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n",
+    );
+    rig.send(&both);
+    let r = rig.responses(2);
+    assert_eq!(r[1].status, 502, "{r:?}");
+    let (_, dropped) = rig.upstream_request();
+    assert!(dropped.starts_with("POST") && dropped.ends_with("once"), "{dropped}");
+    assert!(rig.host.recv_timeout(Duration::from_millis(200)).is_err(), "the POST was sent again");
+    rig.finish();
+}
+
+#[test]
 fn a_new_connection_reuses_the_upstream_the_last_one_left() {
     let mut rig = Rig::new(Host::Answer(OK_JSON), Some(caller(1000)));
     rig.send(IMDS_GET);

@@ -55,6 +55,8 @@ impl Connection {
         let endorsement = Endorsement { key, is_root: route.is_root, date: &date };
         let written = upstream::write_request_head(&head, req, request_body, &endorsement, self.bufs.up);
         let signed = key.is_some();
+        // Read from the head while its bytes are still in place (the next request's come next).
+        let idempotent = matches!(head.method(req), b"GET" | b"HEAD" | b"OPTIONS" | b"PUT" | b"DELETE");
         let up_len = match written {
             Ok(n) => n,
             Err(e) => {
@@ -73,7 +75,6 @@ impl Connection {
         self.resp_start = 0;
         self.resp_len = 0;
         let streamed = matches!(body, Outgoing::Streamed(_));
-        let idempotent = matches!(head.method(&self.bufs.req[..]), b"GET" | b"HEAD" | b"OPTIONS" | b"PUT" | b"DELETE");
         let send = Sending { idempotent, up_len, up_sent: 0, body, body_sent: 0 };
         match self.parked.take() {
             // A streamed body cannot be replayed, so a kept-alive upstream the host may have
@@ -139,12 +140,13 @@ impl Connection {
     }
 
     pub(super) fn connecting<G: Gate>(&mut self, ctx: &mut Ctx<'_, G>, up: Upstream, send: Sending) -> Step {
-        let failed = matches!(up.stream.take_error(), Ok(Some(_)) | Err(_));
-        let connected = match up.stream.peer_addr() {
-            _ if failed => Err(()),
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotConnected || e.kind() == io::ErrorKind::WouldBlock => Ok(false),
-            Err(_) => Err(()),
+        let connected = match up.stream.take_error() {
+            Ok(Some(_)) | Err(_) => Err(()),
+            Ok(None) => match up.stream.peer_addr() {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::NotConnected || e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+                Err(_) => Err(()),
+            },
         };
         match connected {
             Ok(true) => {
